@@ -1,0 +1,10 @@
+"""Custom Kedro datasets, all in one place.
+
+Every file here is written to a temporary file in the target folder and renamed into place, so a run
+that fails half-way (bad input, Ctrl-C, a full disk) never leaves a half-written file behind, and the
+previous good version stays readable until the new one is complete.
+"""
+
+from qmllm_pipeline.datasets.atomic import AtomicImageDataset, AtomicJSONDataset, AtomicParquetDataset, atomic_path
+
+__all__ = ["AtomicImageDataset", "AtomicJSONDataset", "AtomicParquetDataset", "atomic_path"]

@@ -1,0 +1,104 @@
+"""Local-file datasets that write atomically (temporary file in the same folder, then os.replace)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from kedro.io import AbstractDataset, DatasetError
+from PIL import Image
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; on success rename it onto `target`, else delete it."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    temporary = Path(temporary)
+    try:
+        yield temporary
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class _LocalFileDataset(AbstractDataset):
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None):
+        self._filepath = Path(filepath)
+        self.metadata = metadata
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}
+
+    def _exists(self) -> bool:
+        return self._filepath.is_file()
+
+    def _check_exists(self) -> None:
+        if not self._filepath.is_file():
+            raise DatasetError(f"{self._filepath}: file not found (has the pipeline that writes it run?)")
+
+
+class AtomicParquetDataset(_LocalFileDataset):
+    """A pandas DataFrame as one Parquet file (pyarrow). List and struct columns round-trip."""
+
+    def __init__(self, filepath: str, save_args: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None):
+        super().__init__(filepath, metadata)
+        self._save_args = {"compression": "zstd", **(save_args or {})}
+
+    def load(self) -> pd.DataFrame:
+        self._check_exists()
+        try:
+            return pq.read_table(self._filepath).to_pandas()
+        except (pa.ArrowInvalid, OSError) as error:
+            raise DatasetError(f"{self._filepath}: not a readable Parquet file ({error})") from None
+
+    def save(self, data: pd.DataFrame) -> None:
+        table = pa.Table.from_pandas(data, preserve_index=False)
+        with atomic_path(self._filepath) as temporary:
+            pq.write_table(table, temporary, **self._save_args)
+
+
+class AtomicJSONDataset(_LocalFileDataset):
+    """A JSON document (metrics, reports), pretty-printed so that git diffs stay readable."""
+
+    def load(self) -> Any:
+        self._check_exists()
+        try:
+            return json.loads(self._filepath.read_text())
+        except json.JSONDecodeError as error:
+            where = f"line {error.lineno}, column {error.colno}"
+            raise DatasetError(f"{self._filepath}: malformed JSON at {where}") from None
+
+    def save(self, data: Any) -> None:
+        with atomic_path(self._filepath) as temporary:
+            temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class AtomicImageDataset(_LocalFileDataset):
+    """A Pillow image (plots, contact sheets) saved in the format its file suffix names."""
+
+    def load(self) -> Image.Image:
+        self._check_exists()
+        with Image.open(self._filepath) as image:
+            return image.copy()
+
+    def save(self, data: Image.Image) -> None:
+        with atomic_path(self._filepath) as temporary:
+            data.save(temporary, format=Image.registered_extensions()[self._filepath.suffix.lower()])

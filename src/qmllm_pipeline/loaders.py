@@ -1,0 +1,206 @@
+"""Loaders for the real configuration: LLaVA-format JSON with an image folder, and a D_map folder
+`<root>/<category>/*.{jpg,png}`.
+
+Every image is opened defensively. A bad file either stops the load with an error that names the file
+and the problem (`on_bad_input: error`) or is skipped and counted in a report (`on_bad_input: skip`).
+Pillow's own exceptions never escape; the caller builds the whole table before anything is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from qmllm_pipeline.world.catalogue import CATEGORIES, NEUTRAL
+from qmllm_pipeline.world.render import png_bytes
+
+ERROR, SKIP = "error", "skip"
+IMAGE_TOKEN = "<image>"
+
+
+class BadInputError(ValueError):
+    """An input file is unusable; the message starts with the file's path."""
+
+    def __init__(self, path: str | Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = str(path), problem
+
+
+@dataclass
+class LoadReport:
+    """What a load kept and what it skipped, and why."""
+
+    source: str
+    on_bad_input: str
+    rows: int = 0
+    skipped: list[dict] = field(default_factory=list)
+
+    def bad(self, error: BadInputError) -> None:
+        if self.on_bad_input == ERROR:
+            raise error
+        self.skipped.append({"file": error.path, "problem": error.problem})
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "on_bad_input": self.on_bad_input, "rows": self.rows,
+                "skipped_count": len(self.skipped), "skipped": self.skipped}
+
+
+def _check_policy(on_bad_input: str) -> None:
+    if on_bad_input not in (ERROR, SKIP):
+        raise ValueError(f"on_bad_input must be {ERROR!r} or {SKIP!r}, got {on_bad_input!r}")
+
+
+def open_image_checked(path: str | Path, max_pixels: int) -> Image.Image:
+    """Open an image file fully and return it as RGB, or raise BadInputError naming the file.
+
+    Grayscale, CMYK, palette and images with transparency are converted to RGB (transparency is
+    composited on white); images over `max_pixels` are refused before they are decoded.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(path, "file not found")
+    if path.is_dir():
+        raise BadInputError(path, "is a directory, not an image file")
+    if path.stat().st_size == 0:
+        raise BadInputError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise BadInputError(path, f"{width}x{height} pixels exceeds the limit of {max_pixels} "
+                                              "(possible decompression bomb)")
+                image.load()
+                return _to_rgb(image)
+    except BadInputError:
+        raise
+    except UnidentifiedImageError:
+        raise BadInputError(path, "not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise BadInputError(path, f"possible decompression bomb ({error})") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise BadInputError(path, f"truncated or corrupt image ({error})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        # 16-bit and float grayscale: scale to 8 bits first; Pillow's direct conversion clips.
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        top = values.max() or 1.0
+        image = Image.fromarray((values * (255.0 / top)).astype("uint8"), mode="L")
+    return image.convert("RGB")
+
+
+def load_llava_json(
+    json_path: str | Path, image_folder: str | Path, on_bad_input: str = ERROR, max_pixels: int = 89_478_485,
+) -> tuple[pd.DataFrame, LoadReport]:
+    """Read a LLaVA-format JSON list (`id`, optional `image`, `conversations` of `from`/`value` turns).
+
+    Returns one row per usable record: id, image (PNG bytes, or None for text-only records), the
+    conversations, and `caption` (the last assistant turn, which is the caption in LCS-558K).
+    A file that is not valid JSON always raises, naming the line and column.
+    """
+    _check_policy(on_bad_input)
+    json_path, image_folder = Path(json_path), Path(image_folder)
+    report = LoadReport(source=str(json_path), on_bad_input=on_bad_input)
+    if not json_path.is_file():
+        raise BadInputError(json_path, "file not found" if not json_path.exists() else "not a file")
+    try:
+        records = json.loads(json_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        where = f"line {error.lineno}, column {error.colno}"
+        raise BadInputError(json_path, f"malformed JSON at {where}: {error.msg}") from None
+    except UnicodeDecodeError:
+        raise BadInputError(json_path, "not UTF-8 text") from None
+    if not isinstance(records, list):
+        raise BadInputError(json_path, f"expected a JSON list of records, found {type(records).__name__}")
+
+    rows = []
+    for position, record in enumerate(tqdm(records, desc=f"load {json_path.name}", unit="record", mininterval=2)):
+        where = f"{json_path} record {position}"
+        try:
+            conversations = _check_record(record, where)
+            image = None
+            if record.get("image") is not None:
+                image = png_bytes(open_image_checked(image_folder / str(record["image"]), max_pixels))
+        except BadInputError as error:
+            report.bad(error)
+            continue
+        rows.append({"id": str(record.get("id", position)), "image": image, "conversations": conversations,
+                     "caption": conversations[-1]["value"]})
+    report.rows = len(rows)
+    columns = ["id", "image", "conversations", "caption"]
+    return pd.DataFrame(rows, columns=columns), report
+
+
+def _check_record(record, where: str) -> list[dict]:
+    if not isinstance(record, dict):
+        raise BadInputError(where, "a record must be a JSON object")
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise BadInputError(where, "missing or empty 'conversations' list")
+    turns = []
+    for turn in conversations:
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
+            raise BadInputError(where, "every turn needs string 'from' and 'value'")
+        turns.append({"from": turn["from"], "value": turn["value"]})
+    if record.get("image") is not None and not any(IMAGE_TOKEN in t["value"] for t in turns):
+        raise BadInputError(where, f"has an image but no {IMAGE_TOKEN} placeholder in its turns")
+    return turns
+
+
+def load_dmap_folder(
+    root: str | Path, on_bad_input: str = ERROR, max_pixels: int = 89_478_485,
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png"), category_aliases: dict[str, str] | None = None,
+) -> tuple[pd.DataFrame, LoadReport]:
+    """Read D_map from `<root>/<category>/*` (e.g. HOD). Folder names must be known categories (or map to
+    one through `category_aliases`, e.g. {gun: weapon, cigarette: tobacco}); any other file is bad input."""
+    _check_policy(on_bad_input)
+    root = Path(root)
+    report = LoadReport(source=str(root), on_bad_input=on_bad_input)
+    if not root.is_dir():
+        raise BadInputError(root, "D_map folder not found" if not root.exists() else "not a folder")
+    aliases = category_aliases or {}
+    rows = []
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    for entry in entries:
+        if not entry.is_dir():
+            report.bad(BadInputError(entry, "stray file at the top of the D_map folder (expected category folders)"))
+            continue
+        category = aliases.get(entry.name, entry.name)
+        if category not in CATEGORIES:
+            report.bad(BadInputError(entry, f"unknown category {entry.name!r}; known: {list(CATEGORIES)}"))
+            continue
+        for path in sorted(p for p in entry.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            try:
+                if path.suffix.lower() not in extensions:
+                    raise BadInputError(path, f"not an image file (extension {path.suffix or 'none'}; "
+                                              f"expected one of {list(extensions)})")
+                image = png_bytes(open_image_checked(path, max_pixels))
+            except BadInputError as error:
+                report.bad(error)
+                continue
+            rows.append({"scene_id": str(path.relative_to(root)), "image": image, "category": category,
+                         "toxic": category != NEUTRAL})
+    report.rows = len(rows)
+    frame = pd.DataFrame(rows, columns=["scene_id", "image", "category", "toxic"])
+    if frame.empty:
+        raise BadInputError(root, "no usable images found")
+    return frame, report

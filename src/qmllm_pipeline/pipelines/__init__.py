@@ -1,0 +1,1 @@
+"""Kedro pipelines: thin nodes that call the modules in `world/` and `models/`."""

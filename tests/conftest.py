@@ -1,0 +1,76 @@
+"""Shared fixtures. Torch tests must not run in parallel processes (2 cores: oversubscription)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from kedro.config import OmegaConfigLoader
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+
+from qmllm_pipeline.pipelines import data as data_pipeline
+from qmllm_pipeline.settings import CONFIG_LOADER_ARGS
+from qmllm_pipeline.world.catalogue import validate_catalogue
+from qmllm_pipeline.world.render import default_font_path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CATALOGUE_CSV = PROJECT_ROOT / "data" / "01_raw" / "emoji_catalogue.csv"
+
+
+def load_parameters(env: str) -> dict:
+    loader = OmegaConfigLoader(conf_source=str(PROJECT_ROOT / "conf"), env=env, **CONFIG_LOADER_ARGS)
+    return loader["parameters"]
+
+
+def read_raw_catalogue(path: Path = CATALOGUE_CSV) -> pd.DataFrame:
+    return pd.read_csv(path, keep_default_na=False, dtype=str)
+
+
+@pytest.fixture(scope="session")
+def smoke_params() -> dict:
+    return load_parameters("smoke")
+
+
+@pytest.fixture(scope="session")
+def raw_catalogue() -> pd.DataFrame:
+    return read_raw_catalogue()
+
+
+@pytest.fixture(scope="session")
+def catalogue(raw_catalogue) -> pd.DataFrame:
+    return validate_catalogue(raw_catalogue, default_font_path())
+
+
+class KeptMemoryDataset(MemoryDataset):
+    """A MemoryDataset the runner cannot release, so tests can read intermediate outputs afterwards."""
+
+    def _release(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def world(raw_catalogue, smoke_params) -> dict:
+    """The `data` pipeline run once in memory on the smoke parameters (spaceflights-style test)."""
+    catalog = DataCatalog()
+    catalog["emoji_catalogue_raw"] = raw_catalogue
+    catalog["params:data"] = smoke_params["data"]
+    pipeline = data_pipeline.create_pipeline()
+    for name in pipeline.all_outputs():
+        catalog[name] = KeptMemoryDataset(copy_mode="assign")
+    SequentialRunner().run(pipeline, catalog)
+    return {name: catalog.load(name) for name in pipeline.all_outputs()}
+
+
+def copy_project(destination: Path) -> Path:
+    """Copy the project's configuration and raw data, so that `kedro run` in a test writes nothing here."""
+    for item in ("pyproject.toml", ".telemetry"):
+        shutil.copy(PROJECT_ROOT / item, destination / item)
+    shutil.copytree(PROJECT_ROOT / "conf", destination / "conf", ignore=shutil.ignore_patterns("local"))
+    (destination / "conf" / "local").mkdir()
+    (destination / "src").mkdir()  # Kedro wants a source folder; the package itself is installed
+    (destination / "data" / "01_raw").mkdir(parents=True)
+    shutil.copy(CATALOGUE_CSV, destination / "data" / "01_raw" / CATALOGUE_CSV.name)
+    return destination

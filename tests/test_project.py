@@ -1,0 +1,85 @@
+"""The project as a user drives it: `kedro run` in the smoke environment, MLflow tracking, Kedro-Viz, `qmllm`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from conftest import PROJECT_ROOT, copy_project
+from qmllm_pipeline.pipeline_registry import register_pipelines
+
+KEDRO = [sys.executable, "-m", "kedro"]
+
+
+def _run(command: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", COLUMNS="200")
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    """One `kedro run --env smoke --pipelines data` in a copy of the project (shared: MLflow's first
+    connection to a new SQLite store costs seconds)."""
+    root = copy_project(tmp_path_factory.mktemp("project"))
+    _run([*KEDRO, "run", "--env", "smoke", "--pipelines", "data"], cwd=root)
+    return root
+
+
+def test_kedro_run_writes_every_catalogue_entry(smoke_run):
+    for path in ["data/02_intermediate/emoji_catalogue.parquet", "data/03_primary/caption_corpus.parquet",
+                 "data/03_primary/text_corpus.parquet", "data/03_primary/dialogs.parquet",
+                 "data/03_primary/dmap.parquet", "data/03_primary/dmap_validation.parquet",
+                 "data/05_model_input/eval_toxic.parquet", "data/05_model_input/eval_neutral.parquet",
+                 "data/05_model_input/eval_hard_negative.parquet", "data/05_model_input/eval_utility.parquet",
+                 "data/08_reporting/world_contact_sheet.png", "metrics/world_summary.json"]:
+        assert (smoke_run / path).is_file(), path
+    dialogs = pd.read_parquet(smoke_run / "data/03_primary/dialogs.parquet")
+    assert dialogs["conversations"].iloc[0][0]["from"] == "human"  # list<struct> survives Parquet
+    summary = json.loads((smoke_run / "metrics/world_summary.json").read_text())
+    assert summary["scenes"]["caption_corpus"]["rows"] == 600
+    assert not list(smoke_run.glob("data/**/.*.tmp"))
+
+
+def test_the_run_is_tracked_in_mlflow(smoke_run):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{smoke_run / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("qmllm_pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.caption_corpus.n_scenes"] == "600"
+    assert run.data.tags["pipeline"] == "data"
+    assert run.data.tags["env"] == "smoke"
+
+
+def test_kedro_viz_build_shows_the_lineage(smoke_run):
+    _run([*KEDRO, "viz", "build"], cwd=smoke_run)
+    graph = json.loads((smoke_run / "build" / "api" / "main").read_text())
+    assert graph["layers"][:2] == ["raw", "world"]
+    assert {"validate_emoji_catalogue", "render_caption_corpus"} <= {n["name"] for n in graph["nodes"]}
+
+
+def test_pipelines_are_registered():
+    pipelines = register_pipelines()
+    assert {"data", "ingest", "__default__"} <= set(pipelines)
+    # `ingest` is the real-data alternative to `data`: same outputs, never in one run.
+    assert {"caption_corpus", "dmap"} <= pipelines["ingest"].all_outputs() & pipelines["data"].all_outputs()
+
+
+def test_qmllm_render_and_bad_options(tmp_path):
+    command = [sys.executable, "-m", "qmllm_pipeline.commands"]
+    out = tmp_path / "scenes"
+    result = _run([*command, "render", "--kind", "toxic", "--category", "drugs", "--count", "3", "--out", str(out),
+                   "--conf-source", str(PROJECT_ROOT / "conf")], cwd=tmp_path)
+    assert len(list(out.glob("*.png"))) == 3 and result.stdout.count("\tdrugs\t") == 3
+    bad = subprocess.run([*command, "render", "--category", "drugs"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 2 and "needs --kind toxic" in bad.stderr and "Traceback" not in bad.stderr
+    outside = subprocess.run([*command, "render"], cwd=tmp_path, capture_output=True, text=True)
+    assert outside.returncode == 2 and "no Kedro configuration here" in outside.stderr
