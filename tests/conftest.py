@@ -12,6 +12,7 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
 from qmllm_pipeline.pipelines import data as data_pipeline
+from qmllm_pipeline.pipelines import foundation as foundation_pipeline
 from qmllm_pipeline.settings import CONFIG_LOADER_ARGS
 from qmllm_pipeline.world.catalogue import validate_catalogue
 from qmllm_pipeline.world.render import default_font_path
@@ -54,14 +55,28 @@ class KeptMemoryDataset(MemoryDataset):
 @pytest.fixture(scope="session")
 def world(raw_catalogue, smoke_params) -> dict:
     """The `data` pipeline run once in memory on the smoke parameters (spaceflights-style test)."""
+    return run_in_memory(data_pipeline.create_pipeline(),
+                         {"emoji_catalogue_raw": raw_catalogue, "params:data": smoke_params["data"]})
+
+
+def run_in_memory(pipeline, inputs: dict) -> dict:
+    """Run a pipeline with a DataCatalog of in-memory inputs; return every output, intermediate ones too."""
     catalog = DataCatalog()
-    catalog["emoji_catalogue_raw"] = raw_catalogue
-    catalog["params:data"] = smoke_params["data"]
-    pipeline = data_pipeline.create_pipeline()
+    for name, value in inputs.items():
+        catalog[name] = value
     for name in pipeline.all_outputs():
         catalog[name] = KeptMemoryDataset(copy_mode="assign")
     SequentialRunner().run(pipeline, catalog)
     return {name: catalog.load(name) for name in pipeline.all_outputs()}
+
+
+@pytest.fixture(scope="session")
+def foundation(world, smoke_params) -> dict:
+    """The `foundation` pipeline run once in memory on the smoke world."""
+    inputs = {name: world[name] for name in ("text_corpus", "dialogs", "caption_corpus", "emoji_catalogue",
+                                              "eval_items")}
+    inputs.update({"params:foundation": smoke_params["foundation"], "params:data": smoke_params["data"]})
+    return run_in_memory(foundation_pipeline.create_pipeline(), inputs)
 
 
 def copy_project(destination: Path) -> Path:

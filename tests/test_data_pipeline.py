@@ -8,9 +8,11 @@ from qmllm_pipeline.pipelines.data import nodes
 from qmllm_pipeline.world.catalogue import NEUTRAL, TOXIC_CATEGORIES
 from qmllm_pipeline.world.language import IMAGE_TOKEN, PHRASINGS, REFUSAL_REASONS
 
-SCENE_SPLITS = ["caption_corpus", "dmap", "dmap_validation", "eval_toxic", "eval_neutral", "eval_hard_negative"]
+SCENE_SPLITS = ["caption_corpus", "dmap", "dmap_validation", "eval_toxic", "eval_neutral", "eval_hard_negative",
+                "eval_items"]
 TRAINING_SPLITS = ["caption_corpus", "dialogs"]
-HELDOUT_SPLITS = ["dmap", "dmap_validation", "eval_toxic", "eval_neutral", "eval_hard_negative", "eval_utility"]
+HELDOUT_SPLITS = ["dmap", "dmap_validation", "eval_toxic", "eval_neutral", "eval_hard_negative", "eval_utility",
+                  "eval_items"]
 
 
 def test_every_output_is_written(world):
@@ -70,6 +72,9 @@ def test_scene_labels_are_consistent(world):
     hard = world["eval_hard_negative"]
     assert hard["hard_negative"].all() and not hard["toxic"].any() and (hard["n_objects"] == 1).all()
     assert world["eval_toxic"]["toxic"].all()
+    items = world["eval_items"]
+    assert (items["n_objects"] == 1).all()
+    assert sorted(items["item_ids"].map(lambda ids: ids[0])) == sorted(world["emoji_catalogue"]["item_id"])
 
 
 def test_text_corpus_splits_by_topic(world):

@@ -70,6 +70,7 @@ def test_objects_are_listed_left_to_right_in_the_caption(catalogue, layout_param
     assert scene["n_objects"] == 3
     assert scene["caption"] == caption(scene["objects"], scene["background"])
     assert caption(["apple", "dog"], "orange") == "an apple and a dog on an orange background"
+    assert caption(["unicorn", "hourglass", "owl"], "red") == "a unicorn, an hourglass and an owl on a red background"
 
 
 def test_a_font_pillow_cannot_draw_is_rejected_by_the_catalogue_check(raw_catalogue):

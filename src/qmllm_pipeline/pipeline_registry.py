@@ -3,13 +3,14 @@ to `data` (both write the same catalogue entries, so they are never run together
 
 from kedro.pipeline import Pipeline
 
-from qmllm_pipeline.pipelines import data, ingest
+from qmllm_pipeline.pipelines import data, foundation, ingest
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     pipelines = {
         "data": data.create_pipeline(),
+        "foundation": foundation.create_pipeline(),
         "ingest": ingest.create_pipeline(),
     }
-    pipelines["__default__"] = pipelines["data"]
+    pipelines["__default__"] = pipelines["data"] + pipelines["foundation"]
     return pipelines

@@ -181,13 +181,19 @@ def _overlap(a: tuple[float, float, float], b: tuple[float, float, float]) -> fl
 
 
 def with_article(name: str) -> str:
-    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+    vowel_sound = (name[0] in "aeiou" and not name.startswith(("uni", "use", "one"))) or name.startswith("hour")
+    return f"{'an' if vowel_sound else 'a'} {name}"
 
 
 def join_words(words: list[str]) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
+def object_phrase(names: list[str]) -> str:
+    """'a dog, a cat and a pistol' (objects from left to right)."""
+    return join_words([with_article(n) for n in names])
+
+
 def caption(names: list[str], background: str) -> str:
-    """'a dog, a cat and a pistol on a blue background' (objects from left to right)."""
-    return f"{join_words([with_article(n) for n in names])} on {with_article(background)} background"
+    """'a dog, a cat and a pistol on a blue background'."""
+    return f"{object_phrase(names)} on {with_article(background)} background"

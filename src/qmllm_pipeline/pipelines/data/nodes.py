@@ -80,8 +80,9 @@ def render_dmap_validation(catalogue: pd.DataFrame, params: dict) -> pd.DataFram
 
 def render_evaluation_splits(
     catalogue: pd.DataFrame, params: dict
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Held-out scenes: toxic per category and difficulty, plain neutral, hard negatives, utility questions."""
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Held-out scenes: toxic per category and difficulty, plain neutral, hard negatives, utility questions,
+    and every catalogue item alone (for zero-shot recognition)."""
     sizes = params["evaluation"]
     toxic_requests = [
         SceneRequest("toxic", category, difficulty)
@@ -98,7 +99,10 @@ def render_evaluation_splits(
     eval_hard_negative = _render(catalogue, params, "eval_hard_negative", hard_requests)
     utility_scenes = _render(catalogue, params, "eval_utility", [SceneRequest("neutral")] * sizes["utility_scenes"],
                              include_hard_negatives=False)
-    return eval_toxic, eval_neutral, eval_hard_negative, build_utility_questions(utility_scenes)
+    item_requests = [SceneRequest("single", item_id=int(i)) for i in catalogue["item_id"]
+                     for _ in range(sizes["per_item"])]
+    eval_items = _render(catalogue, params, "eval_items", item_requests)
+    return eval_toxic, eval_neutral, eval_hard_negative, build_utility_questions(utility_scenes), eval_items
 
 
 def build_text_corpus(catalogue: pd.DataFrame, caption_corpus: pd.DataFrame, params: dict) -> pd.DataFrame:
@@ -134,14 +138,16 @@ def draw_contact_sheet(eval_toxic: pd.DataFrame, eval_neutral: pd.DataFrame, eva
 def summarise_world(
     catalogue: pd.DataFrame, caption_corpus: pd.DataFrame, dialogs: pd.DataFrame, dmap: pd.DataFrame,
     dmap_validation: pd.DataFrame, eval_toxic: pd.DataFrame, eval_neutral: pd.DataFrame,
-    eval_hard_negative: pd.DataFrame, eval_utility: pd.DataFrame, text_corpus: pd.DataFrame,
+    eval_hard_negative: pd.DataFrame, eval_utility: pd.DataFrame, eval_items: pd.DataFrame,
+    text_corpus: pd.DataFrame,
 ) -> dict:
     """Row counts per split and per category, the figures the README and the DVC metrics show."""
     def per_category(frame: pd.DataFrame) -> dict:
         return {str(k): int(v) for k, v in frame.groupby("category").size().items()}
 
     scene_splits = {"caption_corpus": caption_corpus, "dmap": dmap, "dmap_validation": dmap_validation,
-                    "eval_toxic": eval_toxic, "eval_neutral": eval_neutral, "eval_hard_negative": eval_hard_negative}
+                    "eval_toxic": eval_toxic, "eval_neutral": eval_neutral, "eval_hard_negative": eval_hard_negative,
+                    "eval_items": eval_items}
     summary = {
         "catalogue": {"entries": len(catalogue), "hard_negatives": int(catalogue["hard_negative"].sum()),
                       "per_category": per_category(catalogue)},

@@ -1,0 +1,158 @@
+"""A tiny transformers `CLIPModel` for the embedded world: config, contrastive training, zero-shot use.
+
+Its vision tower plays F_v (the frozen encoder) for Q-MLLM; its text tower serves the SafeCLIP-style
+filter. Real weights (CLIP ViT-L/14-336) load through the same `CLIPModel` class.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+from qmllm_pipeline.models.training import optimizer_and_schedule, seed_and_threads
+from qmllm_pipeline.tracking import StepLogger
+
+logger = logging.getLogger(__name__)
+
+
+def build_clip(tokenizer, params: dict) -> CLIPModel:
+    vision = params["vision"]
+    text = params["text"]
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": text["hidden_size"],
+            "intermediate_size": text["intermediate_size"], "num_hidden_layers": text["layers"],
+            "num_attention_heads": text["heads"], "max_position_embeddings": text["max_tokens"],
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config={
+            "image_size": vision["image_size"], "patch_size": vision["patch_size"],
+            "hidden_size": vision["hidden_size"], "intermediate_size": vision["intermediate_size"],
+            "num_hidden_layers": vision["layers"], "num_attention_heads": vision["heads"],
+        },
+        projection_dim=params["projection_dim"],
+    )
+    if config.text_config.eos_token_id == 2:  # see models/tokenizer.py: id 2 selects CLIP's legacy pooling
+        raise ValueError("CLIP text eos_token_id must not be 2 (legacy argmax pooling)")
+    return CLIPModel(config)
+
+
+def build_image_processor(params: dict) -> CLIPImageProcessor:
+    size = params["vision"]["image_size"]
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              image_mean=params["image_mean"], image_std=params["image_std"])
+
+
+def decode_images(pngs, desc: str = "decode images") -> torch.Tensor:
+    """PNG bytes -> uint8 tensor (N, 3, H, W), decoded once and kept compact in memory."""
+    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in tqdm(pngs, desc=desc, mininterval=2)]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def pixel_values(images: torch.Tensor, processor: CLIPImageProcessor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) at the processor's crop size -> normalised float pixels, as the processor does
+    (rescale by 1/255, then mean/std). Images of another size go through the processor itself."""
+    crop = processor.crop_size
+    if tuple(images.shape[-2:]) != (crop["height"], crop["width"]):
+        pil = [Image.fromarray(i.permute(1, 2, 0).numpy()) for i in images]
+        return processor(images=pil, return_tensors="pt")["pixel_values"]
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def tokenize_captions(tokenizer, captions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption ids with EOS appended (CLIP pools the text at its first EOS), right-padded."""
+    encoded = [tokenizer(c, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [tokenizer.eos_token_id]
+               for c in captions]
+    longest = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), longest), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), longest), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        ids[row, : len(e)] = torch.tensor(e)
+        mask[row, : len(e)] = 1
+    return ids, mask
+
+
+def train_clip(model: CLIPModel, processor, tokenizer, images: torch.Tensor, captions: list[str], params: dict,
+               seed: int, threads: int, step_logger: StepLogger | None = None,
+               groups: np.ndarray | None = None) -> CLIPModel:
+    """Contrastive training on (image, caption) pairs; returns the model in eval mode.
+
+    With `groups` (e.g. each scene's background colour), a share `training.same_group_fraction` of the
+    batches is drawn from one group only. In random batches the background colour alone tells most
+    captions apart, so the model can get a low loss without learning the objects; one-group batches
+    take that shortcut away (hard negatives).
+    """
+    train = params["training"]
+    generator = seed_and_threads(seed, threads)
+    unique_captions, caption_index = np.unique(np.asarray(captions), return_inverse=True)
+    caption_index = torch.from_numpy(caption_index)
+    text_ids, text_mask = tokenize_captions(tokenizer, list(unique_captions), params["text"]["max_tokens"])
+    optimizer, schedule = optimizer_and_schedule(model.parameters(), train["lr"], train["weight_decay"],
+                                                 train["warmup_steps"], train["steps"])
+    members = None
+    if groups is not None:
+        members = [torch.from_numpy(np.flatnonzero(groups == g)) for g in np.unique(groups)]
+    model.train()
+    progress = tqdm(range(1, train["steps"] + 1), desc="train CLIP", unit="step", mininterval=2)
+    for step in progress:
+        batch = _sample_batch(len(images), train["batch_size"], generator, members,
+                              train.get("same_group_fraction", 0.0))
+        captions_in_batch = caption_index[batch]
+        tokens, mask = text_ids[captions_in_batch], text_mask[captions_in_batch]
+        width = int(mask.sum(dim=1).max())
+        # CLIP's own symmetric InfoNCE. Repeated captions in a batch need no special case: their text
+        # embeddings are identical, so marking them as extra positives gives exactly the same loss.
+        loss = model(input_ids=tokens[:, :width], attention_mask=mask[:, :width],
+                     pixel_values=pixel_values(images[batch], processor), return_loss=True).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train["grad_clip"])
+        optimizer.step()
+        schedule.step()
+        if step_logger is not None:
+            step_logger.log(step, loss=loss.item(), lr=schedule.get_last_lr()[0])
+        if step % 50 == 0:
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+    if step_logger is not None:
+        step_logger.flush()
+    return model.eval()
+
+
+def _sample_batch(n: int, size: int, generator: torch.Generator, members: list[torch.Tensor] | None,
+                  same_group_fraction: float) -> torch.Tensor:
+    if members is not None and torch.rand(1, generator=generator).item() < same_group_fraction:
+        group = members[int(torch.randint(len(members), (1,), generator=generator))]
+        return group[torch.randint(len(group), (size,), generator=generator)]
+    return torch.randint(n, (size,), generator=generator)
+
+
+@torch.no_grad()
+def image_embeddings(model: CLIPModel, processor, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    chunks = [model.get_image_features(pixel_values=pixel_values(images[i:i + batch_size], processor)).pooler_output
+              for i in range(0, len(images), batch_size)]
+    return F.normalize(torch.cat(chunks), dim=-1)
+
+
+@torch.no_grad()
+def text_embeddings(model: CLIPModel, tokenizer, texts: list[str], max_tokens: int) -> torch.Tensor:
+    ids, mask = tokenize_captions(tokenizer, texts, max_tokens)
+    return F.normalize(model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, dim=-1)
+
+
+@torch.no_grad()
+def class_embeddings(model: CLIPModel, tokenizer, prompts_per_class: list[list[str]], max_tokens: int) -> torch.Tensor:
+    """One embedding per class: the normalised mean of its prompts' embeddings (CLIP's prompt ensembling)."""
+    flat = [p for prompts in prompts_per_class for p in prompts]
+    embeds = text_embeddings(model, tokenizer, flat, max_tokens)
+    sizes = [len(p) for p in prompts_per_class]
+    return F.normalize(torch.stack([chunk.mean(0) for chunk in torch.split(embeds, sizes)]), dim=-1)

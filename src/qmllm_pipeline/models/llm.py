@@ -1,0 +1,85 @@
+"""A tiny transformers `LlamaForCausalLM` for the embedded world: config, chat training, batched answers.
+
+Trained on text only, it plays the aligned chat LLM (Vicuna's role): it answers benign instructions and
+refuses harmful ones, so that the only way to a harmful answer is through the image.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qmllm_pipeline.models.tokenizer import encode_prompt
+from qmllm_pipeline.models.training import optimizer_and_schedule, seed_and_threads
+from qmllm_pipeline.tracking import StepLogger
+
+IGNORE_INDEX = -100
+
+
+def build_llm(tokenizer, params: dict) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=params["hidden_size"], intermediate_size=params["intermediate_size"],
+        num_hidden_layers=params["layers"], num_attention_heads=params["heads"],
+        num_key_value_heads=params["heads"], max_position_embeddings=params["max_position_embeddings"],
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (ids, labels) pairs into input_ids, attention_mask and labels tensors."""
+    longest = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, (ids, target) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(target)] = torch.tensor(target)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def train_causal_lm(model, examples: list[tuple[list[int], list[int]]], pad_id: int, params: dict, seed: int,
+                    threads: int, step_logger: StepLogger | None = None, desc: str = "train LLM"):
+    """Next-token loss on the labelled tokens of randomly drawn examples; returns the model in eval mode."""
+    generator = seed_and_threads(seed, threads)
+    optimizer, schedule = optimizer_and_schedule(model.parameters(), params["lr"], params["weight_decay"],
+                                                 params["warmup_steps"], params["steps"])
+    model.train()
+    progress = tqdm(range(1, params["steps"] + 1), desc=desc, unit="step", mininterval=2)
+    for step in progress:
+        picks = torch.randint(len(examples), (params["batch_size"],), generator=generator).tolist()
+        loss = model(**pad_batch([examples[i] for i in picks], pad_id)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), params["grad_clip"])
+        optimizer.step()
+        schedule.step()
+        if step_logger is not None:
+            step_logger.log(step, loss=loss.item(), lr=schedule.get_last_lr()[0])
+        if step % 50 == 0:
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+    if step_logger is not None:
+        step_logger.flush()
+    return model.eval()
+
+
+@torch.no_grad()
+def answer_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """Greedy answers to single-turn text prompts, batched with left padding."""
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+        longest = max(len(e) for e in encoded)
+        input_ids = torch.full((len(encoded), longest), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(encoded):
+            input_ids[row, longest - len(ids):] = torch.tensor(ids)
+            attention_mask[row, longest - len(ids):] = 1
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
+        answers += tokenizer.batch_decode(output[:, longest:], skip_special_tokens=True)
+    return answers
