@@ -25,26 +25,32 @@ def _run(command: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> Path:
-    """One `kedro run --env smoke --pipelines data` in a copy of the project (shared: MLflow's first
-    connection to a new SQLite store costs seconds)."""
+    """One `kedro run --env smoke` (every default pipeline) in a copy of the project (shared: MLflow's
+    first connection to a new SQLite store costs seconds)."""
     root = copy_project(tmp_path_factory.mktemp("project"))
-    _run([*KEDRO, "run", "--env", "smoke", "--pipelines", "data"], cwd=root)
+    _run([*KEDRO, "run", "--env", "smoke"], cwd=root)  # the whole default chain, from a clean state
     return root
 
 
 def test_kedro_run_writes_every_catalogue_entry(smoke_run):
-    for path in ["data/02_intermediate/emoji_catalogue.parquet", "data/03_primary/caption_corpus.parquet",
-                 "data/03_primary/text_corpus.parquet", "data/03_primary/dialogs.parquet",
-                 "data/03_primary/dmap.parquet", "data/03_primary/dmap_validation.parquet",
-                 "data/05_model_input/eval_toxic.parquet", "data/05_model_input/eval_neutral.parquet",
-                 "data/05_model_input/eval_hard_negative.parquet", "data/05_model_input/eval_utility.parquet",
-                 "data/08_reporting/world_contact_sheet.png", "metrics/world_summary.json"]:
-        assert (smoke_run / path).is_file(), path
-    dialogs = pd.read_parquet(smoke_run / "data/03_primary/dialogs.parquet")
+    smoke = smoke_run / "data" / "smoke"  # conf/smoke/globals.yml: smoke never overwrites a default run
+    for path in ["02_intermediate/emoji_catalogue.parquet", "03_primary/caption_corpus.parquet",
+                 "03_primary/text_corpus.parquet", "03_primary/dialogs.parquet", "03_primary/dmap.parquet",
+                 "03_primary/dmap_validation.parquet", "05_model_input/eval_toxic.parquet",
+                 "05_model_input/eval_neutral.parquet", "05_model_input/eval_hard_negative.parquet",
+                 "05_model_input/eval_utility.parquet", "05_model_input/eval_items.parquet",
+                 "08_reporting/world_contact_sheet.png", "metrics/world_summary.json", "metrics/foundation.json",
+                 "metrics/pretrain.json", "metrics/finetune.json", "08_reporting/clip_loss_curve.png",
+                 "04_feature/caption_features.safetensors", "06_models/qmllm/stage1.safetensors",
+                 "06_models/baseline/stage1.safetensors", "06_models/qmllm/llm/model.safetensors",
+                 "06_models/clip/model.safetensors", "06_models/tokenizer/tokenizer.json"]:
+        assert (smoke / path).is_file(), path
+    assert not (smoke_run / "data" / "03_primary").exists()
+    dialogs = pd.read_parquet(smoke / "03_primary/dialogs.parquet")
     assert dialogs["conversations"].iloc[0][0]["from"] == "human"  # list<struct> survives Parquet
-    summary = json.loads((smoke_run / "metrics/world_summary.json").read_text())
+    summary = json.loads((smoke / "metrics/world_summary.json").read_text())
     assert summary["scenes"]["caption_corpus"]["rows"] == 600
-    assert not list(smoke_run.glob("data/**/.*.tmp"))
+    assert not list(smoke_run.glob("data/**/.*.tmp")) and not list((smoke / "06_models/checkpoints").iterdir())
 
 
 def test_the_run_is_tracked_in_mlflow(smoke_run):
@@ -55,14 +61,21 @@ def test_the_run_is_tracked_in_mlflow(smoke_run):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["data.caption_corpus.n_scenes"] == "600"
-    assert run.data.tags["pipeline"] == "data"
+    assert run.data.tags["pipeline"] == "__default__"
     assert run.data.tags["env"] == "smoke"
+    history = client.get_metric_history(run.info.run_id, "clip/loss")
+    assert len(history) == 30  # one point per training step
+    assert {"qmllm/pretrain/vq_patch", "qmllm/pretrain/patch_perplexity", "baseline/pretrain/generative",
+            "foundation/clip/top1", "pretrain/qmllm/codebooks/cls/codes_used",
+            "finetune/qmllm/utility/object"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/clip_loss_curve.png", "plots/qmllm_pretrain_loss_curve.png"} <= artifacts
 
 
 def test_kedro_viz_build_shows_the_lineage(smoke_run):
     _run([*KEDRO, "viz", "build"], cwd=smoke_run)
     graph = json.loads((smoke_run / "build" / "api" / "main").read_text())
-    assert graph["layers"][:2] == ["raw", "world"]
+    assert graph["layers"][:5] == ["raw", "world", "foundation", "features", "pretrain"]
     assert {"validate_emoji_catalogue", "render_caption_corpus"} <= {n["name"] for n in graph["nodes"]}
 
 
@@ -83,3 +96,28 @@ def test_qmllm_render_and_bad_options(tmp_path):
     assert bad.returncode == 2 and "needs --kind toxic" in bad.stderr and "Traceback" not in bad.stderr
     outside = subprocess.run([*command, "render"], cwd=tmp_path, capture_output=True, text=True)
     assert outside.returncode == 2 and "no Kedro configuration here" in outside.stderr
+
+
+def test_a_killed_pretrain_run_resumes_from_its_checkpoint(smoke_run):
+    """SIGKILL `kedro run --pipelines pretrain` once a checkpoint is on disk; the next run continues from it."""
+    import signal
+    import time
+
+    overrides = ["--params", "pretrain.training.steps=300,pretrain.training.checkpoint_every=20"]
+    command = [*KEDRO, "run", "--env", "smoke", "--pipelines", "pretrain", *overrides]
+    checkpoints = smoke_run / "data" / "smoke" / "06_models" / "checkpoints"
+    env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="true")
+    process = subprocess.Popen(command, cwd=smoke_run, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 120
+    while not list(checkpoints.glob("*_pretrain/state.json")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    saved = list(checkpoints.glob("*_pretrain/state.json"))
+    assert saved, "no checkpoint was written before the kill"
+    step = json.loads(saved[0].read_text())["step"]
+    assert 0 < step < 300
+    result = _run(command, cwd=smoke_run)
+    assert f"resuming from the checkpoint at step {step} of 300" in result.stdout + result.stderr
+    assert not list(checkpoints.glob("*_pretrain/state.json"))

@@ -1,16 +1,21 @@
-"""Project pipelines. `__default__` is the embedded-world chain; `ingest` is the real-data alternative
-to `data` (both write the same catalogue entries, so they are never run together)."""
+"""Project pipelines. `__default__` is the embedded-world chain data -> foundation -> features -> pretrain
+-> finetune; `ingest` is the real-data alternative to `data` (both write the same catalogue entries, so
+they are never run together)."""
 
 from kedro.pipeline import Pipeline
 
-from qmllm_pipeline.pipelines import data, foundation, ingest
+from qmllm_pipeline.pipelines import data, features, finetune, foundation, ingest, pretrain
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     pipelines = {
         "data": data.create_pipeline(),
         "foundation": foundation.create_pipeline(),
+        "features": features.create_pipeline(),
+        "pretrain": pretrain.create_pipeline(),
+        "finetune": finetune.create_pipeline(),
         "ingest": ingest.create_pipeline(),
     }
-    pipelines["__default__"] = pipelines["data"] + pipelines["foundation"]
+    pipelines["__default__"] = sum(
+        (pipelines[name] for name in ("data", "foundation", "features", "pretrain", "finetune")), Pipeline([]))
     return pipelines

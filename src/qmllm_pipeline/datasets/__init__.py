@@ -7,5 +7,7 @@ previous good version stays readable until the new one is complete.
 
 from qmllm_pipeline.datasets.atomic import AtomicImageDataset, AtomicJSONDataset, AtomicParquetDataset, atomic_path
 from qmllm_pipeline.datasets.hf_model import HFModelDirectoryDataset
+from qmllm_pipeline.datasets.tensors import SafetensorsDataset
 
-__all__ = ["AtomicImageDataset", "AtomicJSONDataset", "AtomicParquetDataset", "HFModelDirectoryDataset", "atomic_path"]
+__all__ = ["AtomicImageDataset", "AtomicJSONDataset", "AtomicParquetDataset", "HFModelDirectoryDataset",
+           "SafetensorsDataset", "atomic_path"]

@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from qmllm_pipeline.models.training import optimizer_and_schedule, seed_and_threads
+from qmllm_pipeline.models.training import train_loop
 from qmllm_pipeline.tracking import StepLogger
 
 logger = logging.getLogger(__name__)
@@ -51,9 +51,11 @@ def build_image_processor(params: dict) -> CLIPImageProcessor:
                               image_mean=params["image_mean"], image_std=params["image_std"])
 
 
-def decode_images(pngs, desc: str = "decode images") -> torch.Tensor:
-    """PNG bytes -> uint8 tensor (N, 3, H, W), decoded once and kept compact in memory."""
-    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in tqdm(pngs, desc=desc, mininterval=2)]
+def decode_images(pngs, desc: str | None = "decode images") -> torch.Tensor:
+    """PNG bytes -> uint8 tensor (N, 3, H, W), decoded once and kept compact in memory (no progress bar
+    when `desc` is None)."""
+    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+              for b in tqdm(pngs, desc=desc, mininterval=2, disable=desc is None)]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -88,49 +90,36 @@ def train_clip(model: CLIPModel, processor, tokenizer, images: torch.Tensor, cap
     """Contrastive training on (image, caption) pairs; returns the model in eval mode.
 
     With `groups` (e.g. each scene's background colour), a share `training.same_group_fraction` of the
-    batches is drawn from one group only. In random batches the background colour alone tells most
-    captions apart, so the model can get a low loss without learning the objects; one-group batches
-    take that shortcut away (hard negatives).
+    batches is drawn from one group only, to take away the shortcut of telling captions apart by
+    background (hard negatives).
     """
     train = params["training"]
-    generator = seed_and_threads(seed, threads)
     unique_captions, caption_index = np.unique(np.asarray(captions), return_inverse=True)
     caption_index = torch.from_numpy(caption_index)
     text_ids, text_mask = tokenize_captions(tokenizer, list(unique_captions), params["text"]["max_tokens"])
-    optimizer, schedule = optimizer_and_schedule(model.parameters(), train["lr"], train["weight_decay"],
-                                                 train["warmup_steps"], train["steps"])
     members = None
     if groups is not None:
         members = [torch.from_numpy(np.flatnonzero(groups == g)) for g in np.unique(groups)]
-    model.train()
-    progress = tqdm(range(1, train["steps"] + 1), desc="train CLIP", unit="step", mininterval=2)
-    for step in progress:
+
+    def step(generator: torch.Generator) -> dict[str, torch.Tensor]:
         batch = _sample_batch(len(images), train["batch_size"], generator, members,
                               train.get("same_group_fraction", 0.0))
-        captions_in_batch = caption_index[batch]
-        tokens, mask = text_ids[captions_in_batch], text_mask[captions_in_batch]
-        width = int(mask.sum(dim=1).max())
+        rows = caption_index[batch]
+        width = int(text_mask[rows].sum(dim=1).max())
         # CLIP's own symmetric InfoNCE. Repeated captions in a batch need no special case: their text
         # embeddings are identical, so marking them as extra positives gives exactly the same loss.
-        loss = model(input_ids=tokens[:, :width], attention_mask=mask[:, :width],
+        loss = model(input_ids=text_ids[rows, :width], attention_mask=text_mask[rows, :width],
                      pixel_values=pixel_values(images[batch], processor), return_loss=True).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train["grad_clip"])
-        optimizer.step()
-        schedule.step()
-        if step_logger is not None:
-            step_logger.log(step, loss=loss.item(), lr=schedule.get_last_lr()[0])
-        if step % 50 == 0:
-            progress.set_postfix(loss=f"{loss.item():.3f}")
-    if step_logger is not None:
-        step_logger.flush()
-    return model.eval()
+        return {"loss": loss}
+
+    train_loop({"clip": model}, step, train, seed, threads, step_logger, desc="train CLIP")
+    return model
 
 
 def _sample_batch(n: int, size: int, generator: torch.Generator, members: list[torch.Tensor] | None,
                   same_group_fraction: float) -> torch.Tensor:
-    if members is not None and torch.rand(1, generator=generator).item() < same_group_fraction:
+    one_group = same_group_fraction > 0 and torch.rand(1, generator=generator).item() < same_group_fraction
+    if members is not None and one_group:
         group = members[int(torch.randint(len(members), (1,), generator=generator))]
         return group[torch.randint(len(group), (size,), generator=generator)]
     return torch.randint(n, (size,), generator=generator)

@@ -7,11 +7,10 @@ refuses harmful ones, so that the only way to a harmful answer is through the im
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qmllm_pipeline.models.tokenizer import encode_prompt
-from qmllm_pipeline.models.training import optimizer_and_schedule, seed_and_threads
+from qmllm_pipeline.models.training import train_loop
 from qmllm_pipeline.tracking import StepLogger
 
 IGNORE_INDEX = -100
@@ -44,26 +43,13 @@ def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[
 def train_causal_lm(model, examples: list[tuple[list[int], list[int]]], pad_id: int, params: dict, seed: int,
                     threads: int, step_logger: StepLogger | None = None, desc: str = "train LLM"):
     """Next-token loss on the labelled tokens of randomly drawn examples; returns the model in eval mode."""
-    generator = seed_and_threads(seed, threads)
-    optimizer, schedule = optimizer_and_schedule(model.parameters(), params["lr"], params["weight_decay"],
-                                                 params["warmup_steps"], params["steps"])
-    model.train()
-    progress = tqdm(range(1, params["steps"] + 1), desc=desc, unit="step", mininterval=2)
-    for step in progress:
+
+    def step(generator: torch.Generator) -> dict[str, torch.Tensor]:
         picks = torch.randint(len(examples), (params["batch_size"],), generator=generator).tolist()
-        loss = model(**pad_batch([examples[i] for i in picks], pad_id)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), params["grad_clip"])
-        optimizer.step()
-        schedule.step()
-        if step_logger is not None:
-            step_logger.log(step, loss=loss.item(), lr=schedule.get_last_lr()[0])
-        if step % 50 == 0:
-            progress.set_postfix(loss=f"{loss.item():.3f}")
-    if step_logger is not None:
-        step_logger.flush()
-    return model.eval()
+        return {"loss": model(**pad_batch([examples[i] for i in picks], pad_id)).loss}
+
+    train_loop({"llm": model}, step, params, seed, threads, step_logger, desc=desc)
+    return model
 
 
 @torch.no_grad()

@@ -1,0 +1,67 @@
+"""Resumable training: a checkpoint folder with module weights (safetensors), optimiser, schedule and
+random state (`torch.load(weights_only=True)`, never unpickling code), and the loss history so far.
+
+A run stopped in the middle (Ctrl-C, a kill) continues from its last checkpoint when started again with
+the same configuration; a checkpoint written under another configuration is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+
+def fingerprint(config) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class TrainingCheckpoint:
+    def __init__(self, directory: str | Path, config):
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint(config)
+
+    def load(self) -> dict | None:
+        state_file = self.directory / "state.json"
+        if not state_file.is_file():
+            return None
+        state = json.loads(state_file.read_text())
+        if state.get("fingerprint") != self.fingerprint:
+            logger.warning("ignoring checkpoint %s: written under another configuration", self.directory)
+            return None
+        modules = {}
+        for name in state["modules"]:
+            modules[name] = load_file(self.directory / f"{name}.safetensors")
+        trainer = torch.load(self.directory / "trainer.pt", weights_only=True)
+        return {**state, "module_states": modules, **trainer}
+
+    def save(self, step: int, modules: dict, optimizer, schedule, generator: torch.Generator, history: dict) -> None:
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.", dir=self.directory.parent))
+        try:
+            for name, module in modules.items():
+                tensors = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+                save_file(tensors, staging / f"{name}.safetensors")
+            torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                        "generator": generator.get_state()}, staging / "trainer.pt")
+            (staging / "state.json").write_text(json.dumps(
+                {"step": step, "fingerprint": self.fingerprint, "modules": list(modules), "history": history}))
+            previous = self.directory.with_name(f".{self.directory.name}.previous")
+            if self.directory.exists():
+                shutil.rmtree(previous, ignore_errors=True)
+                self.directory.rename(previous)
+            staging.rename(self.directory)
+            shutil.rmtree(previous, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,0 +1,66 @@
+"""Nodes of the `features` pipeline: run the frozen vision tower once and cache its outputs, and the
+frozen LLM's caption representations (the L_semantic targets), so stage 1 never touches pixels."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from qmllm_pipeline.models.clip import decode_images, pixel_values
+from qmllm_pipeline.models.vision import VisionTower
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def _extract(images: pd.Series, clip_model, clip_image_processor, params: dict, name: str) -> dict[str, torch.Tensor]:
+    torch.set_num_threads(params["threads"])
+    tower = VisionTower.from_clip(clip_model, select_layer=params["select_layer"],
+                                  cls_source=params["cls_source"]).eval()
+    dtype = getattr(torch, params["dtype"])
+    started = time.perf_counter()
+    cls_chunks, patch_chunks = [], []
+    batch = params["batch_size"]
+    for start in tqdm(range(0, len(images), batch), desc=f"features {name}", unit="batch", mininterval=2):
+        pixels = pixel_values(decode_images(images.iloc[start:start + batch], desc=None), clip_image_processor)
+        cls_features, patch_features = tower(pixels)
+        cls_chunks.append(cls_features.to(dtype))
+        patch_chunks.append(patch_features.to(dtype))
+    features = {"cls": torch.cat(cls_chunks), "patches": torch.cat(patch_chunks)}
+    logger.info("%s features: cls %s, patches %s in %.1f s", name, tuple(features["cls"].shape),
+                tuple(features["patches"].shape), time.perf_counter() - started)
+    return features
+
+
+def extract_caption_features(caption_corpus: pd.DataFrame, clip_model, clip_image_processor,
+                             params: dict) -> dict[str, torch.Tensor]:
+    """CLS and patch features of every caption-corpus image, rows in corpus order."""
+    return _extract(caption_corpus["image"], clip_model, clip_image_processor, params, "caption_corpus")
+
+
+def extract_dialog_features(dialogs: pd.DataFrame, clip_model, clip_image_processor,
+                            params: dict) -> dict[str, torch.Tensor]:
+    """CLS and patch features of every dialog image, rows in dialog order."""
+    return _extract(dialogs["image"], clip_model, clip_image_processor, params, "dialogs")
+
+
+@torch.no_grad()
+def caption_semantic_targets(caption_corpus: pd.DataFrame, tokenizer, llm, params: dict) -> dict[str, torch.Tensor]:
+    """H_caption for L_semantic: the frozen LLM's last hidden states averaged over the caption's tokens
+    (text only). Stored raw; whether to standardise them is a stage-1 parameter."""
+    torch.set_num_threads(params["threads"])
+    captions = list(caption_corpus["caption"])
+    unique = sorted(set(captions))
+    vectors = []
+    for start in tqdm(range(0, len(unique), params["batch_size"]), desc="caption targets", mininterval=2):
+        chunk = unique[start:start + params["batch_size"]]
+        encoded = tokenizer(chunk, add_special_tokens=False, padding=True, return_tensors="pt")
+        hidden = llm(**encoded, output_hidden_states=True).hidden_states[-1]
+        mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        vectors.append((hidden * mask).sum(1) / mask.sum(1))
+    by_caption = dict(zip(unique, torch.cat(vectors), strict=True))
+    return {"targets": torch.stack([by_caption[c] for c in captions]).float()}

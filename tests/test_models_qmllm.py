@@ -1,0 +1,120 @@
+"""The Q-MLLM building blocks: quantizer, vision tower, projector, splicing."""
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM
+
+from qmllm_pipeline.models.projector import build_mm_projector
+from qmllm_pipeline.models.qmllm import IGNORE_INDEX, QMLLM
+from qmllm_pipeline.models.quantizer import VectorQuantizer
+from qmllm_pipeline.models.vision import VisionTower
+
+
+def test_nearest_code_matches_brute_force():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(64, 8)
+    x = torch.randn(500, 8)
+    expected = torch.cdist(x, quantizer.codebook.detach()).argmin(1)
+    assert torch.equal(quantizer.nearest(x), expected)
+
+
+@pytest.mark.parametrize("update", ["ema", "gradient"])
+def test_straight_through_and_codebook_updates(update):
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(16, 4, update=update).train()
+    x = torch.randn(256, 4, requires_grad=True)
+    out = quantizer(x)
+    assert bool(quantizer.initialized)  # k-means on the first batch
+    assert torch.allclose(out.quantized, quantizer.codebook[out.indices], atol=1e-5) or update == "ema"
+    (out.quantized * torch.arange(4.0)).sum().backward()
+    assert torch.allclose(x.grad, torch.arange(4.0).expand(256, 4))  # identity gradient to x
+    assert quantizer.codebook.requires_grad == (update == "gradient")
+    if update == "gradient":
+        out.loss.backward()
+        assert quantizer.codebook.grad is not None and quantizer.codebook.grad.abs().sum() > 0
+
+
+def test_ema_pulls_codes_to_their_assignments_and_restarts_dead_codes():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(8, 2, decay=0.5, dead_code_threshold=0.5).train()
+    quantizer.kmeans_init(torch.randn(64, 2))
+    quantizer.codebook.data[7] = torch.tensor([100.0, 100.0])  # never the nearest code
+    quantizer.ema_sums[7] = quantizer.codebook.data[7]
+    for _ in range(20):
+        quantizer(torch.randn(128, 2) * 0.1 + 3.0)
+    assert quantizer.codebook.data[7].abs().max() < 10  # restarted onto real inputs
+    assert (quantizer.codebook.data.mean(0) - 3.0).abs().max() < 1.0
+
+
+def test_usage_and_perplexity():
+    quantizer = VectorQuantizer(4, 2)
+    stats = quantizer.usage_stats(torch.tensor([0, 1, 2, 3] * 5))
+    assert stats == {"codes_used": 4, "usage": 1.0, "perplexity": pytest.approx(4.0)}
+    assert quantizer.usage_stats(torch.tensor([2] * 9))["perplexity"] == pytest.approx(1.0)
+
+
+def _tiny_clip():
+    return CLIPModel(CLIPConfig(
+        text_config={"vocab_size": 50, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 16, "eos_token_id": 4},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 16, "intermediate_size": 32,
+                       "num_hidden_layers": 2, "num_attention_heads": 2}, projection_dim=8))
+
+
+def test_vision_tower_keeps_cls_and_pixel_gradients():
+    tower = VisionTower.from_clip(_tiny_clip(), select_layer=-2).requires_grad_(False)
+    pixels = torch.randn(2, 3, 32, 32, requires_grad=True)
+    cls_features, patch_features = tower(pixels)
+    assert cls_features.shape == (2, 16) and patch_features.shape == (2, tower.num_patches, 16) == (2, 16, 16)
+    hidden = tower.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+    assert torch.equal(cls_features, hidden[:, 0])
+    cls_features.sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+
+
+def test_projector_kinds():
+    assert build_mm_projector("linear", 16, 24)(torch.randn(3, 16)).shape == (3, 24)
+    assert build_mm_projector("mlp2x_gelu", 16, 24, layernorm=False)(torch.randn(3, 5, 16)).shape == (3, 5, 24)
+    with pytest.raises(ValueError, match="unknown mm_projector"):
+        build_mm_projector("conv", 16, 24)
+
+
+def _model(quantized: bool):
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2))
+    return QMLLM(build_mm_projector("linear", 16, 24), llm, image_token_id=2,
+                 vision_tower=VisionTower.from_clip(_tiny_clip()),
+                 cls_quantizer=VectorQuantizer(8, 24) if quantized else None,
+                 patch_quantizer=VectorQuantizer(32, 24) if quantized else None)
+
+
+def test_splice_places_image_tokens_and_ignores_their_labels():
+    model = _model(quantized=True).eval()
+    image_tokens = torch.randn(1, 16, 24)
+    batch = model.splice([[3, 5, 2, 7, 8], [3, 9, 4]], [[-100, -100, -100, 7, 8], [-100, 9, 4]], image_tokens)
+    assert batch["inputs_embeds"].shape == (2, 4 + 16, 24)
+    assert torch.equal(batch["inputs_embeds"][0, 2:18], image_tokens[0])
+    assert batch["labels"][0, 2:18].eq(IGNORE_INDEX).all() and batch["labels"][0, 18:].tolist() == [7, 8]
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1] + [0] * 17
+    left = model.splice([[3, 5, 2], [3, 9]], None, image_tokens, padding="left")
+    assert left["attention_mask"][1].tolist() == [0] * 16 + [1, 1]
+    with pytest.raises(ValueError, match="more <image> placeholders than images"):
+        model.splice([[2], [2]], None, image_tokens)
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_encode_forward_generate(quantized):
+    model = _model(quantized).eval()
+    encoding = model.encode_images(torch.randn(2, 3, 32, 32))
+    assert encoding.image_tokens.shape == (2, 16, 24)
+    if quantized:
+        assert encoding.cls.indices.shape == (2,) and encoding.patches.indices.shape == (2, 16)
+        assert torch.allclose(encoding.image_tokens, model.patch_quantizer.codebook[encoding.patches.indices])
+    else:
+        assert encoding.cls is None and torch.equal(encoding.image_tokens, encoding.patch_hidden)
+    loss = model([[3, 2, 7], [3, 2, 8, 9]], [[-100, -100, 7], [-100, -100, 8, 9]], encoding.image_tokens).loss
+    assert torch.isfinite(loss)
+    new = model.generate([[3, 2], [3, 5, 2]], encoding.image_tokens, max_new_tokens=3, pad_token_id=0,
+                         eos_token_id=4)
+    assert new.shape[0] == 2 and new.shape[1] <= 3

@@ -1,0 +1,64 @@
+"""`features`, `pretrain` and `finetune` on the smoke world: shapes, codebook health, both variants."""
+
+import torch
+from transformers import LlamaForCausalLM
+
+from qmllm_pipeline.datasets import SafetensorsDataset
+from qmllm_pipeline.pipelines.pretrain.nodes import build_qmllm, load_stage1_state, stage1_state
+
+
+def test_feature_cache_shapes(stages, world, foundation):
+    vision = foundation["clip_model"].config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    caption = stages["caption_features"]
+    assert caption["cls"].shape == (len(world["caption_corpus"]), vision.hidden_size)
+    assert caption["patches"].shape == (len(world["caption_corpus"]), patches, vision.hidden_size)
+    assert stages["dialog_features"]["cls"].shape[0] == len(world["dialogs"])
+    targets = stages["caption_targets"]["targets"]
+    assert targets.shape == (len(world["caption_corpus"]), foundation["llm"].config.hidden_size)
+    same_caption = world["caption_corpus"]["caption"].duplicated(keep=False).to_numpy()
+    if same_caption.any():  # identical captions share their target
+        first, *rest = [i for i, c in enumerate(world["caption_corpus"]["caption"])
+                        if c == world["caption_corpus"]["caption"][same_caption].iloc[0]]
+        assert all(torch.equal(targets[first], targets[i]) for i in rest)
+
+
+def test_pretrain_reports_codebook_health_for_qmllm_only(stages, smoke_params):
+    report = stages["pretrain_metrics"]
+    codebooks = report["qmllm"]["codebooks"]
+    assert codebooks["cls_codes"] == smoke_params["pretrain"]["codebooks"]["cls_codes"]
+    for name in ("cls", "patch"):
+        assert 1 <= codebooks[name]["codes_used"] <= codebooks[f"{name}_codes"]
+        assert 1.0 <= codebooks[name]["perplexity"] <= codebooks[f"{name}_codes"]
+    assert {"generative", "vq_patch", "vq_cls", "semantic"} <= set(report["qmllm"]["final"])
+    assert "codebooks" not in report["baseline"] and set(report["baseline"]["final"]) == {"generative", "loss"}
+
+
+def test_stage1_weights_round_trip(stages, foundation, smoke_params, tmp_path):
+    weights = stages["qmllm.stage1_weights"]
+    assert any(k.startswith("patch_quantizer.") for k in weights)
+    assert not any(k.startswith("patch_quantizer.") for k in stages["baseline.stage1_weights"])
+    dataset = SafetensorsDataset(str(tmp_path / "stage1.safetensors"))
+    dataset.save(weights)
+    model = build_qmllm(foundation["llm"], foundation["tokenizer"], smoke_params["pretrain"], True,
+                        stages["caption_features"]["cls"].shape[-1])
+    reloaded = stage1_state(load_stage1_state(model, dataset.load()))
+    assert all(torch.equal(reloaded[k], weights[k]) for k in weights)
+
+
+def test_finetune_trains_a_separate_llm_per_variant(stages, foundation):
+    qmllm, baseline = stages["qmllm.finetuned_llm"], stages["baseline.finetuned_llm"]
+    assert isinstance(qmllm, LlamaForCausalLM) and qmllm is not baseline
+    original = foundation["llm"].model.embed_tokens.weight
+    assert not torch.equal(qmllm.model.embed_tokens.weight, original)  # trained, and the original untouched
+    assert not torch.equal(qmllm.model.embed_tokens.weight, baseline.model.embed_tokens.weight)
+
+
+def test_finetune_metrics_cover_every_question_type_and_both_safety_rates(stages):
+    report = stages["finetune_metrics"]
+    for system in ("qmllm", "baseline", "blind_guess"):
+        assert set(report[system]["utility"]) == {"object", "color", "count", "caption"}
+        assert all(0.0 <= v <= 1.0 for v in report[system]["utility"].values())
+    for system in ("qmllm", "baseline"):
+        assert set(report[system]["safety"]) == {"heldout_harmful_refused_with_neutral_image",
+                                                 "heldout_benign_refused_with_neutral_image"}
