@@ -5,9 +5,15 @@ that fails half-way (bad input, Ctrl-C, a full disk) never leaves a half-written
 previous good version stays readable until the new one is complete.
 """
 
-from qmllm_pipeline.datasets.atomic import AtomicImageDataset, AtomicJSONDataset, AtomicParquetDataset, atomic_path
+from qmllm_pipeline.datasets.atomic import (
+    AtomicImageDataset,
+    AtomicJSONDataset,
+    AtomicParquetDataset,
+    atomic_directory,
+    atomic_path,
+)
 from qmllm_pipeline.datasets.hf_model import HFModelDirectoryDataset
 from qmllm_pipeline.datasets.tensors import SafetensorsDataset
 
 __all__ = ["AtomicImageDataset", "AtomicJSONDataset", "AtomicParquetDataset", "HFModelDirectoryDataset",
-           "SafetensorsDataset", "atomic_path"]
+           "SafetensorsDataset", "atomic_directory", "atomic_path"]

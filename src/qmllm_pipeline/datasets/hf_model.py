@@ -9,12 +9,12 @@ marked `read_only: true` so that no pipeline can overwrite them.
 from __future__ import annotations
 
 import importlib
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
+
+from qmllm_pipeline.datasets.atomic import atomic_directory
 
 # Files that make a directory a loadable model or tokenizer, by kind of class.
 _MARKERS = {
@@ -76,18 +76,8 @@ class HFModelDirectoryDataset(AbstractDataset):
     def save(self, data: Any) -> None:
         if self._read_only:
             raise DatasetError(f"{self._path}: read-only model directory (real weights); not overwriting it")
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{self._path.name}.", dir=self._path.parent))
-        try:
+        with atomic_directory(self._path) as staging:
             if self._kind() == "model":
                 data.save_pretrained(staging, safe_serialization=True)
             else:
                 data.save_pretrained(staging)
-            previous = self._path.with_name(f".{self._path.name}.previous")
-            if self._path.exists():
-                shutil.rmtree(previous, ignore_errors=True)
-                self._path.rename(previous)
-            staging.rename(self._path)
-            shutil.rmtree(previous, ignore_errors=True)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import torch
-from kedro.io import AbstractDataset, DatasetError
+from kedro.io import DatasetError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from qmllm_pipeline.datasets.atomic import atomic_path
+from qmllm_pipeline.datasets.atomic import _LocalFileDataset, atomic_path
 
 
-class SafetensorsDataset(AbstractDataset):
+class SafetensorsDataset(_LocalFileDataset):
     """`dict[str, torch.Tensor]` <-> one `.safetensors` file, written atomically. Never unpickles."""
 
-    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None):
-        self._filepath = Path(filepath)
-        self.metadata = metadata
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath)}
-
-    def _exists(self) -> bool:
-        return self._filepath.is_file()
-
     def load(self) -> dict[str, torch.Tensor]:
-        if not self._filepath.is_file():
-            raise DatasetError(f"{self._filepath}: file not found (has the pipeline that writes it run?)")
+        self._check_exists()
         try:
             return load_file(self._filepath)
         except (SafetensorError, OSError) as error:

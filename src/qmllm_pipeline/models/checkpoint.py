@@ -11,11 +11,12 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from qmllm_pipeline.datasets.atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,7 @@ class TrainingCheckpoint:
         return {**state, "module_states": modules, **trainer}
 
     def save(self, step: int, modules: dict, optimizer, schedule, generator: torch.Generator, history: dict) -> None:
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.", dir=self.directory.parent))
-        try:
+        with atomic_directory(self.directory) as staging:
             for name, module in modules.items():
                 tensors = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
                 save_file(tensors, staging / f"{name}.safetensors")
@@ -54,14 +53,6 @@ class TrainingCheckpoint:
                         "generator": generator.get_state()}, staging / "trainer.pt")
             (staging / "state.json").write_text(json.dumps(
                 {"step": step, "fingerprint": self.fingerprint, "modules": list(modules), "history": history}))
-            previous = self.directory.with_name(f".{self.directory.name}.previous")
-            if self.directory.exists():
-                shutil.rmtree(previous, ignore_errors=True)
-                self.directory.rename(previous)
-            staging.rename(self.directory)
-            shutil.rmtree(previous, ignore_errors=True)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
