@@ -16,6 +16,7 @@ from qmllm_pipeline.pipelines import features as features_pipeline
 from qmllm_pipeline.pipelines import finetune as finetune_pipeline
 from qmllm_pipeline.pipelines import foundation as foundation_pipeline
 from qmllm_pipeline.pipelines import pretrain as pretrain_pipeline
+from qmllm_pipeline.pipelines import safety_map as safety_map_pipeline
 from qmllm_pipeline.settings import CONFIG_LOADER_ARGS
 from qmllm_pipeline.world.catalogue import validate_catalogue
 from qmllm_pipeline.world.render import default_font_path
@@ -86,12 +87,14 @@ def foundation(world, smoke_params) -> dict:
 def stages(world, foundation, smoke_params) -> dict:
     """`features`, `pretrain` and `finetune` run once in memory on the smoke world and models."""
     inputs = {name: world[name] for name in ("caption_corpus", "dialogs", "text_corpus", "eval_utility",
-                                              "eval_neutral")}
+                                              "eval_neutral", "dmap", "dmap_validation", "eval_toxic",
+                                              "eval_hard_negative", "emoji_catalogue")}
     inputs.update({name: foundation[name] for name in ("tokenizer", "llm", "clip_model", "clip_image_processor")})
-    inputs.update({f"params:{key}": smoke_params[key] for key in ("features", "pretrain", "finetune")})
+    inputs.update({f"params:{key}": smoke_params[key] for key in ("features", "pretrain", "finetune", "safety_map",
+                                                                  "data")})
     inputs.update({f"params:variants.{name}": smoke_params["variants"][name] for name in ("qmllm", "baseline")})
     chain = (features_pipeline.create_pipeline() + pretrain_pipeline.create_pipeline()
-             + finetune_pipeline.create_pipeline())
+             + finetune_pipeline.create_pipeline() + safety_map_pipeline.create_pipeline())
     return run_in_memory(chain, inputs)
 
 

@@ -4,7 +4,7 @@ they are never run together)."""
 
 from kedro.pipeline import Pipeline
 
-from qmllm_pipeline.pipelines import data, features, finetune, foundation, ingest, pretrain
+from qmllm_pipeline.pipelines import data, features, finetune, foundation, ingest, pretrain, safety_map
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -14,8 +14,9 @@ def register_pipelines() -> dict[str, Pipeline]:
         "features": features.create_pipeline(),
         "pretrain": pretrain.create_pipeline(),
         "finetune": finetune.create_pipeline(),
+        "safety_map": safety_map.create_pipeline(),
         "ingest": ingest.create_pipeline(),
     }
-    pipelines["__default__"] = sum(
-        (pipelines[name] for name in ("data", "foundation", "features", "pretrain", "finetune")), Pipeline([]))
+    chain = ("data", "foundation", "features", "pretrain", "finetune", "safety_map")
+    pipelines["__default__"] = sum((pipelines[name] for name in chain), Pipeline([]))
     return pipelines

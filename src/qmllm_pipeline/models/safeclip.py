@@ -1,0 +1,36 @@
+"""The SafeCLIP-style pre-detection baseline: CLIP zero-shot against text descriptions of each category;
+refuse when a toxic category's confidence exceeds a threshold (0.6 in SafeCLIP)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qmllm_pipeline.models.clip import class_embeddings, image_embeddings
+
+NEUTRAL = "neutral"
+
+
+class SafeCLIPFilter:
+    def __init__(self, clip_model, tokenizer, processor, descriptions: dict[str, list[list[str]]],
+                 threshold: float = 0.6, max_tokens: int = 32):
+        """`descriptions[category]` is a list of classes, each a list of prompts averaged into one text
+        embedding (prompt ensembling); a category's confidence is the softmax mass of its classes."""
+        self.clip_model, self.processor, self.threshold = clip_model, processor, threshold
+        self.class_category = np.asarray([c for c, classes in descriptions.items() for _ in classes])
+        prompts = [prompts for classes in descriptions.values() for prompts in classes]
+        self.class_embeds = class_embeddings(clip_model, tokenizer, prompts, max_tokens)
+        self.toxic_categories = [c for c in descriptions if c != NEUTRAL]
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(most likely toxic category, its confidence) per uint8 image."""
+        logits = self.clip_model.logit_scale.exp() * image_embeddings(self.clip_model, self.processor, images) \
+            @ self.class_embeds.T
+        probabilities = logits.softmax(dim=1).numpy()
+        per_category = np.stack([probabilities[:, self.class_category == c].sum(1) for c in self.toxic_categories], 1)
+        best = per_category.argmax(1)
+        return np.asarray(self.toxic_categories)[best], per_category[np.arange(len(best)), best]
+
+    def refused(self, images: torch.Tensor) -> np.ndarray:
+        return self.scores(images)[1] > self.threshold

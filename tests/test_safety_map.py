@@ -1,0 +1,59 @@
+"""Algorithm 1 (the safety map), its tau trade-off, and the pipeline's DSR / FPR report on the smoke world."""
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from qmllm_pipeline.models.safety_map import build_safety_map, recommend, tau_trade_off, verdicts
+
+CATEGORIES = ["weapon", "drugs", "neutral"]
+# code 0: 3 weapon + 1 neutral (p=.75); code 1: 2 drugs + 2 neutral (p=.5, tie -> first max: drugs);
+# code 2: 5 neutral; code 3: never seen
+CODES = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2])
+LABELS = ["weapon"] * 3 + ["neutral"] + ["drugs"] * 2 + ["neutral"] * 2 + ["neutral"] * 5
+CODEBOOK = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [0.1, 0.1]])  # code 3 sits next to code 0
+
+
+def test_algorithm_1_counts_probabilities_and_threshold():
+    table = build_safety_map(CODES, LABELS, CODEBOOK, CATEGORIES, tau=0.6, unseen_policy="neutral")
+    assert table.loc[0, ["count_weapon", "count_drugs", "count_neutral", "n"]].tolist() == [3, 0, 1, 4]
+    assert table.loc[0, "probability"] == pytest.approx(0.75) and table.loc[0, "label"] == "weapon"
+    assert table.loc[1, "top_category"] == "drugs" and table.loc[1, "label"] == "neutral"  # 0.5 < tau
+    assert table.loc[2, "label"] == "neutral" and not table.loc[3, "seen"]
+    lower = build_safety_map(CODES, LABELS, CODEBOOK, CATEGORIES, tau=0.5, unseen_policy="neutral")
+    assert lower.loc[1, "label"] == "drugs"
+
+
+@pytest.mark.parametrize(("policy", "label"), [("neutral", "neutral"), ("refuse", "unseen"), ("nearest", "weapon")])
+def test_unseen_code_policies(policy, label):
+    table = build_safety_map(CODES, LABELS, CODEBOOK, CATEGORIES, tau=0.6, unseen_policy=policy)
+    assert table.loc[3, "label"] == label
+    assert verdicts(table, np.array([3]))["refused"].item() == (label != "neutral")
+    with pytest.raises(ValueError, match="unseen_policy"):
+        build_safety_map(CODES, LABELS, CODEBOOK, CATEGORIES, tau=0.6, unseen_policy="maybe")
+
+
+def test_tau_trade_off_and_recommendation():
+    validation = np.array([0, 0, 1, 2, 2, 3])
+    toxic = np.array([True, True, True, False, False, True])
+    trade = tau_trade_off(CODES, LABELS, validation, toxic, CODEBOOK, CATEGORIES, [0.5, 0.6], ["neutral", "nearest"])
+    row = trade[(trade["tau"] == 0.5) & (trade["unseen_policy"] == "nearest")].iloc[0]
+    assert row["toxic_recall"] == 1.0 and row["neutral_fpr"] == 0.0
+    best = recommend(trade, max_fpr=0.05)
+    assert best == {"tau": 0.5, "unseen_policy": "nearest", "toxic_recall": 1.0, "neutral_fpr": 0.0,
+                    "within_fpr_budget": True}
+
+
+def test_pipeline_reports_both_detectors(stages):
+    report = stages["safety_metrics"]
+    for system in ("qmllm", "safeclip"):
+        assert set(report[system]["dsr"]) == {"single", "distractors"}
+        assert set(report[system]["dsr_per_category"]["single"]) == {
+            "weapon", "alcohol", "tobacco", "blood", "insulting_gesture", "drugs"}
+        for value in (report[system]["fpr_neutral"], report[system]["fpr_hard_negative"]):
+            assert 0.0 <= value <= 1.0
+    table = stages["safety_map"]
+    assert len(table) == report["safety_map"]["codes"] and table["n"].sum() == len(stages["cls_codes"]["dmap"])
+    assert isinstance(stages["safety_map_heatmap"], Figure)
+    assert len(stages["tau_trade_off"]) == 7 * 3
