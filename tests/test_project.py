@@ -121,3 +121,34 @@ def test_a_killed_pretrain_run_resumes_from_its_checkpoint(smoke_run):
     result = _run(command, cwd=smoke_run)
     assert f"resuming from the checkpoint at step {step} of 300" in result.stdout + result.stderr
     assert not list(checkpoints.glob("*_pretrain/state.json"))
+
+
+def test_qmllm_check_and_chat_on_the_trained_smoke_model(smoke_run, tmp_path):
+    command = [sys.executable, "-m", "qmllm_pipeline.commands"]
+    manifest = smoke_run / "data" / "smoke" / "06_models" / "qmllm" / "guarded.json"
+    scene = tmp_path / "scenes"
+    _run([*command, "render", "--kind", "toxic", "--category", "weapon", "--count", "2", "--out", str(scene),
+          "--conf-source", str(PROJECT_ROOT / "conf")], cwd=tmp_path)
+    images = sorted(str(p) for p in scene.glob("*.png"))
+    checked = _run([*command, "check", "--json", "--model", str(manifest), *images], cwd=tmp_path)
+    verdicts = [json.loads(line) for line in checked.stdout.splitlines()]
+    assert [v["image"] for v in verdicts] == images
+    assert all(set(v) == {"image", "refused", "category", "code", "probability"} for v in verdicts)
+    answered = _run([*command, "chat", "--model", str(manifest), "--image", images[0], "--prompt", "Describe."],
+                    cwd=tmp_path)
+    assert answered.stdout.strip()
+
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    cases = [
+        (["check", "--model", str(manifest), str(broken)], "not a recognised image format"),
+        (["check", "--model", str(manifest), str(tmp_path / "missing.png")], "file not found"),
+        (["check", "--model", str(manifest), str(scene)], "is a directory"),
+        (["chat", "--model", str(manifest), "--image", images[0], "--prompt", "  "], "--prompt is empty"),
+        (["chat", "--model", str(manifest), "--image", images[0], "--prompt", "x" * 501], "the limit is 500"),
+        (["check", "--model", str(tmp_path / "untrained" / "guarded.json"), images[0]], "no trained model here"),
+    ]
+    for arguments, message in cases:
+        result = subprocess.run([*command, *arguments], cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr, (arguments, result.stderr)
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -81,5 +81,83 @@ def render(kind, category, difficulty, count, seed, image_size, out, env, conf_s
         click.echo(f"{path}\t{scene['category']}\t{scene['caption']}")
 
 
+DEFAULT_MODEL = Path("data/06_models/qmllm/guarded.json")
+MAX_PROMPT_CHARS = 500
+
+
+def _load_guarded(model: Path):
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # keep the output to the verdicts and answers
+    transformers.utils.logging.disable_progress_bar()
+    from qmllm_pipeline.models.guarded import GuardedQMLLM, ModelNotReadyError
+
+    try:
+        return GuardedQMLLM.from_manifest(model)
+    except ModelNotReadyError as error:
+        _fail(str(error))
+    except (OSError, ValueError) as error:
+        _fail(f"{model}: cannot load the trained model ({error})")
+
+
+def _open_images(paths: tuple[Path, ...], max_pixels: int):
+    from qmllm_pipeline.loaders import BadInputError, open_image_checked
+
+    images = []
+    for path in paths:
+        try:
+            images.append(open_image_checked(path, max_pixels))
+        except BadInputError as error:
+            _fail(str(error))
+    return images
+
+
+model_option = click.option(
+    "--model", type=click.Path(path_type=Path), default=DEFAULT_MODEL, show_default=True,
+    help="Manifest of a trained model (written by `kedro run --pipelines safety_map`).")
+pixels_option = click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True,
+                             help="Refuse larger images (decompression-bomb guard).")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@model_option
+@pixels_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image instead of a table.")
+def check(images, model, max_pixels, as_json) -> None:
+    """Safety verdict per IMAGE: refused or not, the toxic category, the CLS code and p(category | code).
+
+    Runs the vision tower, projector and CLS codebook only; the LLM is never loaded into a conversation.
+    """
+    import json as json_module
+
+    opened = _open_images(images, max_pixels)  # bad input fails before the model is loaded
+    verdicts = _load_guarded(model).check(opened)
+    for path, verdict in zip(images, verdicts, strict=True):
+        if as_json:
+            click.echo(json_module.dumps({"image": str(path), "refused": verdict.refused, "category": verdict.category,
+                                          "code": verdict.code, "probability": round(verdict.probability, 4)}))
+        else:
+            state = "REFUSED" if verdict.refused else "ok"
+            click.echo(f"{path}\t{state}\t{verdict.category}\tcode {verdict.code}\tp={verdict.probability:.2f}")
+
+
+@main.command()
+@click.option("--image", "image", required=True, type=click.Path(path_type=Path), help="The image to ask about.")
+@click.option("--prompt", required=True, help=f"The question or instruction (at most {MAX_PROMPT_CHARS} characters).")
+@click.option("--max-new-tokens", type=click.IntRange(1, 256), default=32, show_default=True)
+@model_option
+@pixels_option
+def chat(image, prompt, max_new_tokens, model, max_pixels) -> None:
+    """Answer PROMPT about IMAGE, or refuse (naming the category) when the image's CLS code is toxic."""
+    if not prompt.strip():
+        _fail("--prompt is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        _fail(f"--prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    opened = _open_images((image,), max_pixels)
+    (result,) = _load_guarded(model).answer(opened, [prompt], max_new_tokens)
+    click.echo(result.text or "(the model produced no text)")
+
+
 if __name__ == "__main__":
     main()

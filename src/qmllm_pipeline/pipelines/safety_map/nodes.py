@@ -101,6 +101,18 @@ def evaluate_detectors(codes: dict, safety_map: pd.DataFrame, choice: dict, eval
     return report
 
 
+def guarded_manifest(safety_map: pd.DataFrame, pretrain_params: dict, feature_params: dict, params: dict) -> dict:
+    """The manifest `qmllm check` / `qmllm chat` and `GuardedQMLLM.from_manifest` load: where the trained
+    artifacts are (relative to the manifest) and how to rebuild the model around them."""
+    return {"artifacts": params["guarded_model"]["artifacts"],
+            "config": {"select_layer": feature_params["select_layer"], "cls_source": feature_params["cls_source"],
+                       "projector": pretrain_params["projector"]["type"],
+                       "layernorm": pretrain_params["projector"]["layernorm"],
+                       "cls_codes": pretrain_params["codebooks"]["cls_codes"],
+                       "patch_codes": pretrain_params["codebooks"]["patch_codes"],
+                       "toxic_codes": int((safety_map["label"] != NEUTRAL).sum())}}
+
+
 def safety_map_heatmap(safety_map: pd.DataFrame):
     """Seen codes (rows) by category (columns): p(category | code), with each code's label."""
     seen = safety_map[safety_map["seen"]].sort_values(["label", "top_category", "n"], ascending=[True, True, False])

@@ -15,4 +15,6 @@ def create_pipeline(**kwargs) -> Pipeline:
                                         "emoji_catalogue", "params:safety_map", "params:data"],
              "safety_metrics", name="evaluate_detectors"),
         Node(nodes.safety_map_heatmap, "safety_map", "safety_map_heatmap", name="safety_map_heatmap"),
+        Node(nodes.guarded_manifest, ["safety_map", "params:pretrain", "params:features", "params:safety_map"],
+             "guarded_manifest", name="guarded_manifest"),
     ])

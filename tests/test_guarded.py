@@ -1,0 +1,47 @@
+"""Guarded inference: a refused image never reaches the LLM; accepted ones get an answer."""
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from qmllm_pipeline.models.guarded import GuardedQMLLM
+from qmllm_pipeline.models.vision import VisionTower
+from qmllm_pipeline.pipelines.pretrain.nodes import build_qmllm, load_stage1_state
+
+
+def _guarded(stages, foundation, smoke_params, refuse_all: bool) -> GuardedQMLLM:
+    model = build_qmllm(stages["qmllm.finetuned_llm"], foundation["tokenizer"], smoke_params["pretrain"], True,
+                        foundation["clip_model"].config.vision_config.hidden_size)
+    load_stage1_state(model, stages["qmllm.stage1_weights"])
+    model.vision_tower = VisionTower.from_clip(foundation["clip_model"])
+    table = stages["safety_map"].copy()
+    table["label"] = "weapon" if refuse_all else "neutral"
+    return GuardedQMLLM(model, foundation["tokenizer"], foundation["clip_image_processor"], table)
+
+
+def _images(world, n):
+    from qmllm_pipeline.world.render import image_from_png
+
+    return [image_from_png(b) for b in world["eval_toxic"]["image"].iloc[:n]]
+
+
+def test_refused_images_never_reach_the_llm(stages, foundation, smoke_params, world, monkeypatch):
+    guarded = _guarded(stages, foundation, smoke_params, refuse_all=True)
+    calls = []
+    monkeypatch.setattr(guarded.model, "generate", lambda *a, **k: calls.append(a) or torch.zeros((0, 0)))
+    answers = guarded.answer(_images(world, 3), ["Describe the image."] * 3)
+    assert not calls
+    assert all(a.verdict.refused and a.verdict.category == "weapon" and "weapon" in a.text for a in answers)
+
+
+def test_accepted_images_are_answered_in_one_batch(stages, foundation, smoke_params, world):
+    guarded = _guarded(stages, foundation, smoke_params, refuse_all=False)
+    images = _images(world, 3)
+    verdicts = guarded.check(images)
+    assert [v.refused for v in verdicts] == [False] * 3
+    assert all(0 <= v.code < len(stages["safety_map"]) for v in verdicts)
+    answers = guarded.answer(images, ["Describe the image."] * 3, max_new_tokens=4)
+    assert len(answers) == 3 and all(isinstance(a.text, str) and not a.verdict.refused for a in answers)
+    odd = Image.fromarray(np.zeros((50, 70, 3), dtype=np.uint8))  # another size goes through the processor
+    assert guarded.check([odd])[0].code in set(pd.Series(range(len(stages["safety_map"]))))
