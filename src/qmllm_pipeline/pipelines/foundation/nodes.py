@@ -163,8 +163,7 @@ def evaluate_llm(llm, tokenizer, text_corpus: pd.DataFrame, params: dict) -> dic
     }
 
 
-def foundation_report(clip_metrics: dict, llm_metrics: dict, clip_training: dict, llm_training: dict,
-                      params: dict) -> dict:
+def foundation_report(clip_metrics: dict, llm_metrics: dict, clip_training: dict, llm_training: dict) -> dict:
     """The foundation metrics JSON (a DVC metric), also logged to the MLflow run."""
     report = {
         "clip": {**clip_metrics, "training": clip_training},

@@ -15,6 +15,6 @@ def create_pipeline(**kwargs) -> Pipeline:
               "params:foundation", "params:data"], "clip_metrics", name="evaluate_clip"),
         Node(nodes.evaluate_llm, ["llm", "tokenizer", "text_corpus", "params:foundation"], "llm_metrics",
              name="evaluate_llm"),
-        Node(nodes.foundation_report, ["clip_metrics", "llm_metrics", "clip_training", "llm_training",
-                                       "params:foundation"], "foundation_metrics", name="foundation_report"),
+        Node(nodes.foundation_report, ["clip_metrics", "llm_metrics", "clip_training", "llm_training"],
+             "foundation_metrics", name="foundation_report"),
     ])
