@@ -70,6 +70,11 @@ def test_vision_tower_keeps_cls_and_pixel_gradients():
     assert torch.equal(cls_features, hidden[:, 0])
     cls_features.sum().backward()
     assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+    clip = _tiny_clip()
+    projected, _ = VisionTower.from_clip(clip, cls_source="projected")(pixels)
+    assert torch.allclose(projected, clip.get_image_features(pixel_values=pixels).pooler_output, atol=1e-5)
+    with pytest.raises(ValueError, match="cls_source"):
+        VisionTower.from_clip(clip, cls_source="mean")
 
 
 def test_projector_kinds():

@@ -13,20 +13,25 @@ from transformers import CLIPModel, CLIPVisionModel
 
 
 class VisionTower(nn.Module):
-    def __init__(self, vision_model, select_layer: int = -2, cls_source: str = "layer"):
+    def __init__(self, vision_model, select_layer: int = -2, cls_source: str = "layer",
+                 visual_projection: nn.Module | None = None):
         """`vision_model`: a transformers CLIP vision transformer (`CLIPModel.vision_model` or
         `CLIPVisionModel.vision_model`). `select_layer` indexes `hidden_states` (LLaVA uses -2).
-        `cls_source`: 'layer' takes token 0 of that layer; 'pooled' takes CLIP's post-layernormed CLS."""
+        `cls_source`: 'layer' takes token 0 of that layer; 'pooled' takes CLIP's post-layernormed CLS;
+        'projected' takes CLIP's final image embedding (pooled CLS through `visual_projection`)."""
         super().__init__()
-        if cls_source not in ("layer", "pooled"):
-            raise ValueError(f"cls_source must be 'layer' or 'pooled', got {cls_source!r}")
+        if cls_source not in ("layer", "pooled", "projected"):
+            raise ValueError(f"cls_source must be 'layer', 'pooled' or 'projected', got {cls_source!r}")
+        if cls_source == "projected" and visual_projection is None:
+            raise ValueError("cls_source 'projected' needs CLIP's visual_projection (use VisionTower.from_clip)")
         self.vision_model = vision_model
         self.select_layer = select_layer
         self.cls_source = cls_source
+        self.visual_projection = visual_projection
 
     @classmethod
     def from_clip(cls, model: CLIPModel | CLIPVisionModel, **kwargs) -> VisionTower:
-        return cls(model.vision_model, **kwargs)
+        return cls(model.vision_model, visual_projection=getattr(model, "visual_projection", None), **kwargs)
 
     @property
     def hidden_size(self) -> int:
@@ -41,5 +46,10 @@ class VisionTower(nn.Module):
         """pixel_values (B, 3, H, W) -> cls_features (B, d_v), patch_features (B, N, d_v)."""
         outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True)
         hidden = outputs.hidden_states[self.select_layer]
-        cls_features = outputs.pooler_output if self.cls_source == "pooled" else hidden[:, 0]
+        if self.cls_source == "layer":
+            cls_features = hidden[:, 0]
+        elif self.cls_source == "pooled":
+            cls_features = outputs.pooler_output
+        else:
+            cls_features = self.visual_projection(outputs.pooler_output)
         return cls_features, hidden[:, 1:]

@@ -31,6 +31,10 @@ def _extract(images: pd.Series, clip_model, clip_image_processor, params: dict, 
         cls_chunks.append(cls_features.to(dtype))
         patch_chunks.append(patch_features.to(dtype))
     features = {"cls": torch.cat(cls_chunks), "patches": torch.cat(patch_chunks)}
+    if features["cls"].shape[-1] != features["patches"].shape[-1]:
+        raise ValueError(f"features.cls_source {params['cls_source']!r} gives CLS width {features['cls'].shape[-1]} "
+                         f"but patches have {features['patches'].shape[-1]}: mm_projector is shared by both, so "
+                         "this source needs projection_dim == the vision hidden size")
     logger.info("%s features: cls %s, patches %s in %.1f s", name, tuple(features["cls"].shape),
                 tuple(features["patches"].shape), time.perf_counter() - started)
     return features
