@@ -136,7 +136,7 @@ def test_qmllm_check_and_chat_on_the_trained_smoke_model(smoke_run, tmp_path):
     assert all(set(v) == {"image", "refused", "category", "code", "probability"} for v in verdicts)
     answered = _run([*command, "chat", "--model", str(manifest), "--image", images[0], "--prompt", "Describe."],
                     cwd=tmp_path)
-    assert answered.stdout.strip()
+    assert len(answered.stdout.strip().splitlines()) == 1  # the answer (or refusal), nothing else
 
     broken = tmp_path / "broken.png"
     broken.write_text("not an image")

@@ -7,7 +7,6 @@ filter. Real weights (CLIP ViT-L/14-336) load through the same `CLIPModel` class
 from __future__ import annotations
 
 import io
-import logging
 
 import numpy as np
 import torch
@@ -18,8 +17,6 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from qmllm_pipeline.models.training import train_loop
 from qmllm_pipeline.tracking import StepLogger
-
-logger = logging.getLogger(__name__)
 
 
 def build_clip(tokenizer, params: dict) -> CLIPModel:

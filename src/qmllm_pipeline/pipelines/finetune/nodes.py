@@ -88,8 +88,11 @@ def evaluate_variant(finetuned_llm, stage1_weights: dict, tokenizer, clip_model,
     model = build_qmllm(finetuned_llm, tokenizer, pretrain_params, variant["quantized"],
                         clip_model.config.vision_config.hidden_size)
     load_stage1_state(model, stage1_weights)
-    ask = lambda prompts, images: _answer(model, tokenizer, prompts, images, clip_model, clip_image_processor,  # noqa: E731
-                                          feature_params, evaluation["max_new_tokens"], evaluation["batch_size"])
+
+    def ask(prompts: list[str], images: pd.Series) -> list[str]:
+        return _answer(model, tokenizer, prompts, images, clip_model, clip_image_processor, feature_params,
+                       evaluation["max_new_tokens"], evaluation["batch_size"])
+
     utility = eval_utility.copy()
     utility["prediction"] = ask(list(utility["question"]), utility["image"])
     pairs = zip(utility["prediction"], utility["answer"], strict=True)
