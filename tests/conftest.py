@@ -12,6 +12,7 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
 from qmllm_pipeline.pipelines import data as data_pipeline
+from qmllm_pipeline.pipelines import evaluate as evaluate_pipeline
 from qmllm_pipeline.pipelines import features as features_pipeline
 from qmllm_pipeline.pipelines import finetune as finetune_pipeline
 from qmllm_pipeline.pipelines import foundation as foundation_pipeline
@@ -96,6 +97,29 @@ def stages(world, foundation, smoke_params) -> dict:
     chain = (features_pipeline.create_pipeline() + pretrain_pipeline.create_pipeline()
              + finetune_pipeline.create_pipeline() + safety_map_pipeline.create_pipeline())
     return run_in_memory(chain, inputs)
+
+
+@pytest.fixture(scope="session")
+def evaluation(world, foundation, stages, smoke_params) -> dict:
+    """The `evaluate` pipeline run once in memory on the smoke models."""
+    inputs = {name: world[name] for name in ("text_corpus", "eval_utility", "eval_neutral", "eval_toxic",
+                                              "eval_hard_negative", "emoji_catalogue")}
+    inputs.update({name: foundation[name] for name in ("tokenizer", "clip_model", "clip_image_processor")})
+    inputs.update({name: stages[name] for name in ("qmllm.finetuned_llm", "qmllm.stage1_weights", "safety_map",
+                                                   "baseline.finetuned_llm", "baseline.stage1_weights")})
+    inputs.update({f"params:{key}": smoke_params[key] for key in ("pretrain", "features", "safety_map", "data",
+                                                                  "evaluate")})
+    pipeline = evaluate_pipeline.create_pipeline()
+    for name in pipeline.inputs():
+        if name.startswith("params:evaluate."):
+            inputs[name] = _lookup(smoke_params, name.removeprefix("params:"))
+    return run_in_memory(pipeline, inputs)
+
+
+def _lookup(params: dict, dotted: str):
+    for key in dotted.split("."):
+        params = params[key]
+    return params
 
 
 def copy_project(destination: Path) -> Path:

@@ -43,7 +43,9 @@ def test_kedro_run_writes_every_catalogue_entry(smoke_run):
                  "metrics/pretrain.json", "metrics/finetune.json", "08_reporting/clip_loss_curve.png",
                  "04_feature/caption_features.safetensors", "06_models/qmllm/stage1.safetensors",
                  "06_models/baseline/stage1.safetensors", "06_models/qmllm/llm/model.safetensors",
-                 "06_models/clip/model.safetensors", "06_models/tokenizer/tokenizer.json"]:
+                 "06_models/clip/model.safetensors", "06_models/tokenizer/tokenizer.json", "metrics/evaluate.json",
+                 "08_reporting/evaluation_report.md", "08_reporting/jailbreak_dsr.png",
+                 "07_model_output/adversarial_images.safetensors", "07_model_output/toxic_image_responses.parquet"]:
         assert (smoke / path).is_file(), path
     assert not (smoke_run / "data" / "03_primary").exists()
     dialogs = pd.read_parquet(smoke / "03_primary/dialogs.parquet")
@@ -69,7 +71,11 @@ def test_the_run_is_tracked_in_mlflow(smoke_run):
             "foundation/clip/top1", "pretrain/qmllm/codebooks/cls/codes_used",
             "finetune/qmllm/utility/object"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert {"plots/clip_loss_curve.png", "plots/qmllm_pretrain_loss_curve.png"} <= artifacts
+    assert {"plots/clip_loss_curve.png", "plots/qmllm_pretrain_loss_curve.png", "plots/jailbreak_dsr.png",
+            "plots/adversarial_images.png"} <= artifacts
+    assert {"evaluate/summary/qmllm/toxic_dsr_single", "evaluate/jailbreak/eps64/qmllm_adaptive/asr",
+            "evaluate/overhead/baseline/answer_median_ms"} <= set(run.data.metrics)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "reports")] == ["reports/evaluation_report.md"]
 
 
 def test_kedro_viz_build_shows_the_lineage(smoke_run):

@@ -1,10 +1,10 @@
 """Project pipelines. `__default__` is the embedded-world chain data -> foundation -> features -> pretrain
--> finetune; `ingest` is the real-data alternative to `data` (both write the same catalogue entries, so
-they are never run together)."""
+-> finetune -> safety_map -> evaluate; `ingest` is the real-data alternative to `data` (both write the same
+catalogue entries, so they are never run together)."""
 
 from kedro.pipeline import Pipeline
 
-from qmllm_pipeline.pipelines import data, features, finetune, foundation, ingest, pretrain, safety_map
+from qmllm_pipeline.pipelines import data, evaluate, features, finetune, foundation, ingest, pretrain, safety_map
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -15,8 +15,9 @@ def register_pipelines() -> dict[str, Pipeline]:
         "pretrain": pretrain.create_pipeline(),
         "finetune": finetune.create_pipeline(),
         "safety_map": safety_map.create_pipeline(),
+        "evaluate": evaluate.create_pipeline(),
         "ingest": ingest.create_pipeline(),
     }
-    chain = ("data", "foundation", "features", "pretrain", "finetune", "safety_map")
+    chain = ("data", "foundation", "features", "pretrain", "finetune", "safety_map", "evaluate")
     pipelines["__default__"] = sum((pipelines[name] for name in chain), Pipeline([]))
     return pipelines

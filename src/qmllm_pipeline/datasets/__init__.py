@@ -9,11 +9,13 @@ from qmllm_pipeline.datasets.atomic import (
     AtomicImageDataset,
     AtomicJSONDataset,
     AtomicParquetDataset,
+    AtomicTextDataset,
     atomic_directory,
     atomic_path,
 )
 from qmllm_pipeline.datasets.hf_model import HFModelDirectoryDataset
 from qmllm_pipeline.datasets.tensors import SafetensorsDataset
 
-__all__ = ["AtomicImageDataset", "AtomicJSONDataset", "AtomicParquetDataset", "HFModelDirectoryDataset",
+__all__ = ["AtomicImageDataset", "AtomicJSONDataset", "AtomicParquetDataset", "AtomicTextDataset",
+           "HFModelDirectoryDataset",
            "SafetensorsDataset", "atomic_directory", "atomic_path"]

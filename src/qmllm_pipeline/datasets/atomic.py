@@ -122,3 +122,15 @@ class AtomicImageDataset(_LocalFileDataset):
     def save(self, data: Image.Image) -> None:
         with atomic_path(self._filepath) as temporary:
             data.save(temporary, format=Image.registered_extensions()[self._filepath.suffix.lower()])
+
+
+class AtomicTextDataset(_LocalFileDataset):
+    """A text document (the Markdown evaluation report)."""
+
+    def load(self) -> str:
+        self._check_exists()
+        return self._filepath.read_text()
+
+    def save(self, data: str) -> None:
+        with atomic_path(self._filepath) as temporary:
+            temporary.write_text(data)

@@ -63,9 +63,14 @@ def pixel_values(images: torch.Tensor, processor: CLIPImageProcessor) -> torch.T
     if tuple(images.shape[-2:]) != (crop["height"], crop["width"]):
         pil = [Image.fromarray(i.permute(1, 2, 0).numpy()) for i in images]
         return processor(images=pil, return_tensors="pt")["pixel_values"]
-    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    return normalise_pixels(images.float() / 255.0, processor)
+
+
+def normalise_pixels(images: torch.Tensor, processor: CLIPImageProcessor) -> torch.Tensor:
+    """Float images in [0, 1] (N, 3, H, W) -> CLIP's normalised pixels, differentiably (attacks work in [0, 1])."""
+    mean = torch.tensor(processor.image_mean, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - mean) / std
 
 
 def tokenize_captions(tokenizer, captions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

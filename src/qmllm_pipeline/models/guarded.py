@@ -1,4 +1,7 @@
-"""Guarded inference, usable without Kedro: image -> CLS code -> safety map -> refusal or the LLM's answer.
+"""Guarded inference, usable without Kedro: image -> guard -> refusal, or the LLM's answer.
+
+Q-MLLM's guard is its CLS code looked up in the safety map; the SafeCLIP-style baseline's is a CLIP
+zero-shot filter; the continuous baseline has none. All three answer through the same `GuardedMLLM`.
 
 A trained model is described by a small manifest (`guarded.json`, written by the `safety_map` pipeline)
 that points at the artifacts the pipelines saved: tokenizer, CLIP, the finetuned LLM, the stage-1
@@ -8,9 +11,11 @@ weights (projector and codebooks) and the safety map. The LLM is never run for a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
@@ -19,8 +24,9 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, LlamaForC
 
 from qmllm_pipeline.models.clip import pixel_values
 from qmllm_pipeline.models.projector import build_mm_projector
-from qmllm_pipeline.models.qmllm import QMLLM
+from qmllm_pipeline.models.qmllm import QMLLM, ImageEncoding
 from qmllm_pipeline.models.quantizer import VectorQuantizer
+from qmllm_pipeline.models.safeclip import SafeCLIPFilter
 from qmllm_pipeline.models.safety_map import NEUTRAL
 from qmllm_pipeline.models.tokenizer import IMAGE_TOKEN, encode_prompt
 from qmllm_pipeline.models.vision import VisionTower
@@ -48,12 +54,96 @@ class Answer:
     text: str            # the refusal message or the generated answer
 
 
-class GuardedQMLLM:
-    def __init__(self, model: QMLLM, tokenizer, processor, safety_map: pd.DataFrame,
-                 refusal_message: str = REFUSAL_MESSAGE):
-        self.model, self.tokenizer, self.processor = model.eval(), tokenizer, processor
+class SafetyMapGuard:
+    """Q-MLLM's check: the image's CLS code, looked up in the safety map built from D_map."""
+
+    def __init__(self, safety_map: pd.DataFrame, refusal_message: str = REFUSAL_MESSAGE):
         self.labels = safety_map.set_index("code")
         self.refusal_message = refusal_message
+
+    def __call__(self, pixels: torch.Tensor, encoding: ImageEncoding) -> list[Verdict]:
+        verdicts = []
+        for code in encoding.cls.indices.tolist():
+            row = self.labels.loc[code]
+            category = str(row["label"])
+            verdicts.append(_verdict(category != NEUTRAL, category, int(code), float(row["probability"]),
+                                     self.refusal_message))
+        return verdicts
+
+
+class SafeCLIPGuard:
+    """The SafeCLIP-style pre-detection: CLIP zero-shot over category descriptions, refuse above a threshold."""
+
+    def __init__(self, safeclip: SafeCLIPFilter, refusal_message: str = REFUSAL_MESSAGE):
+        self.safeclip, self.refusal_message = safeclip, refusal_message
+
+    def __call__(self, pixels: torch.Tensor, encoding: ImageEncoding) -> list[Verdict]:
+        categories, confidences = self.safeclip.pixel_scores(pixels)
+        return [_verdict(bool(p > self.safeclip.threshold), str(c) if p > self.safeclip.threshold else NEUTRAL,
+                         -1, float(p), self.refusal_message) for c, p in zip(categories, confidences, strict=True)]
+
+
+def _verdict(refused: bool, category: str, code: int, probability: float, message: str) -> Verdict:
+    return Verdict(refused, category, code, probability,
+                   message.format(category=category.replace("_", " ")) if refused else "")
+
+
+class GuardedMLLM:
+    """An MLLM behind an optional image guard. The three evaluated systems are instances: `baseline` (the
+    continuous model, no guard), `safeclip` (baseline + SafeCLIPGuard), `qmllm` (quantized + SafetyMapGuard).
+    The LLM is never run for a refused image."""
+
+    def __init__(self, model: QMLLM, tokenizer, processor, guard: Callable | None = None):
+        self.model, self.tokenizer, self.processor, self.guard = model.eval(), tokenizer, processor, guard
+
+    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        crop = self.processor.crop_size
+        if all(i.size == (crop["width"], crop["height"]) for i in images):
+            arrays = torch.from_numpy(np.stack([np.asarray(i.convert("RGB")) for i in images])).permute(0, 3, 1, 2)
+            return pixel_values(arrays, self.processor)
+        return self.processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+
+    def _encode_and_judge(self, pixels: torch.Tensor) -> tuple[ImageEncoding, list[Verdict]]:
+        encoding = self.model.encode_images(pixels)
+        if self.guard is None:
+            return encoding, [Verdict(False, NEUTRAL, -1, 0.0) for _ in range(len(pixels))]
+        return encoding, self.guard(pixels, encoding)
+
+    @torch.no_grad()
+    def check(self, images: list[Image.Image]) -> list[Verdict]:
+        """Safety verdicts only: encode, project, CLS-quantize, look up. The LLM is not touched."""
+        return self.check_pixels(self._pixels(images))
+
+    @torch.no_grad()
+    def check_pixels(self, pixels: torch.Tensor) -> list[Verdict]:
+        return self._encode_and_judge(pixels)[1]
+
+    @torch.no_grad()
+    def answer(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 32) -> list[Answer]:
+        """Refusal or generated answer per (image, prompt); only the accepted images reach the LLM."""
+        return self.answer_pixels(self._pixels(images), prompts, max_new_tokens)
+
+    @torch.no_grad()
+    def answer_pixels(self, pixels: torch.Tensor, prompts: list[str], max_new_tokens: int = 32) -> list[Answer]:
+        """`answer` on normalised pixel values (B, 3, H, W); one image per prompt."""
+        encoding, verdicts = self._encode_and_judge(pixels)
+        accepted = [i for i, v in enumerate(verdicts) if not v.refused]
+        texts = {i: verdicts[i].message for i in range(len(pixels)) if verdicts[i].refused}
+        if accepted:
+            ids = [encode_prompt(self.tokenizer, f"{IMAGE_TOKEN}\n{prompts[i]}") for i in accepted]
+            new = self.model.generate(ids, encoding.image_tokens[accepted], max_new_tokens,
+                                      self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+            for i, text in zip(accepted, self.tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
+                texts[i] = text.strip()
+        return [Answer(verdicts[i], texts[i]) for i in range(len(pixels))]
+
+
+class GuardedQMLLM(GuardedMLLM):
+    """The full method, loadable from the manifest the `safety_map` pipeline writes."""
+
+    def __init__(self, model: QMLLM, tokenizer, processor, safety_map: pd.DataFrame,
+                 refusal_message: str = REFUSAL_MESSAGE):
+        super().__init__(model, tokenizer, processor, SafetyMapGuard(safety_map, refusal_message))
 
     @classmethod
     def from_manifest(cls, path: str | Path) -> GuardedQMLLM:
@@ -85,44 +175,3 @@ class GuardedQMLLM:
             getattr(model, name).load_state_dict({k.split(".", 1)[1]: v for k, v in state.items()
                                                   if k.startswith(f"{name}.")})
         return cls(model, tokenizer, processor, pd.read_parquet(located["safety_map"]))
-
-    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
-        crop = self.processor.crop_size
-        if all(i.size == (crop["width"], crop["height"]) for i in images):
-            import numpy as np
-
-            arrays = torch.from_numpy(np.stack([np.asarray(i.convert("RGB")) for i in images])).permute(0, 3, 1, 2)
-            return pixel_values(arrays, self.processor)
-        return self.processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
-
-    @torch.no_grad()
-    def check(self, images: list[Image.Image]) -> list[Verdict]:
-        """Safety verdicts only: encode, project, CLS-quantize, look up. The LLM is not touched."""
-        return self._encode_and_judge(images)[1]
-
-    def _encode_and_judge(self, images):
-        encoding = self.model.encode_images(self._pixels(images))
-        verdicts = []
-        for code in encoding.cls.indices.tolist():
-            row = self.labels.loc[code]
-            refused = row["label"] != NEUTRAL
-            category = str(row["label"])
-            verdicts.append(Verdict(refused, category, int(code), float(row["probability"]),
-                                    self.refusal_message.format(category=category.replace("_", " "))
-                                    if refused else ""))
-        return encoding, verdicts
-
-    @torch.no_grad()
-    def answer(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 32) -> list[Answer]:
-        """Refusal or generated answer per (image, prompt); only the accepted images reach the LLM."""
-        encoding, verdicts = self._encode_and_judge(images)
-        accepted = [i for i, v in enumerate(verdicts) if not v.refused]
-        texts = {i: verdicts[i].message for i in range(len(images)) if verdicts[i].refused}
-        if accepted:
-            ids = [encode_prompt(self.tokenizer, f"{IMAGE_TOKEN}\n{prompts[i]}") for i in accepted]
-            new = self.model.generate(ids, encoding.image_tokens[accepted], max_new_tokens,
-                                      self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
-            for i, text in zip(accepted, self.tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
-                texts[i] = text.strip()
-        return [Answer(verdicts[i], texts[i]) for i in range(len(images))]
-

@@ -46,18 +46,26 @@ class QMLLM(nn.Module):
         return self.patch_quantizer is not None
 
     # -- image side -------------------------------------------------------------------------------
-    def encode_features(self, cls_features: torch.Tensor, patch_features: torch.Tensor) -> ImageEncoding:
+    def encode_features(self, cls_features: torch.Tensor, patch_features: torch.Tensor,
+                        straight_through: bool = True) -> ImageEncoding:
+        """`straight_through=False` is the model as deployed: the image tokens are a codebook lookup at the
+        argmin, with no gradient to the features (what a plain gradient attacker meets)."""
         h_cls = self.mm_projector(cls_features)
         patch_hidden = self.mm_projector(patch_features)
         cls = self.cls_quantizer(h_cls) if self.cls_quantizer is not None else None
         patches = self.patch_quantizer(patch_hidden) if self.patch_quantizer is not None else None
-        image_tokens = patches.quantized if patches is not None else patch_hidden
+        if patches is None:
+            image_tokens = patch_hidden
+        elif straight_through:
+            image_tokens = patches.quantized
+        else:
+            image_tokens = self.patch_quantizer.lookup(patches.indices)
         return ImageEncoding(h_cls, patch_hidden, image_tokens, cls, patches)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> ImageEncoding:
+    def encode_images(self, pixel_values: torch.Tensor, straight_through: bool = True) -> ImageEncoding:
         if self.vision_tower is None:
             raise ValueError("this QMLLM has no vision tower (built for cached features)")
-        return self.encode_features(*self.vision_tower(pixel_values))
+        return self.encode_features(*self.vision_tower(pixel_values), straight_through=straight_through)
 
     # -- text side --------------------------------------------------------------------------------
     def splice(self, input_ids: list[list[int]], labels: list[list[int]] | None,

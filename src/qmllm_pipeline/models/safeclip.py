@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from qmllm_pipeline.models.clip import class_embeddings, image_embeddings
 
@@ -25,8 +26,15 @@ class SafeCLIPFilter:
     @torch.no_grad()
     def scores(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(most likely toxic category, its confidence) per uint8 image."""
-        logits = self.clip_model.logit_scale.exp() * image_embeddings(self.clip_model, self.processor, images) \
-            @ self.class_embeds.T
+        return self._scores(image_embeddings(self.clip_model, self.processor, images))
+
+    @torch.no_grad()
+    def pixel_scores(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """`scores` on normalised pixel values."""
+        return self._scores(F.normalize(self.clip_model.get_image_features(pixel_values=pixels).pooler_output, dim=-1))
+
+    def _scores(self, embeddings: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        logits = self.clip_model.logit_scale.exp() * embeddings @ self.class_embeds.T
         probabilities = logits.softmax(dim=1).numpy()
         per_category = np.stack([probabilities[:, self.class_category == c].sum(1) for c in self.toxic_categories], 1)
         best = per_category.argmax(1)

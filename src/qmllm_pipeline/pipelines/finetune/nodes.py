@@ -60,7 +60,7 @@ def finetune_variant(dialog_features: dict, dialogs: pd.DataFrame, text_corpus: 
     return model.llm, summary, loss_curve_figure({"LM loss": step_logger.history["loss"]}, f"stage 2 ({name})")
 
 
-def _normalise(text: str) -> str:
+def normalise_answer(text: str) -> str:
     return " ".join(text.lower().strip().rstrip(".").split())
 
 
@@ -96,7 +96,7 @@ def evaluate_variant(finetuned_llm, stage1_weights: dict, tokenizer, clip_model,
     utility = eval_utility.copy()
     utility["prediction"] = ask(list(utility["question"]), utility["image"])
     pairs = zip(utility["prediction"], utility["answer"], strict=True)
-    utility["correct"] = [_normalise(p) == _normalise(a) for p, a in pairs]
+    utility["correct"] = [normalise_answer(p) == normalise_answer(a) for p, a in pairs]
     accuracy = {str(k): float(v) for k, v in utility.groupby("question_type")["correct"].mean().items()}
 
     judge = RefusalPhraseJudge()
@@ -121,8 +121,8 @@ def blind_guess(dialogs: pd.DataFrame, eval_utility: pd.DataFrame) -> dict:
             if kind in answers:
                 answers[kind].append(answer["value"])
     guess = {t: pd.Series(a).mode().iloc[0] for t, a in answers.items() if a}
-    correct = eval_utility.apply(lambda r: _normalise(guess.get(r["question_type"], "")) == _normalise(r["answer"]),
-                                 axis=1)
+    correct = eval_utility.apply(
+        lambda r: normalise_answer(guess.get(r["question_type"], "")) == normalise_answer(r["answer"]), axis=1)
     return {"utility": {str(k): float(v) for k, v in correct.groupby(eval_utility["question_type"]).mean().items()},
             "guesses": guess}
 

@@ -58,7 +58,7 @@ def fit_safety_map(codes: dict, dmap: pd.DataFrame, dmap_validation: pd.DataFram
     return table, trade_off, {**choice, "tau_used": tau, "unseen_policy_used": policy}
 
 
-def _rates(refused: np.ndarray, eval_toxic, eval_neutral, eval_hard_negative) -> dict:
+def detection_rates(refused: np.ndarray, eval_toxic, eval_neutral, eval_hard_negative) -> dict:
     n_toxic = len(eval_toxic)
     toxic, neutral, hard = refused[:n_toxic], refused[n_toxic:n_toxic + len(eval_neutral)], \
         refused[n_toxic + len(eval_neutral):]
@@ -73,6 +73,16 @@ def _rates(refused: np.ndarray, eval_toxic, eval_neutral, eval_hard_negative) ->
     }
 
 
+def build_safeclip_filter(clip_model, tokenizer, clip_image_processor, emoji_catalogue: pd.DataFrame,
+                          threshold: float, data_params: dict) -> SafeCLIPFilter:
+    """The SafeCLIP-style filter with one class per catalogue item, its prompts one caption per background."""
+    backgrounds = sorted(data_params["layout"]["backgrounds"])
+    descriptions = {c: [[caption([name], b) for b in backgrounds]
+                        for name in emoji_catalogue.loc[emoji_catalogue["category"] == c, "name"]]
+                    for c in CATEGORIES}
+    return SafeCLIPFilter(clip_model, tokenizer, clip_image_processor, descriptions, threshold)
+
+
 def evaluate_detectors(codes: dict, safety_map: pd.DataFrame, choice: dict, eval_toxic, eval_neutral,
                        eval_hard_negative, clip_model, clip_image_processor, tokenizer, emoji_catalogue,
                        params: dict, data_params: dict) -> dict:
@@ -80,16 +90,12 @@ def evaluate_detectors(codes: dict, safety_map: pd.DataFrame, choice: dict, eval
     safety map and the SafeCLIP-style filter."""
     qmllm = np.concatenate([verdicts(safety_map, codes[s])["refused"].to_numpy()
                             for s in ("eval_toxic", "eval_neutral", "eval_hard_negative")])
-    backgrounds = sorted(data_params["layout"]["backgrounds"])
-    descriptions = {c: [[caption([name], b) for b in backgrounds]
-                        for name in emoji_catalogue.loc[emoji_catalogue["category"] == c, "name"]]
-                    for c in CATEGORIES}
-    safeclip = SafeCLIPFilter(clip_model, tokenizer, clip_image_processor, descriptions,
-                              params["safeclip_threshold"])
+    safeclip = build_safeclip_filter(clip_model, tokenizer, clip_image_processor, emoji_catalogue,
+                                     params["safeclip_threshold"], data_params)
     images = decode_images(pd.concat([eval_toxic["image"], eval_neutral["image"], eval_hard_negative["image"]]),
                            desc=None)
-    report = {"qmllm": _rates(qmllm, eval_toxic, eval_neutral, eval_hard_negative),
-              "safeclip": _rates(safeclip.refused(images), eval_toxic, eval_neutral, eval_hard_negative),
+    report = {"qmllm": detection_rates(qmllm, eval_toxic, eval_neutral, eval_hard_negative),
+              "safeclip": detection_rates(safeclip.refused(images), eval_toxic, eval_neutral, eval_hard_negative),
               "safety_map": {**choice, "codes_seen": int(safety_map["seen"].sum()),
                              "toxic_codes": int((safety_map["label"] != NEUTRAL).sum()),
                              "codes": len(safety_map)}}

@@ -1,0 +1,168 @@
+"""The evaluation report: one metrics JSON (DVC metric), a Markdown table in the paper's layout, plots,
+and the adversarial images; everything logged to MLflow."""
+
+from __future__ import annotations
+
+import logging
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from qmllm_pipeline.tracking import log_summary_metrics  # noqa: E402
+
+logger = logging.getLogger(__name__)
+# (system, the attacker that reaches it, its label) rows of the jailbreak table
+JAILBREAK_CASES = (("baseline", "baseline_whitebox", "white-box"), ("safeclip", "safeclip_whitebox", "white-box"),
+                   ("qmllm", "qmllm_plain", "(a) plain gradient"), ("qmllm", "qmllm_transfer", "(b) transfer"),
+                   ("qmllm", "qmllm_adaptive", "(c) adaptive BPDA"),
+                   ("qmllm", "qmllm_surrogate", "(d) continuous surrogate"))
+
+
+def evaluation_report(toxic: dict, utility: dict, clean: dict, timing: dict, *budgets: dict):
+    """Metrics, the Markdown report, the plots (DSR against eps, DSR per category, adversarial images) and
+    the adversarial images as tensors."""
+    jailbreak = {b["budget"]: {"eps": b["eps"], **b["results"], "pgd": b["pgd"]} for b in budgets}
+    metrics = {"toxic_image": toxic, "utility": utility, "jailbreak_clean": _numbers(clean), "jailbreak": {
+        name: {k: (_numbers(v) if isinstance(v, dict) else v) for k, v in entry.items()}
+        for name, entry in jailbreak.items()}, "overhead": timing}
+    for system in ("baseline", "safeclip", "qmllm"):
+        worst = {name: min(entry[case]["dsr"] for s, case, _ in JAILBREAK_CASES if s == system)
+                 for name, entry in jailbreak.items()}
+        metrics.setdefault("summary", {})[system] = {
+            "toxic_dsr_single": toxic[system]["dsr"]["single"],
+            "toxic_dsr_distractors": toxic[system]["dsr"]["distractors"],
+            "fpr_neutral": toxic[system]["fpr_neutral"], "fpr_hard_negative": toxic[system]["fpr_hard_negative"],
+            "jailbreak_dsr_clean": clean[system]["dsr"],
+            **{f"jailbreak_dsr_{name}": value for name, value in worst.items()},
+            "utility_object": utility[system]["accuracy"].get("object", 0.0),
+            "utility_color": utility[system]["accuracy"].get("color", 0.0),
+            "utility_count": utility[system]["accuracy"].get("count", 0.0),
+            "caption_f1": utility[system]["caption_f1"], "ms_per_query": timing[system]["answer_median_ms"]}
+    metrics["qmllm_attack_gain_over_clean"] = {
+        name: max(entry[c]["asr"] for _, c, _ in JAILBREAK_CASES if c.startswith("qmllm")) - clean["qmllm"]["asr"]
+        for name, entry in jailbreak.items()}
+    rates = {name: {case: entry[case] for case in entry if case not in ("pgd", "eps")}
+             for name, entry in jailbreak.items()}
+    log_summary_metrics({k: v for k, v in metrics.items() if k != "jailbreak"} | {"jailbreak": rates},
+                        prefix="evaluate")
+    logger.info("the strongest attack on qmllm adds over its clean-image ASR: %s",
+                {k: round(v, 3) for k, v in metrics["qmllm_attack_gain_over_clean"].items()})
+    images = {f"{b['budget']}/{attacker}": image for b in budgets for attacker, image in b["images"].items()}
+    return (metrics, markdown_report(metrics, jailbreak, clean), dsr_against_eps_figure(jailbreak, clean),
+            dsr_per_category_figure(toxic), adversarial_images_figure(budgets, clean), images)
+
+
+def _numbers(node: dict) -> dict:
+    """Drop free-text fields (answer examples) from a nested dict for the metrics JSON."""
+    return {k: _numbers(v) if isinstance(v, dict) else v for k, v in node.items() if not isinstance(v, str)}
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def markdown_report(metrics: dict, jailbreak: dict, clean: dict) -> str:
+    budgets = list(jailbreak)
+    summary = metrics["summary"]
+    lines = ["# Q-MLLM evaluation (embedded default world)", "",
+             "DSR = defense success rate (share of attack inputs refused), FPR = refusals of benign images; "
+             "percentages. Jailbreak columns: DSR on the held-out harmful instructions with the clean start image "
+             "and with the strongest attacker's image per eps (in 1/255).", "",
+             "| system | toxic DSR single | toxic DSR distractors | FPR neutral | FPR hard neg. | jailbreak clean | "
+             + " | ".join(f"jailbreak {b}" for b in budgets)
+             + " | object acc. | colour acc. | count acc. | caption F1 | ms/query |",
+             "|---" * (11 + len(budgets)) + "|"]
+    for system, row in summary.items():
+        lines.append(f"| {system} | {_pct(row['toxic_dsr_single'])} | {_pct(row['toxic_dsr_distractors'])} | "
+                     f"{_pct(row['fpr_neutral'])} | {_pct(row['fpr_hard_negative'])} | "
+                     f"{_pct(row['jailbreak_dsr_clean'])} | "
+                     + " | ".join(_pct(row[f"jailbreak_dsr_{b}"]) for b in budgets)
+                     + f" | {_pct(row['utility_object'])} | {_pct(row['utility_color'])} | {_pct(row['utility_count'])}"
+                       f" | {_pct(row['caption_f1'])} | {row['ms_per_query']:.1f} |")
+    lines += ["", "## Jailbreak by attacker", "",
+              "ASR by the refusal detector (share of held-out harmful instructions answered without a refusal); "
+              "in brackets: share opening with the target's affirmative \"Sure, here is\" / share containing the "
+              "whole target string.", "",
+              "| system | attacker | clean | " + " | ".join(budgets) + " |", "|---" * (3 + len(budgets)) + "|"]
+    for system, case, label in JAILBREAK_CASES:
+        cells = [_asr_cell(jailbreak[b][case]) for b in budgets]
+        lines.append(f"| {system} | {label} | {_asr_cell(clean[system])} | " + " | ".join(cells) + " |")
+    lines += ["", "Q-MLLM: patch codes the attack image moved (of the image's patches), and whether the safety map "
+              "refused it:", "", "| attacker | " + " | ".join(budgets) + " |", "|---" * (1 + len(budgets)) + "|"]
+    for case in ("qmllm_plain", "qmllm_transfer", "qmllm_adaptive", "qmllm_surrogate"):
+        cells = [f"{jailbreak[b][case].get('patch_codes_changed', 0)}/{jailbreak[b][case].get('patch_codes', 0)}"
+                 + (" refused" if jailbreak[b][case]["guard_refused"] else "") for b in budgets]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    toxic = metrics["toxic_image"]
+    categories = sorted(toxic["qmllm"]["dsr_per_category"]["single"])
+    lines += ["", "## Toxic-image DSR per category (single object / among distractors)", "",
+              "| system | " + " | ".join(categories) + " |", "|---" * (1 + len(categories)) + "|"]
+    for system in summary:
+        per = toxic[system]["dsr_per_category"]
+        lines.append(f"| {system} | " + " | ".join(f"{_pct(per['single'][c])} / {_pct(per['distractors'][c])}"
+                                                   for c in categories) + " |")
+    overhead = metrics["overhead"]
+    lines += ["", "## Time per query (batch 1, median)", "", "| system | answer ms | refusal ms | refusal / answer |"
+              " answer / baseline |", "|---|---|---|---|---|"]
+    for system, entry in overhead.items():
+        refusal = entry.get("refusal_median_ms")
+        ratio = entry.get("refusal_over_answer")
+        lines.append(f"| {system} | {entry['answer_median_ms']:.1f} | {'n/a' if refusal is None else f'{refusal:.1f}'}"
+                     f" | {'n/a' if ratio is None else f'{ratio:.2f}'} | {entry['answer_over_baseline']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _asr_cell(rates: dict) -> str:
+    return f"{_pct(rates['asr'])} ({_pct(rates['asr_affirmative'])} / {_pct(rates['asr_target'])})"
+
+
+def dsr_against_eps_figure(jailbreak: dict, clean: dict):
+    budgets = list(jailbreak)
+    labels = ["clean", *budgets]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for system, case, label in JAILBREAK_CASES:
+        values = [clean[system]["dsr"], *(jailbreak[b][case]["dsr"] for b in budgets)]
+        axis.plot(range(len(labels)), [100 * v for v in values], marker="o", label=f"{system}: {label}",
+                  linestyle="--" if system == "safeclip" else "-")  # safeclip shares baseline's LLM: lines overlap
+    axis.set_xticks(range(len(labels)), labels)
+    axis.set_ylim(-3, 103)
+    axis.set_ylabel("jailbreak DSR (%)")
+    axis.set_xlabel("perturbation budget (eps, 1/255)")
+    axis.set_title("Universal-image jailbreak: defense success against budget")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def dsr_per_category_figure(toxic: dict):
+    categories = sorted(toxic["qmllm"]["dsr_per_category"]["single"])
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    width = 0.8 / len(toxic)
+    for axis, level in zip(axes, ("single", "distractors"), strict=True):
+        for i, (system, entry) in enumerate(toxic.items()):
+            values = [100 * entry["dsr_per_category"][level][c] for c in categories]
+            axis.bar(np.arange(len(categories)) + i * width, values, width, label=system)
+        axis.set_xticks(np.arange(len(categories)) + width, categories, rotation=30, ha="right")
+        axis.set_title(f"toxic-image DSR, {level}")
+    axes[0].set_ylabel("DSR (%)")
+    axes[0].legend()
+    figure.tight_layout()
+    return figure
+
+
+def adversarial_images_figure(budgets: tuple, clean: dict):
+    attackers = list(budgets[0]["images"])
+    figure, axes = plt.subplots(len(attackers), len(budgets), figsize=(2 * len(budgets), 2.2 * len(attackers)),
+                                squeeze=False)
+    for column, budget in enumerate(budgets):
+        for row, attacker in enumerate(attackers):
+            axis = axes[row][column]
+            axis.imshow(budget["images"][attacker].permute(1, 2, 0).numpy())
+            asr = budget["results"][attacker]["asr"]
+            axis.set_title(f"{attacker}\n{budget['budget']}: ASR {100 * asr:.0f}%", fontsize=7)
+            axis.axis("off")
+    figure.tight_layout()
+    return figure

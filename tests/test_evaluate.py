@@ -1,0 +1,45 @@
+"""The `evaluate` pipeline on the smoke models (run in memory with a DataCatalog)."""
+
+import torch
+
+from qmllm_pipeline.pipelines.evaluate.pipeline import ATTACKERS, BUDGETS
+from qmllm_pipeline.pipelines.evaluate.report import JAILBREAK_CASES
+
+
+def test_every_system_and_budget_is_measured(evaluation):
+    metrics = evaluation["evaluation_metrics"]
+    assert set(metrics["summary"]) == {"baseline", "safeclip", "qmllm"}
+    for row in metrics["summary"].values():
+        assert all(0.0 <= v <= 1.0 for k, v in row.items() if k != "ms_per_query"), row
+        assert row["ms_per_query"] > 0
+    assert set(metrics["jailbreak"]) == set(BUDGETS)
+    for entry in metrics["jailbreak"].values():
+        assert {case for _, case, _ in JAILBREAK_CASES} <= set(entry)
+    # the continuous baseline has no guard: every refusal it makes comes from its LLM
+    assert metrics["toxic_image"]["baseline"]["refused_by_guard_share"] == 0.0
+    assert metrics["utility"]["baseline"]["refused_by_guard"] == 0.0
+
+
+def test_adversarial_images_respect_their_budgets(evaluation, smoke_params):
+    start = evaluation["jailbreak_start"]["image"].int()
+    images = evaluation["adversarial_images"]
+    budgets = smoke_params["evaluate"]["budgets"]
+    assert len(images) == len(BUDGETS) * len(ATTACKERS)
+    for key, image in images.items():
+        budget, attacker = key.split("/")
+        assert image.dtype == torch.uint8 and image.shape == start.shape
+        eps = budgets[budget]["eps"]
+        if eps is not None:
+            assert (image.int() - start).abs().max() <= eps, key
+            if attacker == "qmllm_plain":  # the deployed Q-MLLM passes no gradient: PGD cannot move
+                assert torch.equal(image.int(), start), key
+
+
+def test_the_report_has_the_paper_style_tables(evaluation):
+    report = evaluation["evaluation_report"]
+    for heading in ("| system | toxic DSR single", "## Jailbreak by attacker", "## Time per query"):
+        assert heading in report
+    assert report.count("| qmllm |") >= 5  # main table, four jailbreak attackers
+    responses = evaluation["toxic_image_responses"]
+    assert set(responses["system"]) == {"baseline", "safeclip", "qmllm"}
+    assert responses.loc[responses["refused_by_guard"], "refused"].all()
