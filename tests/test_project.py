@@ -74,7 +74,9 @@ def test_the_run_is_tracked_in_mlflow(smoke_run):
     assert {"plots/clip_loss_curve.png", "plots/qmllm_pretrain_loss_curve.png", "plots/jailbreak_dsr.png",
             "plots/adversarial_images.png"} <= artifacts
     assert {"evaluate/summary/qmllm/toxic_dsr_single", "evaluate/jailbreak/eps64/qmllm_adaptive/asr",
-            "evaluate/overhead/baseline/answer_median_ms"} <= set(run.data.metrics)
+            "evaluate/overhead/baseline/answer_median_ms", "profile/evaluate/seconds",
+            "profile/foundation/seconds"} <= set(run.data.metrics)
+    assert 100 < run.data.metrics["profile/peak_rss_mb"] < 24 * 1024
     assert [a.path for a in client.list_artifacts(run.info.run_id, "reports")] == ["reports/evaluation_report.md"]
 
 
@@ -158,3 +160,17 @@ def test_qmllm_check_and_chat_on_the_trained_smoke_model(smoke_run, tmp_path):
         result = subprocess.run([*command, *arguments], cwd=tmp_path, capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr, (arguments, result.stderr)
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_qmllm_bench_prints_every_ratio_and_the_run_profile(smoke_run, tmp_path):
+    out = tmp_path / "bench.md"
+    result = _run([sys.executable, "-m", "qmllm_pipeline.commands", "bench", "--project", str(smoke_run), "--env",
+                   "smoke", "--repeats", "3", "--stage1-steps", "2", "--out", str(out)], cwd=smoke_run)
+    table = out.read_text()
+    assert table.strip() in result.stdout
+    for number in ("| 1. ", "| 2. ", "| 3. ", "| 4. ", "| 5. ", "| 6. "):
+        assert number in table, number
+    assert "| foundation |" in table and "peak resident memory" in table  # from the smoke run's MLflow profile
+    missing = subprocess.run([sys.executable, "-m", "qmllm_pipeline.commands", "bench", "--project", str(tmp_path)],
+                             cwd=tmp_path, capture_output=True, text=True)
+    assert missing.returncode == 2 and "not a Kedro project" in missing.stderr

@@ -159,5 +159,87 @@ def chat(image, prompt, max_new_tokens, model, max_pixels) -> None:
     click.echo(result.text or "(the model produced no text)")
 
 
+@main.command()
+@click.option("--env", default="base", show_default=True, help="Kedro configuration environment of the trained models.")
+@click.option("--project", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="The Kedro project root (where `kedro run` trained the models).")
+@click.option("--repeats", type=click.IntRange(3, 10_000), default=30, show_default=True,
+              help="Timed repetitions per measurement (median and 25-75% spread are reported).")
+@click.option("--stage1-steps", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Stage-1 steps per timed 'epoch' in measurement 5.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the table as Markdown to this file.")
+def bench(env, project, repeats, stage1_steps, out) -> None:
+    """Measure what the defense costs on the trained models: one table of ratios, each timed side by side
+    in this process, plus the latest default `kedro run`'s time per pipeline and peak memory (MLflow).
+
+    \b
+    1. safety verdict / vision-tower forward          goal <= 1.10
+    2. qmllm / baseline full answer, equal lengths     goal <= 1.05
+    3. refusal / full answer                           goal <= 0.20
+    4. nearest-code search / one matmul (the floor)    goal <= 2.00; and against torch.cdist + argmin
+    5. stage 1 from pixels / from cached features      goal >= 5.00
+    6. verdict throughput at batch 1, 8 and 32
+    """
+    import copy
+    import datetime
+    import platform
+
+    import torch
+    import transformers
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+    from kedro.io import DatasetError
+
+    from qmllm_pipeline import benchmarks
+    from qmllm_pipeline.models.clip import decode_images
+    from qmllm_pipeline.models.vision import VisionTower
+    from qmllm_pipeline.pipelines.evaluate.nodes import assemble_systems
+    from qmllm_pipeline.pipelines.pretrain.nodes import caption_examples
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    project = project.resolve()
+    if not (project / "pyproject.toml").is_file():
+        _fail(f"{project}: not a Kedro project (no pyproject.toml); pass --project")
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, env=env) as session:
+        context = session.load_context()
+        catalog, params = context.catalog, context.params
+        try:
+            load = catalog.load
+            systems = assemble_systems(
+                load("tokenizer"), load("clip_model"), load("clip_image_processor"), load("qmllm.finetuned_llm"),
+                load("qmllm.stage1_weights"), load("baseline.finetuned_llm"), load("baseline.stage1_weights"),
+                load("safety_map"), load("emoji_catalogue"), params["pretrain"], params["features"],
+                params["safety_map"], params["data"], params["evaluate"])
+            neutral = decode_images(load("eval_neutral")["image"].iloc[:32], desc=None)
+            toxic = decode_images(load("eval_toxic")["image"], desc=None)
+            corpus = load("caption_corpus").iloc[:2000]
+            features = load("caption_features")
+        except DatasetError as error:
+            _fail(f"{error} (train the default models first: `kedro run`)")
+    torch.set_num_threads(params["evaluate"]["threads"])
+    rows = benchmarks.defense_rows(systems, neutral, toxic, repeats)
+    rows[3:3] = benchmarks.nearest_code_rows(repeats)  # keep the table in the numbered order
+    qmllm = systems["qmllm"]
+    student = copy.deepcopy(qmllm.model)
+    student.mm_projector.requires_grad_(True)
+    tower = VisionTower.from_clip(load("clip_model"), select_layer=params["features"]["select_layer"],
+                                  cls_source=params["features"]["cls_source"]).eval()
+    pixels = benchmarks.pixel_values(decode_images(corpus["image"], desc=None), qmllm.processor)
+    examples = caption_examples(corpus, qmllm.tokenizer, params["pretrain"]["caption_instruction"],
+                                params["pretrain"]["max_length"])
+    rows.insert(7, benchmarks.stage1_row(student, tower, pixels, features["cls"][:len(corpus)],
+                                      features["patches"][:len(corpus)], examples, max(3, repeats // 6),
+                                      steps=stage1_steps))
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    header = f"qmllm bench, {datetime.date.today()}, {machine}, {repeats} repeats"
+    table = benchmarks.format_table(rows, header) + "\n\n" + benchmarks.run_profile_table(project, env)
+    click.echo(table)
+    if out is not None:
+        out.write_text(table + "\n")
+
+
 if __name__ == "__main__":
     main()

@@ -1,9 +1,18 @@
-"""Project hooks: tag every MLflow run so runs compare cleanly in the UI (`pipeline`, `env`)."""
+"""Project hooks: tag every MLflow run so runs compare cleanly in the UI (`pipeline`, `env`), and profile
+it (seconds per pipeline stage and the process's peak resident memory, as MLflow metrics)."""
 
 from __future__ import annotations
 
+import logging
+import resource
+import time
+from collections import defaultdict
+
 import mlflow
 from kedro.framework.hooks import hook_impl
+
+logger = logging.getLogger(__name__)
+STAGES = ("data", "ingest", "foundation", "features", "pretrain", "finetune", "safety_map", "evaluate")
 
 
 class MlflowRunTagsHook:
@@ -15,3 +24,47 @@ class MlflowRunTagsHook:
             return
         pipelines = run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]
         mlflow.set_tags({"pipeline": ",".join(pipelines), "env": run_params.get("env") or "local"})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RunProfileHook:
+    """Wall time per pipeline stage (summed over its nodes) and peak RSS of the run: logged as
+    `profile/<stage>/seconds` and `profile/peak_rss_mb` before kedro-mlflow closes the run (tryfirst)."""
+
+    def __init__(self):
+        self._started: dict[str, float] = {}
+        self._seconds: dict[str, float] = defaultdict(float)
+        self._stage_of: dict[str, str] = {}
+        self._run_started = 0.0
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict) -> None:
+        from qmllm_pipeline.pipeline_registry import register_pipelines
+
+        pipelines = register_pipelines()
+        self._stage_of = {node.name: stage for stage in STAGES for node in pipelines[stage].nodes}
+        self._seconds.clear()
+        self._run_started = time.perf_counter()
+
+    @hook_impl
+    def before_node_run(self, node) -> None:
+        self._started[node.name] = time.perf_counter()
+
+    @hook_impl
+    def after_node_run(self, node) -> None:
+        started = self._started.pop(node.name, None)
+        if started is not None:
+            self._seconds[self._stage_of.get(node.name, "other")] += time.perf_counter() - started
+
+    @hook_impl(tryfirst=True)
+    def after_pipeline_run(self) -> None:
+        profile = {f"profile/{stage}/seconds": round(seconds, 2) for stage, seconds in self._seconds.items()}
+        profile["profile/total_seconds"] = round(time.perf_counter() - self._run_started, 2)
+        profile["profile/peak_rss_mb"] = round(peak_rss_mb(), 1)
+        logger.info("run profile: %s", {k.removeprefix("profile/"): v for k, v in profile.items()})
+        if mlflow.active_run() is not None:
+            mlflow.log_metrics(profile)

@@ -2,9 +2,9 @@
 
 from kedro.config import OmegaConfigLoader
 
-from qmllm_pipeline.hooks import MlflowRunTagsHook
+from qmllm_pipeline.hooks import MlflowRunTagsHook, RunProfileHook
 
-HOOKS = (MlflowRunTagsHook(),)
+HOOKS = (MlflowRunTagsHook(), RunProfileHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -60,15 +60,14 @@ class SafetyMapGuard:
     def __init__(self, safety_map: pd.DataFrame, refusal_message: str = REFUSAL_MESSAGE):
         self.labels = safety_map.set_index("code")
         self.refusal_message = refusal_message
+        # plain lists indexed by code: a pandas lookup per image would cost more than the whole CLS path
+        self._label = dict(zip(safety_map["code"].tolist(), safety_map["label"].astype(str).tolist(), strict=True))
+        self._probability = dict(zip(safety_map["code"].tolist(), safety_map["probability"].astype(float).tolist(),
+                                     strict=True))
 
-    def __call__(self, pixels: torch.Tensor, encoding: ImageEncoding) -> list[Verdict]:
-        verdicts = []
-        for code in encoding.cls.indices.tolist():
-            row = self.labels.loc[code]
-            category = str(row["label"])
-            verdicts.append(_verdict(category != NEUTRAL, category, int(code), float(row["probability"]),
-                                     self.refusal_message))
-        return verdicts
+    def __call__(self, pixels: torch.Tensor, cls_index: torch.Tensor) -> list[Verdict]:
+        return [_verdict(self._label[code] != NEUTRAL, self._label[code], code, self._probability[code],
+                         self.refusal_message) for code in cls_index.tolist()]
 
 
 class SafeCLIPGuard:
@@ -77,7 +76,7 @@ class SafeCLIPGuard:
     def __init__(self, safeclip: SafeCLIPFilter, refusal_message: str = REFUSAL_MESSAGE):
         self.safeclip, self.refusal_message = safeclip, refusal_message
 
-    def __call__(self, pixels: torch.Tensor, encoding: ImageEncoding) -> list[Verdict]:
+    def __call__(self, pixels: torch.Tensor, cls_index: torch.Tensor | None) -> list[Verdict]:
         categories, confidences = self.safeclip.pixel_scores(pixels)
         return [_verdict(bool(p > self.safeclip.threshold), str(c) if p > self.safeclip.threshold else NEUTRAL,
                          -1, float(p), self.refusal_message) for c, p in zip(categories, confidences, strict=True)]
@@ -103,11 +102,15 @@ class GuardedMLLM:
             return pixel_values(arrays, self.processor)
         return self.processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
 
+    def _judge(self, pixels: torch.Tensor, cls_index: torch.Tensor | None) -> list[Verdict]:
+        """A guard is called with the pixels and, for a quantized model, the images' CLS codes."""
+        if self.guard is None:
+            return [Verdict(False, NEUTRAL, -1, 0.0) for _ in range(len(pixels))]
+        return self.guard(pixels, cls_index)
+
     def _encode_and_judge(self, pixels: torch.Tensor) -> tuple[ImageEncoding, list[Verdict]]:
         encoding = self.model.encode_images(pixels)
-        if self.guard is None:
-            return encoding, [Verdict(False, NEUTRAL, -1, 0.0) for _ in range(len(pixels))]
-        return encoding, self.guard(pixels, encoding)
+        return encoding, self._judge(pixels, encoding.cls.indices if encoding.cls is not None else None)
 
     @torch.no_grad()
     def check(self, images: list[Image.Image]) -> list[Verdict]:
@@ -116,7 +119,10 @@ class GuardedMLLM:
 
     @torch.no_grad()
     def check_pixels(self, pixels: torch.Tensor) -> list[Verdict]:
-        return self._encode_and_judge(pixels)[1]
+        """Only what the guard needs: for Q-MLLM the CLS path (no patch tokens, no LLM)."""
+        if self.guard is None:
+            return self._judge(pixels, None)
+        return self._judge(pixels, self.model.cls_index(pixels) if self.model.quantized else None)
 
     @torch.no_grad()
     def answer(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 32) -> list[Answer]:
@@ -124,7 +130,8 @@ class GuardedMLLM:
         return self.answer_pixels(self._pixels(images), prompts, max_new_tokens)
 
     @torch.no_grad()
-    def answer_pixels(self, pixels: torch.Tensor, prompts: list[str], max_new_tokens: int = 32) -> list[Answer]:
+    def answer_pixels(self, pixels: torch.Tensor, prompts: list[str], max_new_tokens: int = 32,
+                      min_new_tokens: int = 0) -> list[Answer]:
         """`answer` on normalised pixel values (B, 3, H, W); one image per prompt."""
         encoding, verdicts = self._encode_and_judge(pixels)
         accepted = [i for i, v in enumerate(verdicts) if not v.refused]
@@ -132,7 +139,7 @@ class GuardedMLLM:
         if accepted:
             ids = [encode_prompt(self.tokenizer, f"{IMAGE_TOKEN}\n{prompts[i]}") for i in accepted]
             new = self.model.generate(ids, encoding.image_tokens[accepted], max_new_tokens,
-                                      self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+                                      self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, min_new_tokens)
             for i, text in zip(accepted, self.tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
                 texts[i] = text.strip()
         return [Answer(verdicts[i], texts[i]) for i in range(len(pixels))]

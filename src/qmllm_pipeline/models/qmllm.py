@@ -67,6 +67,11 @@ class QMLLM(nn.Module):
             raise ValueError("this QMLLM has no vision tower (built for cached features)")
         return self.encode_features(*self.vision_tower(pixel_values), straight_through=straight_through)
 
+    def cls_index(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The safety check's path only: vision tower, projector on the CLS token, nearest semantic code."""
+        cls_features, _ = self.vision_tower(pixel_values)
+        return self.cls_quantizer.nearest(self.mm_projector(cls_features))
+
     # -- text side --------------------------------------------------------------------------------
     def splice(self, input_ids: list[list[int]], labels: list[list[int]] | None,
                image_tokens: torch.Tensor | None, padding: str = "right") -> dict[str, torch.Tensor]:
@@ -106,12 +111,13 @@ class QMLLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], image_tokens: torch.Tensor | None, max_new_tokens: int,
-                 pad_token_id: int, eos_token_id: int) -> torch.Tensor:
-        """Greedy continuation of each prompt (token ids, `<image>` spliced), left-padded; returns new ids."""
+                 pad_token_id: int, eos_token_id: int, min_new_tokens: int = 0) -> torch.Tensor:
+        """Greedy continuation of each prompt (token ids, `<image>` spliced), left-padded; returns new ids.
+        `min_new_tokens` forces a length (benchmarks compare equal work)."""
         batch = self.splice(prompts, None, image_tokens, padding="left")
         return self.llm.generate(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id,
-                                 eos_token_id=eos_token_id)
+                                 max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
+                                 pad_token_id=pad_token_id, eos_token_id=eos_token_id)
 
 
 def _pad(rows: list[torch.Tensor], labels: list[torch.Tensor] | None, padding: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,189 @@
+"""Benchmarks: what the defense costs, as ratios measured side by side in one process (`qmllm bench`).
+
+Each ratio is timed in alternation (numerator, denominator, numerator, ...) so that drift in the machine
+affects both sides alike; the table gives the median ratio and its spread (25th-75th percentile) over the
+repeats. No test asserts a timing: the goals are printed next to the measurements.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qmllm_pipeline.models.clip import pixel_values
+from qmllm_pipeline.models.guarded import GuardedMLLM
+from qmllm_pipeline.models.quantizer import VectorQuantizer
+
+
+@dataclass
+class Row:
+    name: str
+    median: float
+    low: float           # 25th percentile
+    high: float          # 75th percentile
+    goal: str            # e.g. "<= 1.10"
+    unit: str = "x"
+
+    @property
+    def met(self) -> bool | None:
+        if not self.goal:
+            return None
+        operator, value = self.goal.split()
+        return self.median <= float(value) if operator == "<=" else self.median >= float(value)
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def paired_ratio(name: str, numerator: Callable, denominator: Callable, repeats: int, goal: str = "",
+                 warmup: int = 2) -> Row:
+    for _ in range(warmup):
+        numerator(), denominator()
+    ratios = []
+    for _ in range(repeats):
+        below = _seconds(denominator)
+        ratios.append(_seconds(numerator) / below)
+    low, median, high = np.percentile(ratios, [25, 50, 75])
+    return Row(name, float(median), float(low), float(high), goal)
+
+
+def rate(name: str, fn: Callable, items: int, repeats: int, warmup: int = 2) -> Row:
+    """Items per second."""
+    for _ in range(warmup):
+        fn()
+    rates = [items / _seconds(fn) for _ in range(repeats)]
+    low, median, high = np.percentile(rates, [25, 50, 75])
+    return Row(name, float(median), float(low), float(high), "", "/s")
+
+
+@torch.no_grad()
+def defense_rows(systems: dict[str, GuardedMLLM], neutral: torch.Tensor, toxic: torch.Tensor, repeats: int,
+                 new_tokens: int = 16) -> list[Row]:
+    """Rows 1-3 and 6: the verdict against the vision tower, qmllm against baseline at equal answer length,
+    a refusal against an answer, and verdict throughput by batch size. `neutral` and `toxic` are uint8
+    images; `toxic` must hold at least one image qmllm's guard refuses."""
+    qmllm, baseline = systems["qmllm"], systems["baseline"]
+    tower = qmllm.model.vision_tower
+    batch = pixel_values(neutral[:8], qmllm.processor)
+    single = pixel_values(neutral[:1], qmllm.processor)
+    refused = [i for i, v in enumerate(qmllm.check_pixels(pixel_values(toxic, qmllm.processor))) if v.refused]
+    prompt = ["Describe the image."]
+
+    def answer(system: GuardedMLLM, pixels: torch.Tensor):
+        return lambda: system.answer_pixels(pixels, prompt * len(pixels), new_tokens, min_new_tokens=new_tokens)
+
+    rows = [
+        paired_ratio("1. safety verdict / vision-tower forward (batch 8)", lambda: qmllm.check_pixels(batch),
+                     lambda: tower(batch), repeats, "<= 1.10"),
+        paired_ratio(f"2. qmllm / baseline full answer ({new_tokens} tokens, batch 1)", answer(qmllm, single),
+                     answer(baseline, single), repeats, "<= 1.05"),
+    ]
+    if refused:
+        toxic_pixels = pixel_values(toxic[refused[:1]], qmllm.processor)
+        rows.append(paired_ratio("3. refusal / full answer (qmllm, batch 1)", answer(qmllm, toxic_pixels),
+                                 answer(qmllm, single), repeats, "<= 0.20"))
+    else:
+        rows.append(Row("3. refusal / full answer: no toxic image refused, not measured", float("nan"),
+                        float("nan"), float("nan"), ""))
+    for size in (1, 8, 32):
+        pixels = pixel_values(neutral[np.arange(size) % len(neutral)], qmllm.processor)
+        rows.append(rate(f"6. verdict throughput, batch {size} (images)", lambda p=pixels: qmllm.check_pixels(p),
+                         size, repeats))
+    return rows
+
+
+@torch.no_grad()
+def nearest_code_rows(repeats: int, shapes: tuple[tuple[int, int, int], ...] = ((512, 256, 128),
+                                                                               (576, 16000, 256))) -> list[Row]:
+    """Row 4: `VectorQuantizer.nearest` against the floor (one matrix product of the same shape) and against
+    `torch.cdist` + argmin, for (vectors, codes, dim) shapes: the default world's batch and paper-sized P."""
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    for vectors, codes, dim in shapes:
+        quantizer = VectorQuantizer(codes, dim)
+        x = torch.randn(vectors, dim, generator=generator)
+        codebook = quantizer.codebook.detach()
+        label = f"N={vectors}, K={codes}, d={dim}"
+        rows.append(paired_ratio(f"4. nearest code / matmul floor ({label})", lambda q=quantizer, x=x: q.nearest(x),
+                                 lambda x=x, c=codebook: x @ c.T, repeats, "<= 2.00"))
+        rows.append(paired_ratio(f"4. nearest code / cdist + argmin ({label})", lambda q=quantizer, x=x: q.nearest(x),
+                                 lambda x=x, c=codebook: torch.cdist(x, c).argmin(1), repeats, ""))
+    return rows
+
+
+def stage1_row(model, tower, pixels: torch.Tensor, cls_features: torch.Tensor, patch_features: torch.Tensor,
+               examples: list, repeats: int, steps: int = 10, batch_size: int = 32) -> Row:
+    """Row 5: stage-1 steps from cached features against the same steps from pixels (the frozen vision tower
+    run inside every step), same rows, same projector and codebook updates."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.mm_projector.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    plan = [torch.randint(len(examples), (batch_size,), generator=generator) for _ in range(steps)]
+
+    def run(from_pixels: bool):
+        def epoch():
+            for picks in plan:
+                rows = torch.tensor([examples[int(i)][2] for i in picks])
+                if from_pixels:
+                    with torch.no_grad():
+                        cls, patches = tower(pixels[rows])
+                else:
+                    cls, patches = cls_features[rows].float(), patch_features[rows].float()
+                encoding = model.encode_features(cls, patches)
+                loss = model([examples[int(i)][0] for i in picks], [examples[int(i)][1] for i in picks],
+                             encoding.image_tokens).loss
+                if encoding.patches is not None:
+                    loss = loss + encoding.patches.loss + encoding.cls.loss
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        return epoch
+
+    row = paired_ratio(f"5. stage-1 from pixels / from cached features ({steps} steps of {batch_size})",
+                       run(True), run(False), repeats, ">= 5.00", warmup=1)
+    model.eval()
+    return row
+
+
+def format_table(rows: list[Row], header: str = "") -> str:
+    lines = [header] if header else []
+    lines += ["| measurement | median | 25-75% | goal | met |", "|---|---|---|---|---|"]
+    for row in rows:
+        if np.isnan(row.median):
+            lines.append(f"| {row.name} | n/a | | | |")
+            continue
+        met = "" if row.met is None else ("yes" if row.met else "**no**")
+        spread = f"{row.low:.3g}-{row.high:.3g}"
+        lines.append(f"| {row.name} | {row.median:.3g}{row.unit} | {spread} | {row.goal} | {met} |")
+    return "\n".join(lines)
+
+
+
+def run_profile_table(project, env: str) -> str:
+    """Time per pipeline and peak RSS of the latest finished default `kedro run` in this environment, from
+    the MLflow store (recorded by `hooks.RunProfileHook`)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("qmllm_pipeline") if (project / "mlflow.db").exists() else None
+    runs = [] if experiment is None else client.search_runs(
+        [experiment.experiment_id], f"tags.pipeline = '__default__' and tags.env = '{env}' and "
+        "attributes.status = 'FINISHED' and metrics.`profile/peak_rss_mb` > 0",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return f"(no finished default `kedro run --env {env}` with a profile in {project / 'mlflow.db'} yet)"
+    metrics = runs[0].data.metrics
+    lines = [f"latest default `kedro run` (MLflow run {runs[0].info.run_id[:8]}):", "",
+             "| pipeline | seconds |", "|---|---|"]
+    lines += [f"| {key.split('/')[1]} | {value:.0f} |" for key, value in sorted(metrics.items())
+              if key.startswith("profile/") and key.endswith("/seconds")]
+    lines += [f"| **total** | {metrics.get('profile/total_seconds', float('nan')):.0f} |", "",
+              f"peak resident memory: {metrics['profile/peak_rss_mb']:.0f} MiB"]
+    return "\n".join(lines)
