@@ -83,7 +83,8 @@ def test_the_run_is_tracked_in_mlflow(smoke_run):
 def test_kedro_viz_build_shows_the_lineage(smoke_run):
     _run([*KEDRO, "viz", "build"], cwd=smoke_run)
     graph = json.loads((smoke_run / "build" / "api" / "main").read_text())
-    assert graph["layers"][:5] == ["raw", "world", "foundation", "features", "pretrain"]
+    assert graph["layers"] == ["raw", "world", "foundation", "features", "pretrain", "finetune", "safety_map",
+                               "evaluate", "reporting"]
     assert {"validate_emoji_catalogue", "render_caption_corpus"} <= {n["name"] for n in graph["nodes"]}
 
 
@@ -174,3 +175,29 @@ def test_qmllm_bench_prints_every_ratio_and_the_run_profile(smoke_run, tmp_path)
     missing = subprocess.run([sys.executable, "-m", "qmllm_pipeline.commands", "bench", "--project", str(tmp_path)],
                              cwd=tmp_path, capture_output=True, text=True)
     assert missing.returncode == 2 and "not a Kedro project" in missing.stderr
+
+
+def test_qmllm_runs_compares_the_latest_runs(smoke_run, tmp_path):
+    result = _run([sys.executable, "-m", "qmllm_pipeline.commands", "runs", "--project", str(smoke_run),
+                   "--metric", "evaluate/summary/qmllm/toxic_dsr_single", "--metric", "profile/peak_rss_mb"],
+                  cwd=smoke_run)
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("env") and "smoke" in line for line in lines)
+    assert any(line.startswith("evaluate/summary/qmllm/toxic_dsr_single") for line in lines)
+    missing = subprocess.run([sys.executable, "-m", "qmllm_pipeline.commands", "runs", "--project", str(tmp_path)],
+                             cwd=tmp_path, capture_output=True, text=True)
+    assert missing.returncode == 2 and "no MLflow store here" in missing.stderr
+
+
+def test_the_walkthrough_notebook_runs_against_the_smoke_run(smoke_run, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(PROJECT_ROOT / "notebooks" / "walkthrough.ipynb", as_version=4)
+    monkeypatch.setenv("QMLLM_ENV", "smoke")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(smoke_run)}}).execute()
+    printed = "\n".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                        for output in cell.get("outputs", []))
+    assert "baseline  ->" in printed and "qmllm     ->" in printed and "environment smoke" in printed

@@ -241,5 +241,31 @@ def bench(env, project, repeats, stage1_steps, out) -> None:
         out.write_text(table + "\n")
 
 
+@main.command()
+@click.option("--project", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="The Kedro project root (its mlflow.db holds the runs).")
+@click.option("--last", type=click.IntRange(1, 100), default=5, show_default=True, help="How many recent runs.")
+@click.option("--metric", "metrics", multiple=True,
+              help="A metric to show (repeatable; default: a summary of every pipeline's headline numbers).")
+@click.option("--all-params", is_flag=True, help="Show every parameter, not only those that differ.")
+def runs(project, last, metrics, all_params) -> None:
+    """Compare the latest MLflow runs from the command line: one column per run, the parameters that
+    differ between them, and headline metrics (the MLflow UI's run comparison, as text)."""
+    import pandas as pd
+
+    from qmllm_pipeline.tracking import DEFAULT_COMPARISON_METRICS, compare_runs
+
+    store = project.resolve() / "mlflow.db"
+    if not store.is_file():
+        _fail(f"{store}: no MLflow store here (run `kedro run` first, or pass --project)")
+    table = compare_runs(f"sqlite:///{store}", last, tuple(metrics) or DEFAULT_COMPARISON_METRICS,
+                         all_params=all_params)
+    if table.empty:
+        _fail(f"{store}: no runs in the experiment 'qmllm_pipeline' yet")
+    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200,
+                           "display.max_colwidth", 40):
+        click.echo(table.to_string(na_rep="-", float_format=lambda v: f"{v:.4g}"))
+
+
 if __name__ == "__main__":
     main()

@@ -57,3 +57,37 @@ def log_summary_metrics(metrics: dict, prefix: str = "") -> None:
     entries = [Metric(key, value, now, 0) for key, value in flat.items()]
     for start in range(0, len(entries), 1000):
         mlflow.MlflowClient().log_batch(run.info.run_id, metrics=entries[start:start + 1000])
+
+
+DEFAULT_COMPARISON_METRICS = (
+    "foundation/clip/top1", "pretrain/qmllm/codebooks/cls/codes_used", "pretrain/qmllm/codebooks/patch/codes_used",
+    "safety_map/qmllm/dsr/single", "safety_map/qmllm/fpr_neutral",
+    "evaluate/summary/qmllm/toxic_dsr_single", "evaluate/summary/qmllm/jailbreak_dsr_unconstrained",
+    "evaluate/summary/baseline/jailbreak_dsr_eps64", "evaluate/summary/qmllm/caption_f1",
+    "profile/total_seconds", "profile/peak_rss_mb",
+)
+
+
+def compare_runs(tracking_uri: str, last: int = 5, metrics: tuple[str, ...] = DEFAULT_COMPARISON_METRICS,
+                 experiment: str = "qmllm_pipeline", all_params: bool = False):
+    """The latest `last` runs side by side (one column per run): tags, the parameters that differ between
+    them (all with `all_params`) and the chosen metrics. Empty when the store has no such runs."""
+    import pandas as pd
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return pd.DataFrame()
+    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=last)
+    if not runs:
+        return pd.DataFrame()
+    params = pd.DataFrame([r.data.params for r in runs])
+    if not all_params and len(runs) > 1:
+        params = params.loc[:, params.astype(str).nunique(dropna=False) > 1]
+    rows = {"started": [time.strftime("%Y-%m-%d %H:%M", time.localtime(r.info.start_time / 1000)) for r in runs],
+            "status": [r.info.status for r in runs],
+            "pipeline": [r.data.tags.get("pipeline", "") for r in runs],
+            "env": [r.data.tags.get("env", "") for r in runs]}
+    rows.update({f"param {name}": params[name].tolist() for name in sorted(params.columns)})
+    rows.update({name: [r.data.metrics.get(name) for r in runs] for name in metrics})
+    return pd.DataFrame(rows, index=[r.info.run_id[:8] for r in runs]).T
