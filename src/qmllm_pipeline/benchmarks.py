@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qmllm_pipeline.hooks import STAGES
 from qmllm_pipeline.models.clip import pixel_values
 from qmllm_pipeline.models.guarded import GuardedMLLM
 from qmllm_pipeline.models.quantizer import VectorQuantizer
@@ -160,8 +161,9 @@ def format_table(rows: list[Row], header: str = "") -> str:
             lines.append(f"| {row.name} | n/a | | | |")
             continue
         met = "" if row.met is None else ("yes" if row.met else "**no**")
-        spread = f"{row.low:.3g}-{row.high:.3g}"
-        lines.append(f"| {row.name} | {row.median:.3g}{row.unit} | {spread} | {row.goal} | {met} |")
+        number = "{:,.0f}" if row.unit == "/s" else "{:.3g}"
+        spread = f"{number.format(row.low)}-{number.format(row.high)}"
+        lines.append(f"| {row.name} | {number.format(row.median)}{row.unit} | {spread} | {row.goal} | {met} |")
     return "\n".join(lines)
 
 
@@ -172,18 +174,20 @@ def run_profile_table(project, env: str) -> str:
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    # a plain `kedro run` runs in `local`, which only adds git-ignored overrides to `base`
+    envs = {env, "local"} if env == "base" else {env}
     experiment = client.get_experiment_by_name("qmllm_pipeline") if (project / "mlflow.db").exists() else None
-    runs = [] if experiment is None else client.search_runs(
-        [experiment.experiment_id], f"tags.pipeline = '__default__' and tags.env = '{env}' and "
-        "attributes.status = 'FINISHED' and metrics.`profile/peak_rss_mb` > 0",
-        order_by=["attributes.start_time DESC"], max_results=1)
+    candidates = [] if experiment is None else client.search_runs(
+        [experiment.experiment_id], "tags.pipeline = '__default__' and attributes.status = 'FINISHED' and "
+        "metrics.`profile/peak_rss_mb` > 0", order_by=["attributes.start_time DESC"], max_results=50)
+    runs = [run for run in candidates if run.data.tags.get("env") in envs][:1]
     if not runs:
         return f"(no finished default `kedro run --env {env}` with a profile in {project / 'mlflow.db'} yet)"
     metrics = runs[0].data.metrics
     lines = [f"latest default `kedro run` (MLflow run {runs[0].info.run_id[:8]}):", "",
              "| pipeline | seconds |", "|---|---|"]
-    lines += [f"| {key.split('/')[1]} | {value:.0f} |" for key, value in sorted(metrics.items())
-              if key.startswith("profile/") and key.endswith("/seconds")]
+    lines += [f"| {stage} | {metrics[f'profile/{stage}/seconds']:.0f} |" for stage in STAGES
+              if f"profile/{stage}/seconds" in metrics]
     lines += [f"| **total** | {metrics.get('profile/total_seconds', float('nan')):.0f} |", "",
               f"peak resident memory: {metrics['profile/peak_rss_mb']:.0f} MiB"]
     return "\n".join(lines)
