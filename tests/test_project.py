@@ -201,3 +201,22 @@ def test_the_walkthrough_notebook_runs_against_the_smoke_run(smoke_run, monkeypa
     printed = "\n".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                         for output in cell.get("outputs", []))
     assert "baseline  ->" in printed and "qmllm     ->" in printed and "environment smoke" in printed
+
+
+def test_the_full_profile_reads_the_default_models_and_writes_beside_them():
+    from kedro.config import OmegaConfigLoader
+
+    from qmllm_pipeline.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(conf_source=str(PROJECT_ROOT / "conf"), env="full", **CONFIG_LOADER_ARGS)
+    catalog, params = loader["catalog"], loader["parameters"]
+    jailbreak = params["evaluate"]["jailbreak"]
+    assert jailbreak["steps"] > 300 and jailbreak["train_instructions"] is None
+    written = register_pipelines()["evaluate"].all_outputs()
+    for name in written:
+        entry = catalog.get(name) or (catalog["{plot}_plot"] if name.endswith("_plot") else None)
+        if entry is None or entry.get("type") == "MemoryDataset":
+            continue
+        path = entry.get("filepath") or entry["dataset"]["filepath"]
+        assert path.startswith("data/full/"), (name, path)  # DVC tracks the default paths
+    assert catalog["tokenizer"]["path"] == "data/06_models/tokenizer"  # the default run's models

@@ -71,7 +71,8 @@ DEFAULT_COMPARISON_METRICS = (
 def compare_runs(tracking_uri: str, last: int = 5, metrics: tuple[str, ...] = DEFAULT_COMPARISON_METRICS,
                  experiment: str = "qmllm_pipeline", all_params: bool = False):
     """The latest `last` runs side by side (one column per run): tags, the parameters that differ between
-    them (all with `all_params`) and the chosen metrics. Empty when the store has no such runs."""
+    runs that have them (runs of single pipelines log only their own; all with `all_params`) and the chosen
+    metrics. Empty when the store has no such runs."""
     import pandas as pd
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
@@ -82,8 +83,8 @@ def compare_runs(tracking_uri: str, last: int = 5, metrics: tuple[str, ...] = DE
     if not runs:
         return pd.DataFrame()
     params = pd.DataFrame([r.data.params for r in runs])
-    if not all_params and len(runs) > 1:
-        params = params.loc[:, params.astype(str).nunique(dropna=False) > 1]
+    if not all_params and len(runs) > 1:  # a parameter differs when two runs that have it disagree
+        params = params.loc[:, [params[c].dropna().astype(str).nunique() > 1 for c in params.columns]]
     rows = {"started": [time.strftime("%Y-%m-%d %H:%M", time.localtime(r.info.start_time / 1000)) for r in runs],
             "status": [r.info.status for r in runs],
             "pipeline": [r.data.tags.get("pipeline", "") for r in runs],
