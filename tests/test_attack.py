@@ -50,3 +50,24 @@ def test_unconstrained_pgd_starts_from_noise(evaluation, world, start):
     objective = _objective(evaluation["evaluation_systems"]["baseline"], world["text_corpus"], straight_through=False)
     image, _ = universal_pgd(objective, start, eps=None, steps=1, desc=None)
     assert (image - start).abs().max() > 0.5
+
+
+def test_the_loss_can_be_kept_on_the_affirmative_opening_only():
+    from qmllm_pipeline.pipelines.evaluate.nodes import _first_target_tokens
+
+    ids, labels = [1, 2, 3, 4, 5, 6], [-100, -100, 13, 14, 15, 16]
+    assert _first_target_tokens(ids, labels, None) == (ids, labels)
+    assert _first_target_tokens(ids, labels, 2) == (ids, [-100, -100, 13, 14, -100, -100])
+
+
+def test_an_attacker_config_that_cannot_work_is_refused(evaluation, world, smoke_params):
+    from qmllm_pipeline.pipelines.evaluate.nodes import craft_jailbreak_image
+
+    params = smoke_params["evaluate"]
+    budget = params["budgets"]["eps16"]
+    with pytest.raises(ValueError, match="needs a system with a safety map"):
+        craft_jailbreak_image(evaluation["evaluation_systems"], world["text_corpus"], evaluation["jailbreak_start"],
+                              params, {**params["attackers"]["baseline_whitebox"], "cls_weight": 1.0}, budget)
+    with pytest.raises(ValueError, match="unknown system"):
+        craft_jailbreak_image(evaluation["evaluation_systems"], world["text_corpus"], evaluation["jailbreak_start"],
+                              params, {**params["attackers"]["qmllm_plain"], "system": "llava"}, budget)

@@ -149,7 +149,11 @@ def craft_jailbreak_image(systems: dict, text_corpus: pd.DataFrame, start: dict,
     """PGD for one (attacker, budget): a universal image optimised on the training harmful instructions."""
     torch.set_num_threads(params["threads"])
     settings = params["jailbreak"]
+    if attacker["system"] not in systems:
+        raise ValueError(f"attacker {attacker['name']}: unknown system {attacker['system']!r} (one of {list(systems)})")
     system = systems[attacker["system"]]
+    if attacker["cls_weight"] > 0 and not isinstance(system.guard, SafetyMapGuard):
+        raise ValueError(f"attacker {attacker['name']}: cls_weight needs a system with a safety map (qmllm)")
     model, tokenizer = system.model, system.tokenizer
     train = _harmful(text_corpus, "train", settings["train_instructions"], settings["seed"])
     sequences = [_first_target_tokens(*encode_chat(
