@@ -65,6 +65,7 @@ def test_the_run_is_tracked_in_mlflow(smoke_run):
     assert run.data.params["data.caption_corpus.n_scenes"] == "600"
     assert run.data.tags["pipeline"] == "__default__"
     assert run.data.tags["env"] == "smoke"
+    assert run.data.tags["variants"] == "qmllm,baseline" and run.data.tags["systems"] == "baseline,safeclip,qmllm"
     history = client.get_metric_history(run.info.run_id, "clip/loss")
     assert len(history) == 30  # one point per training step
     assert {"qmllm/pretrain/vq_patch", "qmllm/pretrain/patch_perplexity", "baseline/pretrain/generative",

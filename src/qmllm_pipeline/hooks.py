@@ -1,5 +1,6 @@
-"""Project hooks: tag every MLflow run so runs compare cleanly in the UI (`pipeline`, `env`), and profile
-it (seconds per pipeline stage and the process's peak resident memory, as MLflow metrics)."""
+"""Project hooks: tag every MLflow run so runs compare cleanly in the UI (`pipeline`, `env`, `variants`,
+`systems`), and profile it (seconds per pipeline stage and the process's peak resident memory, as MLflow
+metrics)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,19 @@ class MlflowRunTagsHook:
     """kedro-mlflow opens the run in its own `before_pipeline_run`; this one runs after it (trylast)."""
 
     @hook_impl(trylast=True)
-    def before_pipeline_run(self, run_params: dict) -> None:
+    def before_pipeline_run(self, run_params: dict, pipeline) -> None:
         if mlflow.active_run() is None:  # tracking disabled for this pipeline
             return
+        from qmllm_pipeline.pipelines.evaluate.nodes import SYSTEMS
+        from qmllm_pipeline.pipelines.pretrain.pipeline import VARIANTS
+
         pipelines = run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]
-        mlflow.set_tags({"pipeline": ",".join(pipelines), "env": run_params.get("env") or "local"})
+        namespaces = {node.namespace.split(".")[0] for node in pipeline.nodes if node.namespace}
+        tags = {"pipeline": ",".join(pipelines), "env": run_params.get("env") or "local",
+                "variants": ",".join(v for v in VARIANTS if v in namespaces)}  # trained or evaluated here
+        if any(node.name == "assemble_systems" for node in pipeline.nodes):
+            tags["systems"] = ",".join(SYSTEMS)
+        mlflow.set_tags(tags)
 
 
 def peak_rss_mb() -> float:
