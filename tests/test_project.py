@@ -214,10 +214,13 @@ def test_the_full_profile_reads_the_default_models_and_writes_beside_them():
     jailbreak = params["evaluate"]["jailbreak"]
     assert jailbreak["steps"] > 300 and jailbreak["train_instructions"] is None
     written = register_pipelines()["evaluate"].all_outputs()
+    saved = []
     for name in written:
         entry = catalog.get(name) or (catalog["{plot}_plot"] if name.endswith("_plot") else None)
         if entry is None or entry.get("type") == "MemoryDataset":
             continue
         path = entry.get("filepath") or entry["dataset"]["filepath"]
         assert path.startswith("data/full/"), (name, path)  # DVC tracks the default paths
+        saved.append(name)
+    assert len(saved) == 7  # metrics, report, responses, adversarial images and three plots
     assert catalog["tokenizer"]["path"] == "data/06_models/tokenizer"  # the default run's models

@@ -65,11 +65,11 @@ def rate(name: str, fn: Callable, items: int, repeats: int, warmup: int = 2) -> 
 
 
 @torch.no_grad()
-def defense_rows(systems: dict[str, GuardedMLLM], neutral: torch.Tensor, toxic: torch.Tensor, repeats: int,
+def answer_rows(systems: dict[str, GuardedMLLM], neutral: torch.Tensor, toxic: torch.Tensor, repeats: int,
                  new_tokens: int = 16) -> list[Row]:
-    """Rows 1-3 and 6: the verdict against the vision tower, qmllm against baseline at equal answer length,
-    a refusal against an answer, and verdict throughput by batch size. `neutral` and `toxic` are uint8
-    images; `toxic` must hold at least one image qmllm's guard refuses."""
+    """Rows 1-3: the verdict against the vision tower, qmllm against baseline at equal answer length, and a
+    refusal against an answer. `neutral` and `toxic` are uint8 images; row 3 needs a toxic image that
+    qmllm's guard refuses."""
     qmllm, baseline = systems["qmllm"], systems["baseline"]
     tower = qmllm.model.vision_tower
     batch = pixel_values(neutral[:8], qmllm.processor)
@@ -93,9 +93,16 @@ def defense_rows(systems: dict[str, GuardedMLLM], neutral: torch.Tensor, toxic: 
     else:
         rows.append(Row("3. refusal / full answer: no toxic image refused, not measured", float("nan"),
                         float("nan"), float("nan"), ""))
+    return rows
+
+
+@torch.no_grad()
+def throughput_rows(system: GuardedMLLM, neutral: torch.Tensor, repeats: int) -> list[Row]:
+    """Row 6: safety verdicts per second at batch 1, 8 and 32."""
+    rows = []
     for size in (1, 8, 32):
-        pixels = pixel_values(neutral[np.arange(size) % len(neutral)], qmllm.processor)
-        rows.append(rate(f"6. verdict throughput, batch {size} (images)", lambda p=pixels: qmllm.check_pixels(p),
+        pixels = pixel_values(neutral[np.arange(size) % len(neutral)], system.processor)
+        rows.append(rate(f"6. verdict throughput, batch {size} (images)", lambda p=pixels: system.check_pixels(p),
                          size, repeats))
     return rows
 
@@ -119,10 +126,12 @@ def nearest_code_rows(repeats: int, shapes: tuple[tuple[int, int, int], ...] = (
     return rows
 
 
-def stage1_row(model, tower, pixels: torch.Tensor, cls_features: torch.Tensor, patch_features: torch.Tensor,
+def stage1_row(model, pixels: torch.Tensor, cls_features: torch.Tensor, patch_features: torch.Tensor,
                examples: list, repeats: int, steps: int = 10, batch_size: int = 32) -> Row:
-    """Row 5: stage-1 steps from cached features against the same steps from pixels (the frozen vision tower
-    run inside every step), same rows, same projector and codebook updates."""
+    """Row 5: stage-1 steps from cached features against the same steps from pixels (the model's frozen
+    vision tower run inside every step), same rows, same projector and codebook updates. Trains `model`:
+    pass a copy."""
+    tower = model.vision_tower
     model.train()
     optimizer = torch.optim.AdamW(model.mm_projector.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)

@@ -192,9 +192,8 @@ def bench(env, project, repeats, stage1_steps, out) -> None:
     from kedro.io import DatasetError
 
     from qmllm_pipeline import benchmarks
-    from qmllm_pipeline.models.clip import decode_images
-    from qmllm_pipeline.models.vision import VisionTower
-    from qmllm_pipeline.pipelines.evaluate.nodes import assemble_systems
+    from qmllm_pipeline.models.clip import decode_images, pixel_values
+    from qmllm_pipeline.pipelines.evaluate.nodes import systems_from_catalog
     from qmllm_pipeline.pipelines.pretrain.nodes import caption_examples
 
     transformers.logging.set_verbosity_error()
@@ -208,11 +207,7 @@ def bench(env, project, repeats, stage1_steps, out) -> None:
         catalog, params = context.catalog, context.params
         try:
             load = catalog.load
-            systems = assemble_systems(
-                load("tokenizer"), load("clip_model"), load("clip_image_processor"), load("qmllm.finetuned_llm"),
-                load("qmllm.stage1_weights"), load("baseline.finetuned_llm"), load("baseline.stage1_weights"),
-                load("safety_map"), load("emoji_catalogue"), params["pretrain"], params["features"],
-                params["safety_map"], params["data"], params["evaluate"])
+            systems = systems_from_catalog(catalog, params)
             neutral = decode_images(load("eval_neutral")["image"].iloc[:32], desc=None)
             toxic = decode_images(load("eval_toxic")["image"], desc=None)
             corpus = load("caption_corpus").iloc[:2000]
@@ -220,19 +215,16 @@ def bench(env, project, repeats, stage1_steps, out) -> None:
         except DatasetError as error:
             _fail(f"{error} (train the default models first: `kedro run`)")
     torch.set_num_threads(params["evaluate"]["threads"])
-    rows = benchmarks.defense_rows(systems, neutral, toxic, repeats)
-    rows[3:3] = benchmarks.nearest_code_rows(repeats)  # keep the table in the numbered order
     qmllm = systems["qmllm"]
-    student = copy.deepcopy(qmllm.model)
+    student = copy.deepcopy(qmllm.model)  # row 5 trains it
     student.mm_projector.requires_grad_(True)
-    tower = VisionTower.from_clip(load("clip_model"), select_layer=params["features"]["select_layer"],
-                                  cls_source=params["features"]["cls_source"]).eval()
-    pixels = benchmarks.pixel_values(decode_images(corpus["image"], desc=None), qmllm.processor)
+    pixels = pixel_values(decode_images(corpus["image"], desc=None), qmllm.processor)
     examples = caption_examples(corpus, qmllm.tokenizer, params["pretrain"]["caption_instruction"],
                                 params["pretrain"]["max_length"])
-    rows.insert(7, benchmarks.stage1_row(student, tower, pixels, features["cls"][:len(corpus)],
-                                      features["patches"][:len(corpus)], examples, max(3, repeats // 6),
-                                      steps=stage1_steps))
+    rows = [*benchmarks.answer_rows(systems, neutral, toxic, repeats), *benchmarks.nearest_code_rows(repeats),
+            benchmarks.stage1_row(student, pixels, features["cls"][:len(corpus)], features["patches"][:len(corpus)],
+                                  examples, max(3, repeats // 6), steps=stage1_steps),
+            *benchmarks.throughput_rows(qmllm, neutral, repeats)]
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     header = f"qmllm bench, {datetime.date.today()}, {machine}, {repeats} repeats"
     table = benchmarks.format_table(rows, header) + "\n\n" + benchmarks.run_profile_table(project, env)

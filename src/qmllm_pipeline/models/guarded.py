@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, LlamaForCausalLM
 
 from qmllm_pipeline.models.clip import pixel_values
@@ -58,15 +59,18 @@ class SafetyMapGuard:
     """Q-MLLM's check: the image's CLS code, looked up in the safety map built from D_map."""
 
     def __init__(self, safety_map: pd.DataFrame, refusal_message: str = REFUSAL_MESSAGE):
-        self.labels = safety_map.set_index("code")
         self.refusal_message = refusal_message
-        # plain lists indexed by code: a pandas lookup per image would cost more than the whole CLS path
-        self._label = dict(zip(safety_map["code"].tolist(), safety_map["label"].astype(str).tolist(), strict=True))
-        self._probability = dict(zip(safety_map["code"].tolist(), safety_map["probability"].astype(float).tolist(),
-                                     strict=True))
+        # plain dicts by code: a pandas lookup per image would cost more than the whole CLS path
+        codes = safety_map["code"].tolist()
+        self.label = dict(zip(codes, safety_map["label"].astype(str).tolist(), strict=True))
+        self.probability = dict(zip(codes, safety_map["probability"].astype(float).tolist(), strict=True))
+
+    @property
+    def neutral_codes(self) -> list[int]:
+        return [code for code, label in self.label.items() if label == NEUTRAL]
 
     def __call__(self, pixels: torch.Tensor, cls_index: torch.Tensor) -> list[Verdict]:
-        return [_verdict(self._label[code] != NEUTRAL, self._label[code], code, self._probability[code],
+        return [_verdict(self.label[code] != NEUTRAL, self.label[code], code, self.probability[code],
                          self.refusal_message) for code in cls_index.tolist()]
 
 
@@ -128,6 +132,15 @@ class GuardedMLLM:
     def answer(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 32) -> list[Answer]:
         """Refusal or generated answer per (image, prompt); only the accepted images reach the LLM."""
         return self.answer_pixels(self._pixels(images), prompts, max_new_tokens)
+
+    def respond(self, images: torch.Tensor, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 64,
+                desc: str | None = None) -> list[Answer]:
+        """`answer` for one prompt per uint8 image (N, 3, H, W), in batches (a progress bar when `desc`)."""
+        answers = []
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, mininterval=2, disable=desc is None):
+            pixels = pixel_values(images[start:start + batch_size], self.processor)
+            answers += self.answer_pixels(pixels, prompts[start:start + batch_size], max_new_tokens)
+        return answers
 
     @torch.no_grad()
     def answer_pixels(self, pixels: torch.Tensor, prompts: list[str], max_new_tokens: int = 32,

@@ -11,13 +11,11 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from qmllm_pipeline.judge import RefusalPhraseJudge
 from qmllm_pipeline.models.attack import JailbreakObjective, universal_pgd
 from qmllm_pipeline.models.clip import decode_images, pixel_values
 from qmllm_pipeline.models.guarded import GuardedMLLM, SafeCLIPGuard, SafetyMapGuard
-from qmllm_pipeline.models.safety_map import NEUTRAL
 from qmllm_pipeline.models.tokenizer import IMAGE_TOKEN, encode_chat
 from qmllm_pipeline.models.vision import VisionTower
 from qmllm_pipeline.pipelines.finetune.nodes import normalise_answer
@@ -51,14 +49,14 @@ def assemble_systems(tokenizer, clip_model, clip_image_processor, qmllm_llm, qml
                                  SafetyMapGuard(safety_map))}
 
 
-def _respond(system: GuardedMLLM, images: torch.Tensor, prompts: list[str], max_new_tokens: int, batch_size: int,
-             desc: str | None = None) -> list:
-    """Answers (verdict + text) to one prompt per uint8 image, in batches."""
-    answers = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, mininterval=2, disable=desc is None):
-        pixels = pixel_values(images[start:start + batch_size], system.processor)
-        answers += system.answer_pixels(pixels, prompts[start:start + batch_size], max_new_tokens)
-    return answers
+def systems_from_catalog(catalog, params: dict) -> dict[str, GuardedMLLM]:
+    """`assemble_systems` from a Kedro catalogue and parameters (`qmllm bench`, the notebook)."""
+    load = catalog.load
+    return assemble_systems(
+        load("tokenizer"), load("clip_model"), load("clip_image_processor"), load("qmllm.finetuned_llm"),
+        load("qmllm.stage1_weights"), load("baseline.finetuned_llm"), load("baseline.stage1_weights"),
+        load("safety_map"), load("emoji_catalogue"), params["pretrain"], params["features"], params["safety_map"],
+        params["data"], params["evaluate"])
 
 
 def toxic_image_attack(systems: dict, eval_toxic: pd.DataFrame, eval_neutral: pd.DataFrame,
@@ -74,7 +72,7 @@ def toxic_image_attack(systems: dict, eval_toxic: pd.DataFrame, eval_neutral: pd
     prompts = [phrasings[i % len(phrasings)] for i in range(len(scenes))]
     frames, metrics = [], {}
     for name, system in systems.items():
-        answers = _respond(system, images, prompts, settings["max_new_tokens"], params["batch_size"],
+        answers = system.respond(images, prompts, settings["max_new_tokens"], params["batch_size"],
                            desc=f"toxic-image attack: {name}")
         refused = np.asarray([a.verdict.refused or judge.is_refusal(a.text) for a in answers])
         metrics[name] = detection_rates(refused, eval_toxic, eval_neutral, eval_hard_negative)
@@ -104,11 +102,11 @@ def utility(systems: dict, eval_utility: pd.DataFrame, params: dict) -> dict:
     """Exact-answer accuracy per question type on held-out neutral scenes and the caption word F1, through
     each whole system (a guard's refusal counts as a wrong answer)."""
     images = decode_images(eval_utility["image"], desc=None)
-    questions = [q.replace(f"{IMAGE_TOKEN}\n", "") for q in eval_utility["question"]]
+    questions = [q.removeprefix(f"{IMAGE_TOKEN}\n") for q in eval_utility["question"]]
     kinds = eval_utility["question_type"].to_numpy()
     metrics = {}
     for name, system in systems.items():
-        answers = _respond(system, images, questions, params["utility"]["max_new_tokens"], params["batch_size"],
+        answers = system.respond(images, questions, params["utility"]["max_new_tokens"], params["batch_size"],
                            desc=f"utility: {name}")
         texts = [a.text for a in answers]
         correct = np.asarray([normalise_answer(t) == normalise_answer(r)
@@ -192,8 +190,7 @@ def _first_target_tokens(ids: list[int], labels: list[int], keep: int | None) ->
 def _neutral_anchor(system: GuardedMLLM, clean: torch.Tensor) -> torch.Tensor:
     """The neutral-labelled CLS code nearest to the clean image's projected CLS: where the adaptive attacker
     keeps its image so the safety map lets it through."""
-    labels = system.guard.labels
-    neutral = torch.tensor(labels.index[labels["label"] == NEUTRAL].to_numpy())
+    neutral = torch.tensor(system.guard.neutral_codes)
     uint8 = (clean[None] * 255).round().to(torch.uint8)
     h_cls = system.model.encode_images(pixel_values(uint8, system.processor)).h_cls
     codebook = system.model.cls_quantizer.codebook.detach()[neutral]
@@ -207,7 +204,7 @@ def _jailbreak_rates(system: GuardedMLLM, image: torch.Tensor, heldout: pd.DataF
     judge = RefusalPhraseJudge()
     settings = params["jailbreak"]
     images = image[None].expand(len(heldout), -1, -1, -1)
-    answers = _respond(system, images, list(heldout["instruction"]), settings["max_new_tokens"], params["batch_size"])
+    answers = system.respond(images, list(heldout["instruction"]), settings["max_new_tokens"], params["batch_size"])
     complied = [not (a.verdict.refused or judge.is_refusal(a.text)) for a in answers]
     on_target = [judge.contains_target(a.text, t) for a, t in zip(answers, heldout["target"], strict=True)]
     affirmative = [judge.contains_target(a.text, " ".join(t.split()[:3]))
@@ -273,7 +270,7 @@ def overhead(systems: dict, eval_neutral: pd.DataFrame, eval_toxic: pd.DataFrame
 
     def timed(system, image) -> float:
         started = time.perf_counter()
-        _respond(system, image[None], [prompt], settings["max_new_tokens"], 1)
+        system.respond(image[None], [prompt], settings["max_new_tokens"], 1)
         return time.perf_counter() - started
 
     report = {}

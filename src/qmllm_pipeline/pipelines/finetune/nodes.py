@@ -13,9 +13,10 @@ import torch
 
 from qmllm_pipeline.judge import RefusalPhraseJudge
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
-from qmllm_pipeline.models.clip import decode_images, pixel_values
+from qmllm_pipeline.models.clip import decode_images
+from qmllm_pipeline.models.guarded import GuardedMLLM
 from qmllm_pipeline.models.stages import finetune
-from qmllm_pipeline.models.tokenizer import IMAGE_TOKEN, chat_messages, encode_chat, encode_prompt
+from qmllm_pipeline.models.tokenizer import IMAGE_TOKEN, chat_messages, encode_chat
 from qmllm_pipeline.models.training import loss_curve_figure, seed_and_threads
 from qmllm_pipeline.models.vision import VisionTower
 from qmllm_pipeline.pipelines.pretrain.nodes import build_qmllm, load_stage1_state
@@ -64,21 +65,6 @@ def normalise_answer(text: str) -> str:
     return " ".join(text.lower().strip().rstrip(".").split())
 
 
-@torch.no_grad()
-def _answer(model, tokenizer, prompts: list[str], images: pd.Series, clip_model, clip_image_processor,
-            feature_params: dict, max_new_tokens: int, batch_size: int) -> list[str]:
-    tower = VisionTower.from_clip(clip_model, select_layer=feature_params["select_layer"],
-                                  cls_source=feature_params["cls_source"]).eval()
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        pixels = pixel_values(decode_images(images.iloc[start:start + batch_size], desc=None), clip_image_processor)
-        image_tokens = model.encode_features(*tower(pixels)).image_tokens
-        ids = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
-        new = model.generate(ids, image_tokens, max_new_tokens, tokenizer.pad_token_id, tokenizer.eos_token_id)
-        answers += tokenizer.batch_decode(new, skip_special_tokens=True)
-    return answers
-
-
 def evaluate_variant(finetuned_llm, stage1_weights: dict, tokenizer, clip_model, clip_image_processor,
                      eval_utility: pd.DataFrame, eval_neutral: pd.DataFrame, text_corpus: pd.DataFrame,
                      pretrain_params: dict, feature_params: dict, params: dict, variant: dict) -> dict:
@@ -88,13 +74,18 @@ def evaluate_variant(finetuned_llm, stage1_weights: dict, tokenizer, clip_model,
     model = build_qmllm(finetuned_llm, tokenizer, pretrain_params, variant["quantized"],
                         clip_model.config.vision_config.hidden_size)
     load_stage1_state(model, stage1_weights)
+    model.vision_tower = VisionTower.from_clip(clip_model, select_layer=feature_params["select_layer"],
+                                               cls_source=feature_params["cls_source"]).eval()
+    unguarded = GuardedMLLM(model, tokenizer, clip_image_processor)  # the model alone: no safety map yet
 
     def ask(prompts: list[str], images: pd.Series) -> list[str]:
-        return _answer(model, tokenizer, prompts, images, clip_model, clip_image_processor, feature_params,
-                       evaluation["max_new_tokens"], evaluation["batch_size"])
+        """`prompts` without the `<image>` placeholder: the model puts it in front."""
+        answers = unguarded.respond(decode_images(images, desc=None), prompts, evaluation["max_new_tokens"],
+                                    evaluation["batch_size"])
+        return [a.text for a in answers]
 
     utility = eval_utility.copy()
-    utility["prediction"] = ask(list(utility["question"]), utility["image"])
+    utility["prediction"] = ask([q.removeprefix(f"{IMAGE_TOKEN}\n") for q in utility["question"]], utility["image"])
     pairs = zip(utility["prediction"], utility["answer"], strict=True)
     utility["correct"] = [normalise_answer(p) == normalise_answer(a) for p, a in pairs]
     accuracy = {str(k): float(v) for k, v in utility.groupby("question_type")["correct"].mean().items()}
@@ -102,8 +93,7 @@ def evaluate_variant(finetuned_llm, stage1_weights: dict, tokenizer, clip_model,
     judge = RefusalPhraseJudge()
     heldout = text_corpus[(text_corpus["split"] == "heldout") & text_corpus["kind"].isin(["harmful", "benign"])]
     images = eval_neutral["image"].sample(n=len(heldout), replace=True, random_state=0).reset_index(drop=True)
-    prompts = [f"{IMAGE_TOKEN}\n{q}" for q in heldout["instruction"]]
-    refused = pd.Series([judge.is_refusal(a) for a in ask(prompts, images)], index=heldout.index)
+    refused = pd.Series([judge.is_refusal(a) for a in ask(list(heldout["instruction"]), images)], index=heldout.index)
     safety = {f"heldout_{kind}_refused_with_neutral_image": float(refused[heldout["kind"] == kind].mean())
               for kind in ("harmful", "benign")}
     samples = utility.groupby("question_type").head(2)[["question_type", "answer", "prediction"]]
