@@ -94,6 +94,7 @@ def stages(world, foundation, smoke_params) -> dict:
     inputs.update({f"params:{key}": smoke_params[key] for key in ("features", "pretrain", "finetune", "safety_map",
                                                                   "data")})
     inputs.update({f"params:variants.{name}": smoke_params["variants"][name] for name in ("qmllm", "baseline")})
+    inputs["params:foundation.clip.text_side"] = smoke_params["foundation"]["clip"]["text_side"]
     chain = (features_pipeline.create_pipeline() + pretrain_pipeline.create_pipeline()
              + finetune_pipeline.create_pipeline() + safety_map_pipeline.create_pipeline())
     return run_in_memory(chain, inputs)
@@ -111,7 +112,7 @@ def evaluation(world, foundation, stages, smoke_params) -> dict:
                                                                   "evaluate")})
     pipeline = evaluate_pipeline.create_pipeline()
     for name in pipeline.inputs():
-        if name.startswith("params:evaluate."):
+        if name.startswith(("params:evaluate.", "params:foundation.")):
             inputs[name] = _lookup(smoke_params, name.removeprefix("params:"))
     return run_in_memory(pipeline, inputs)
 

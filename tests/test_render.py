@@ -12,6 +12,8 @@ from qmllm_pipeline.world.scenes import (
     SceneRequest,
     SceneSampler,
     caption,
+    clip_text,
+    zero_shot_prompts,
 )
 
 
@@ -71,6 +73,16 @@ def test_objects_are_listed_left_to_right_in_the_caption(catalogue, layout_param
     assert scene["caption"] == caption(scene["objects"], scene["background"])
     assert caption(["apple", "dog"], "orange") == "an apple and a dog on an orange background"
     assert caption(["unicorn", "hourglass", "owl"], "red") == "a unicorn, an hourglass and an owl on a red background"
+
+
+def test_clip_text_side_decides_whether_the_background_is_said():
+    assert clip_text(["apple", "dog"], "orange", "objects") == "an apple and a dog"
+    assert clip_text(["apple", "dog"], "orange", "caption") == "an apple and a dog on an orange background"
+    assert zero_shot_prompts("owl", ["red", "blue"], "objects") == ["an owl"]
+    assert zero_shot_prompts("owl", ["red", "blue"], "caption") == ["an owl on a blue background",
+                                                                    "an owl on a red background"]
+    with pytest.raises(ValueError, match="text_side must be one of"):
+        clip_text(["owl"], "red", "names")
 
 
 def test_a_font_pillow_cannot_draw_is_rejected_by_the_catalogue_check(raw_catalogue):

@@ -197,3 +197,20 @@ def object_phrase(names: list[str]) -> str:
 def caption(names: list[str], background: str) -> str:
     """'a dog, a cat and a pistol on a blue background'."""
     return f"{object_phrase(names)} on {with_article(background)} background"
+
+
+CLIP_TEXT_SIDES = ("objects", "caption")
+
+
+def clip_text(names: list[str], background: str, text_side: str) -> str:
+    """What the text side of a CLIP training pair says about a scene: `objects` ('a dog and a pistol') or
+    the whole `caption` (with the background, which lets a batch be told apart by colour alone)."""
+    if text_side not in CLIP_TEXT_SIDES:
+        raise ValueError(f"foundation.clip.text_side must be one of {CLIP_TEXT_SIDES}, not {text_side!r}")
+    return object_phrase(names) if text_side == "objects" else caption(names, background)
+
+
+def zero_shot_prompts(name: str, backgrounds: list[str], text_side: str) -> list[str]:
+    """The prompts whose mean text embedding stands for one item, in the style CLIP was trained on:
+    one per background colour for `caption` (prompt ensembling), the object phrase alone for `objects`."""
+    return sorted({clip_text([name], background, text_side) for background in backgrounds})

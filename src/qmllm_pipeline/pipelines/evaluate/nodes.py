@@ -29,7 +29,7 @@ SYSTEMS = ("baseline", "safeclip", "qmllm")
 def assemble_systems(tokenizer, clip_model, clip_image_processor, qmllm_llm, qmllm_weights: dict, baseline_llm,
                      baseline_weights: dict, safety_map: pd.DataFrame, emoji_catalogue: pd.DataFrame,
                      pretrain_params: dict, feature_params: dict, safety_map_params: dict, data_params: dict,
-                     params: dict) -> dict[str, GuardedMLLM]:
+                     clip_text_side: str, params: dict) -> dict[str, GuardedMLLM]:
     """The three systems, frozen, sharing one vision tower; `safeclip` is `baseline` behind the CLIP filter."""
     torch.set_num_threads(params["threads"])
     tower = VisionTower.from_clip(clip_model, select_layer=feature_params["select_layer"],
@@ -42,7 +42,7 @@ def assemble_systems(tokenizer, clip_model, clip_image_processor, qmllm_llm, qml
 
     baseline = frozen(baseline_llm, baseline_weights, quantized=False)
     safeclip = build_safeclip_filter(clip_model, tokenizer, clip_image_processor, emoji_catalogue,
-                                     safety_map_params["safeclip_threshold"], data_params)
+                                     safety_map_params["safeclip_threshold"], data_params, clip_text_side)
     return {"baseline": GuardedMLLM(baseline, tokenizer, clip_image_processor),
             "safeclip": GuardedMLLM(baseline, tokenizer, clip_image_processor, SafeCLIPGuard(safeclip)),
             "qmllm": GuardedMLLM(frozen(qmllm_llm, qmllm_weights, quantized=True), tokenizer, clip_image_processor,
@@ -56,7 +56,7 @@ def systems_from_catalog(catalog, params: dict) -> dict[str, GuardedMLLM]:
         load("tokenizer"), load("clip_model"), load("clip_image_processor"), load("qmllm.finetuned_llm"),
         load("qmllm.stage1_weights"), load("baseline.finetuned_llm"), load("baseline.stage1_weights"),
         load("safety_map"), load("emoji_catalogue"), params["pretrain"], params["features"], params["safety_map"],
-        params["data"], params["evaluate"])
+        params["data"], params["foundation"]["clip"]["text_side"], params["evaluate"])
 
 
 def toxic_image_attack(systems: dict, eval_toxic: pd.DataFrame, eval_neutral: pd.DataFrame,

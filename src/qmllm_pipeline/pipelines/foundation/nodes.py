@@ -22,7 +22,7 @@ from qmllm_pipeline.models.llm import answer_prompts, build_llm, train_causal_lm
 from qmllm_pipeline.models.tokenizer import encode_chat, train_tokenizer
 from qmllm_pipeline.models.training import loss_curve_figure, seed_and_threads
 from qmllm_pipeline.tracking import StepLogger, log_summary_metrics
-from qmllm_pipeline.world.scenes import caption
+from qmllm_pipeline.world.scenes import clip_text, zero_shot_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def _training_summary(seconds: float, steps: int, model, losses: list[float]) ->
 
 
 def fit_clip(caption_corpus: pd.DataFrame, tokenizer, params: dict, data_params: dict):
-    """Train CLIP contrastively on the caption corpus; returns the model, its image processor, the loss
-    curve and a training summary."""
+    """Train CLIP contrastively on the caption corpus (each image paired with the text `clip.text_side`
+    says); returns the model, its image processor, the loss curve and a training summary."""
     clip_params = params["clip"]
     if clip_params["vision"]["image_size"] != data_params["layout"]["image_size"]:
         raise ValueError(f"foundation.clip.vision.image_size ({clip_params['vision']['image_size']}) must equal "
@@ -62,7 +62,9 @@ def fit_clip(caption_corpus: pd.DataFrame, tokenizer, params: dict, data_params:
     images = decode_images(caption_corpus["image"], desc="decode caption corpus")
     step_logger = StepLogger("clip", every=params["log_every"])
     started = time.perf_counter()
-    train_clip(model, processor, tokenizer, images, list(caption_corpus["caption"]), clip_params,
+    texts = [clip_text(list(objects), background, clip_params["text_side"])
+             for objects, background in zip(caption_corpus["objects"], caption_corpus["background"], strict=True)]
+    train_clip(model, processor, tokenizer, images, texts, clip_params,
                params["seed"], params["threads"], step_logger, groups=caption_corpus["background"].to_numpy())
     seconds = time.perf_counter() - started
     losses = [v for _, v in step_logger.history["loss"]]
@@ -111,12 +113,12 @@ def fit_llm(text_corpus: pd.DataFrame, tokenizer, params: dict):
 
 def evaluate_clip(clip_model, clip_image_processor, tokenizer, emoji_catalogue: pd.DataFrame,
                   eval_items: pd.DataFrame, params: dict, data_params: dict) -> dict:
-    """Zero-shot classification of held-out single-emoji scenes among all catalogue names. Each name's
-    text embedding is the mean over one prompt per background colour (prompt ensembling)."""
+    """Zero-shot classification of held-out single-emoji scenes among all catalogue names, with prompts in
+    the style CLIP was trained on (`zero_shot_prompts`)."""
     torch.set_num_threads(params["threads"])
     backgrounds = sorted(data_params["layout"]["backgrounds"])
     names = list(emoji_catalogue["name"])
-    prompts = [[caption([name], background) for background in backgrounds] for name in names]
+    prompts = [zero_shot_prompts(name, backgrounds, params["clip"]["text_side"]) for name in names]
     classes = class_embeddings(clip_model, tokenizer, prompts, params["clip"]["text"]["max_tokens"])
     images = decode_images(eval_items["image"], desc="decode eval_items")
     scores = image_embeddings(clip_model, clip_image_processor, images) @ classes.T

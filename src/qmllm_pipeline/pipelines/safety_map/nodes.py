@@ -20,7 +20,7 @@ from qmllm_pipeline.models.vision import VisionTower  # noqa: E402
 from qmllm_pipeline.pipelines.pretrain.nodes import build_qmllm, load_stage1_state  # noqa: E402
 from qmllm_pipeline.tracking import log_summary_metrics  # noqa: E402
 from qmllm_pipeline.world.catalogue import CATEGORIES, NEUTRAL  # noqa: E402
-from qmllm_pipeline.world.scenes import caption  # noqa: E402
+from qmllm_pipeline.world.scenes import zero_shot_prompts  # noqa: E402
 
 logger = logging.getLogger(__name__)
 SPLITS = ("dmap", "dmap_validation", "eval_toxic", "eval_neutral", "eval_hard_negative")
@@ -74,10 +74,10 @@ def detection_rates(refused: np.ndarray, eval_toxic, eval_neutral, eval_hard_neg
 
 
 def build_safeclip_filter(clip_model, tokenizer, clip_image_processor, emoji_catalogue: pd.DataFrame,
-                          threshold: float, data_params: dict) -> SafeCLIPFilter:
-    """The SafeCLIP-style filter with one class per catalogue item, its prompts one caption per background."""
+                          threshold: float, data_params: dict, text_side: str) -> SafeCLIPFilter:
+    """The SafeCLIP-style filter with one class per catalogue item, prompted in the style CLIP was trained on."""
     backgrounds = sorted(data_params["layout"]["backgrounds"])
-    descriptions = {c: [[caption([name], b) for b in backgrounds]
+    descriptions = {c: [zero_shot_prompts(name, backgrounds, text_side)
                         for name in emoji_catalogue.loc[emoji_catalogue["category"] == c, "name"]]
                     for c in CATEGORIES}
     return SafeCLIPFilter(clip_model, tokenizer, clip_image_processor, descriptions, threshold)
@@ -85,13 +85,13 @@ def build_safeclip_filter(clip_model, tokenizer, clip_image_processor, emoji_cat
 
 def evaluate_detectors(codes: dict, safety_map: pd.DataFrame, choice: dict, eval_toxic, eval_neutral,
                        eval_hard_negative, clip_model, clip_image_processor, tokenizer, emoji_catalogue,
-                       params: dict, data_params: dict) -> dict:
+                       params: dict, data_params: dict, clip_text_side: str) -> dict:
     """Toxic-image DSR per category and difficulty, FPR on neutral and hard-negative scenes, for the qmllm
     safety map and the SafeCLIP-style filter."""
     qmllm = np.concatenate([verdicts(safety_map, codes[s])["refused"].to_numpy()
                             for s in ("eval_toxic", "eval_neutral", "eval_hard_negative")])
     safeclip = build_safeclip_filter(clip_model, tokenizer, clip_image_processor, emoji_catalogue,
-                                     params["safeclip_threshold"], data_params)
+                                     params["safeclip_threshold"], data_params, clip_text_side)
     images = decode_images(pd.concat([eval_toxic["image"], eval_neutral["image"], eval_hard_negative["image"]]),
                            desc=None)
     report = {"qmllm": detection_rates(qmllm, eval_toxic, eval_neutral, eval_hard_negative),
