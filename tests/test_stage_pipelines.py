@@ -4,6 +4,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from qmllm_pipeline.datasets import SafetensorsDataset
+from qmllm_pipeline.pipelines.features.nodes import caption_semantic_targets
 from qmllm_pipeline.pipelines.pretrain.nodes import build_qmllm, load_stage1_state, stage1_state
 
 
@@ -21,6 +22,19 @@ def test_feature_cache_shapes(stages, world, foundation):
         first, *rest = [i for i, c in enumerate(world["caption_corpus"]["caption"])
                         if c == world["caption_corpus"]["caption"][same_caption].iloc[0]]
         assert all(torch.equal(targets[first], targets[i]) for i in rest)
+
+
+def test_semantic_target_text_decides_whether_the_background_counts(world, foundation, smoke_params):
+    corpus = world["caption_corpus"]
+    singles = corpus[corpus["n_objects"] == 1]
+    name = singles["objects"].map(lambda o: o[0]).value_counts().index[0]
+    same_object = singles[singles["objects"].map(lambda o: o[0]) == name].drop_duplicates("background").head(2)
+    assert len(same_object) == 2, "the smoke corpus should show one emoji on two backgrounds"
+    targets = {text: caption_semantic_targets(same_object, foundation["tokenizer"], foundation["llm"],
+                                              {**smoke_params["features"], "semantic_target_text": text})["targets"]
+               for text in ("objects", "caption")}
+    assert torch.equal(targets["objects"][0], targets["objects"][1])
+    assert not torch.allclose(targets["caption"][0], targets["caption"][1])
 
 
 def test_pretrain_reports_codebook_health_for_qmllm_only(stages, smoke_params):

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from qmllm_pipeline.models.clip import decode_images, pixel_values
 from qmllm_pipeline.models.vision import VisionTower
+from qmllm_pipeline.world.scenes import clip_text
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +55,12 @@ def extract_dialog_features(dialogs: pd.DataFrame, clip_model, clip_image_proces
 
 @torch.no_grad()
 def caption_semantic_targets(caption_corpus: pd.DataFrame, tokenizer, llm, params: dict) -> dict[str, torch.Tensor]:
-    """H_caption for L_semantic: the frozen LLM's last hidden states averaged over the caption's tokens
-    (text only). Stored raw; whether to standardise them is a stage-1 parameter."""
+    """H_caption for L_semantic: the frozen LLM's last hidden states averaged over the tokens of the text
+    `semantic_target_text` names (the whole caption, or its object phrase only). Stored raw; whether to
+    standardise them is a stage-1 parameter."""
     torch.set_num_threads(params["threads"])
-    captions = list(caption_corpus["caption"])
+    captions = [clip_text(list(objects), background, params["semantic_target_text"])
+                for objects, background in zip(caption_corpus["objects"], caption_corpus["background"], strict=True)]
     unique = sorted(set(captions))
     vectors = []
     for start in tqdm(range(0, len(unique), params["batch_size"]), desc="caption targets", mininterval=2):
