@@ -203,11 +203,18 @@ CLIP_TEXT_SIDES = ("objects", "caption")
 
 
 def clip_text(names: list[str], background: str, text_side: str) -> str:
-    """What the text side of a CLIP training pair says about a scene: `objects` ('a dog and a pistol') or
-    the whole `caption` (with the background, which lets a batch be told apart by colour alone)."""
+    """What a text paired with a scene says about it: `objects` ('a dog and a pistol') or the whole
+    `caption` (with the background, which lets a CLIP batch be told apart by colour alone)."""
     if text_side not in CLIP_TEXT_SIDES:
-        raise ValueError(f"foundation.clip.text_side must be one of {CLIP_TEXT_SIDES}, not {text_side!r}")
+        raise ValueError(f"text side must be one of {CLIP_TEXT_SIDES} (foundation.clip.text_side, "
+                         f"features.semantic_target_text), not {text_side!r}")
     return object_phrase(names) if text_side == "objects" else caption(names, background)
+
+
+def scene_texts(scenes, text_side: str) -> list[str]:
+    """`clip_text` for every row of a scene table (its `objects` and `background` columns)."""
+    return [clip_text(list(objects), background, text_side)
+            for objects, background in zip(scenes["objects"], scenes["background"], strict=True)]
 
 
 def zero_shot_prompts(name: str, backgrounds: list[str], text_side: str) -> list[str]:

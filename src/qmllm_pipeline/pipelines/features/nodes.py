@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from qmllm_pipeline.models.clip import decode_images, pixel_values
 from qmllm_pipeline.models.vision import VisionTower
-from qmllm_pipeline.world.scenes import clip_text
+from qmllm_pipeline.world.scenes import scene_texts
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ def caption_semantic_targets(caption_corpus: pd.DataFrame, tokenizer, llm, param
     `semantic_target_text` names (the whole caption, or its object phrase only). Stored raw; whether to
     standardise them is a stage-1 parameter."""
     torch.set_num_threads(params["threads"])
-    captions = [clip_text(list(objects), background, params["semantic_target_text"])
-                for objects, background in zip(caption_corpus["objects"], caption_corpus["background"], strict=True)]
+    captions = scene_texts(caption_corpus, params["semantic_target_text"])
     unique = sorted(set(captions))
     vectors = []
     for start in tqdm(range(0, len(unique), params["batch_size"]), desc="caption targets", mininterval=2):

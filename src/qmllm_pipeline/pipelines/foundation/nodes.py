@@ -22,7 +22,7 @@ from qmllm_pipeline.models.llm import answer_prompts, build_llm, train_causal_lm
 from qmllm_pipeline.models.tokenizer import encode_chat, train_tokenizer
 from qmllm_pipeline.models.training import loss_curve_figure, seed_and_threads
 from qmllm_pipeline.tracking import StepLogger, log_summary_metrics
-from qmllm_pipeline.world.scenes import clip_text, zero_shot_prompts
+from qmllm_pipeline.world.scenes import scene_texts, zero_shot_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +62,7 @@ def fit_clip(caption_corpus: pd.DataFrame, tokenizer, params: dict, data_params:
     images = decode_images(caption_corpus["image"], desc="decode caption corpus")
     step_logger = StepLogger("clip", every=params["log_every"])
     started = time.perf_counter()
-    texts = [clip_text(list(objects), background, clip_params["text_side"])
-             for objects, background in zip(caption_corpus["objects"], caption_corpus["background"], strict=True)]
-    train_clip(model, processor, tokenizer, images, texts, clip_params,
+    train_clip(model, processor, tokenizer, images, scene_texts(caption_corpus, clip_params["text_side"]), clip_params,
                params["seed"], params["threads"], step_logger, groups=caption_corpus["background"].to_numpy())
     seconds = time.perf_counter() - started
     losses = [v for _, v in step_logger.history["loss"]]
