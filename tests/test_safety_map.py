@@ -6,6 +6,7 @@ import torch
 from matplotlib.figure import Figure
 
 from qmllm_pipeline.models.safety_map import build_safety_map, recommend, tau_trade_off, verdicts
+from qmllm_pipeline.pipelines.safety_map.levers import lever_sweep
 
 CATEGORIES = ["weapon", "drugs", "neutral"]
 # code 0: 3 weapon + 1 neutral (p=.75); code 1: 2 drugs + 2 neutral (p=.5, tie -> first max: drugs);
@@ -57,3 +58,23 @@ def test_pipeline_reports_both_detectors(stages):
     assert len(table) == report["safety_map"]["codes"] and table["n"].sum() == len(stages["cls_codes"]["dmap"])
     assert isinstance(stages["safety_map_heatmap"], Figure)
     assert len(stages["tau_trade_off"]) == 7 * 3
+
+
+def test_lever_sweep_reproduces_the_pipeline_and_varies_k(world, foundation, stages, smoke_params):
+    """The sweep behind the README's lever table: its row for the configured setting must equal what the
+    safety_map pipeline measured (same nodes, same seeds), and every combination gets a row."""
+    inputs = {name: world[name] for name in ("emoji_catalogue", "caption_corpus", "dmap_validation", "eval_toxic",
+                                              "eval_neutral", "eval_hard_negative")}
+    inputs.update({name: foundation[name] for name in ("clip_model", "clip_image_processor", "tokenizer", "llm")})
+    inputs.update({name: stages[name] for name in ("caption_features", "caption_targets")})
+    configured = smoke_params["pretrain"]["codebooks"]["cls_codes"]
+    dmap = smoke_params["data"]["dmap"]
+    table = lever_sweep(inputs, smoke_params, [smoke_params["features"]["cls_source"]],
+                        [smoke_params["pretrain"]["training"]["lambda_semantic"]], [configured, 2 * configured],
+                        [(dmap["per_toxic_category"], dmap["neutral"])])
+    assert list(table["cls_codes"]) == [configured, 2 * configured]
+    row = table.iloc[0]
+    measured = stages["safety_metrics"]["qmllm"]
+    assert row["dsr_single"] == measured["dsr"]["single"] and row["fpr_neutral"] == measured["fpr_neutral"]
+    assert row["codes_reached_by_dmap"] == stages["safety_metrics"]["safety_map"]["codes_seen"]
+    assert (table["cls_codes_used"] <= table["cls_codes"]).all()

@@ -1,0 +1,64 @@
+"""Measure the safety map's levers on the trained world: CLS source x lambda_semantic x K x D_map size.
+
+Each (source, lambda, K) trains its own stage 1 (about 30 s on 2 cores with the default configuration);
+each D_map size reuses it. Reads what `kedro run` wrote (data, foundation, features) and changes none of
+it: the table is printed and saved to --out. Example, the README's rows:
+
+    python notebooks/safety_map_levers.py --cls-source layer --lambda-semantic 1,0.3,0.1,0 \\
+        --cls-codes 128 --dmap 50/500
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+INPUTS = ("emoji_catalogue", "caption_corpus", "caption_features", "caption_targets", "dmap_validation", "eval_toxic",
+          "eval_neutral", "eval_hard_negative", "clip_model", "clip_image_processor", "tokenizer", "llm")
+
+
+def _list(kind):
+    return lambda text: [kind(item) for item in text.split(",")]
+
+
+def _dmap_size(text: str) -> tuple[int, int]:
+    per_category, neutral = text.split("/")
+    return int(per_category), int(neutral)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="base", help="Kedro environment to read (default: base)")
+    parser.add_argument("--cls-source", type=_list(str), default=["layer"],
+                        help="comma list of features.cls_source values: layer, pooled, projected (default: layer)")
+    parser.add_argument("--lambda-semantic", type=_list(float), default=[1.0],
+                        help="comma list of pretrain.training.lambda_semantic values (default: 1)")
+    parser.add_argument("--cls-codes", type=_list(int), default=[128], help="comma list of K values (default: 128)")
+    parser.add_argument("--dmap", type=_list(_dmap_size), default=[(50, 500)],
+                        help="comma list of D_map sizes, images per toxic category/neutral images (default: 50/500)")
+    parser.add_argument("--out", type=Path, default=PROJECT / "data/08_reporting/safety_map_levers.csv",
+                        help="CSV written (via a temporary file) with one row per setting")
+    args = parser.parse_args()
+
+    from kedro.framework.session import KedroSession  # imported here: --help stays quick and quiet
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(PROJECT)
+    from qmllm_pipeline.pipelines.safety_map.levers import lever_sweep
+
+    with KedroSession.create(project_path=PROJECT, env=None if args.env == "base" else args.env) as session:
+        context = session.load_context()
+        inputs = {name: context.catalog.load(name) for name in INPUTS}
+        table = lever_sweep(inputs, context.params, args.cls_source, args.lambda_semantic, args.cls_codes, args.dmap)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = args.out.with_suffix(".tmp")
+    table.to_csv(scratch, index=False)
+    os.replace(scratch, args.out)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
