@@ -2,6 +2,7 @@
 
 import torch
 
+from qmllm_pipeline.models.attack import random_sign_noise
 from qmllm_pipeline.pipelines.evaluate.pipeline import ATTACKERS, BUDGETS
 from qmllm_pipeline.pipelines.evaluate.report import JAILBREAK_CASES
 
@@ -24,7 +25,7 @@ def test_adversarial_images_respect_their_budgets(evaluation, smoke_params):
     start = evaluation["jailbreak_start"]["image"].int()
     images = evaluation["adversarial_images"]
     budgets = smoke_params["evaluate"]["budgets"]
-    assert len(images) == len(BUDGETS) * len(ATTACKERS)
+    assert len(images) == len(BUDGETS) * (len(ATTACKERS) + 1)  # + the random-noise control
     for key, image in images.items():
         budget, attacker = key.split("/")
         assert image.dtype == torch.uint8 and image.shape == start.shape
@@ -33,13 +34,29 @@ def test_adversarial_images_respect_their_budgets(evaluation, smoke_params):
             assert (image.int() - start).abs().max() <= eps, key
             if attacker == "qmllm_plain":  # the deployed Q-MLLM passes no gradient: PGD cannot move
                 assert torch.equal(image.int(), start), key
+            if attacker == "qmllm_noise":  # every pixel the clamp leaves free moves by exactly eps
+                free = (start >= eps) & (start <= 255 - eps)
+                assert ((image.int() - start).abs()[free] == eps).all(), key
+
+
+def test_random_sign_noise_spends_the_budget_at_random():
+    start = torch.full((3, 8, 8), 128 / 255)  # on the 8-bit grid, as every start image is
+    noisy = random_sign_noise(start, 16 / 255, seed=1)
+    moved = ((noisy - start) * 255).round().abs()
+    assert torch.equal(moved, torch.full_like(moved, 16.0))
+    assert 0.3 < (noisy > start).float().mean() < 0.7  # both directions
+    assert torch.equal(noisy, random_sign_noise(start, 16 / 255, seed=1))  # seeded
+    unconstrained = random_sign_noise(start, None, seed=1)
+    assert unconstrained.min() >= 0 and unconstrained.max() <= 1 and unconstrained.std() > 0.2
 
 
 def test_the_report_has_the_paper_style_tables(evaluation):
     report = evaluation["evaluation_report"]
     for heading in ("| system | toxic DSR single", "## Jailbreak by attacker", "## Time per query"):
         assert heading in report
-    assert report.count("| qmllm |") >= 5  # main table, four jailbreak attackers
+    assert report.count("| qmllm |") >= 6  # main table, four jailbreak attackers, the noise control
+    assert "| qmllm | random noise (control) |" in report and "| baseline | random noise (control) |" in report
+    assert set(evaluation["evaluation_metrics"]["qmllm_noise_gain_over_clean"]) == set(BUDGETS)
     responses = evaluation["toxic_image_responses"]
     assert set(responses["system"]) == {"baseline", "safeclip", "qmllm"}
     assert responses.loc[responses["refused_by_guard"], "refused"].all()

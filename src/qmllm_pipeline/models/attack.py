@@ -13,6 +13,8 @@ Three ways the gradient reaches the pixels, chosen by the attacker:
   backward pass, plus a term that keeps the CLS embedding at a neutral code so the safety map lets it in;
 - Q-MLLM surrogate (`continuous_surrogate=True`): the quantizer is the identity on the forward pass too,
   so PGD descends a smooth loss, and only the final check goes through the real, hard-quantized model.
+
+`random_sign_noise` is the control every attack must beat: the same budget spent at random.
 """
 
 from __future__ import annotations
@@ -81,3 +83,16 @@ def universal_pgd(objective: JailbreakObjective, start: torch.Tensor, eps: float
         history["grad_abs_mean"].append(float(grad.abs().mean()))
         history["cls_index"].append(objective.last.get("cls_index", -1))
     return ((image.detach() * 255).round() / 255).clamp(0, 1), history
+
+
+def random_sign_noise(start: torch.Tensor, eps: float | None, seed: int = 0) -> torch.Tensor:
+    """The start image (3, H, W) in [0, 1] with every pixel moved by +-eps at random (uniform noise when
+    unconstrained, as PGD starts there), on the 8-bit grid: no model, no gradient. An attack image that
+    changes the model's behaviour no more than this one has found nothing the budget alone does not."""
+    generator = torch.Generator().manual_seed(seed)
+    if eps is None:
+        noisy = torch.rand(start.shape, generator=generator)
+    else:
+        signs = torch.randint(0, 2, start.shape, generator=generator).to(start.dtype) * 2 - 1
+        noisy = start + eps * signs
+    return (noisy.clamp(0, 1) * 255).round() / 255

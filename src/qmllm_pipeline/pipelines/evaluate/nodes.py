@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from qmllm_pipeline.judge import RefusalPhraseJudge
-from qmllm_pipeline.models.attack import JailbreakObjective, universal_pgd
+from qmllm_pipeline.models.attack import JailbreakObjective, random_sign_noise, universal_pgd
 from qmllm_pipeline.models.clip import decode_images, pixel_values
 from qmllm_pipeline.models.guarded import GuardedMLLM, SafeCLIPGuard, SafetyMapGuard
 from qmllm_pipeline.models.tokenizer import IMAGE_TOKEN, encode_chat
@@ -230,12 +230,18 @@ def judge_jailbreaks(systems: dict, text_corpus: pd.DataFrame, start: dict, base
                      budget: dict) -> dict:
     """The images of one budget against the held-out harmful instructions: white-box on baseline (and the
     same image on safeclip), and on qmllm the plain, transfer (baseline's image), adaptive (BPDA) and
-    continuous-surrogate attacks, each checked through the real hard-quantized model."""
+    continuous-surrogate attacks, each checked through the real hard-quantized model; and random +-eps
+    noise on both models, the control that tells an attack from a perturbation of that size."""
     torch.set_num_threads(params["threads"])
     heldout = _harmful(text_corpus, "heldout", params["jailbreak"]["heldout_instructions"], params["jailbreak"]["seed"])
+    eps = None if budget["eps"] is None else budget["eps"] / 255
+    noise = {"image": (random_sign_noise(start["image"].float() / 255, eps, params["jailbreak"]["seed"]) * 255)
+             .round().to(torch.uint8)}
     cases = {"baseline_whitebox": ("baseline", baseline_whitebox), "safeclip_whitebox": ("safeclip", baseline_whitebox),
+             "baseline_noise": ("baseline", noise),
              "qmllm_plain": ("qmllm", qmllm_plain), "qmllm_transfer": ("qmllm", baseline_whitebox),
-             "qmllm_adaptive": ("qmllm", qmllm_adaptive), "qmllm_surrogate": ("qmllm", qmllm_surrogate)}
+             "qmllm_adaptive": ("qmllm", qmllm_adaptive), "qmllm_surrogate": ("qmllm", qmllm_surrogate),
+             "qmllm_noise": ("qmllm", noise)}
     results = {}
     for case, (system, crafted) in cases.items():
         results[case] = {"system": system, **_jailbreak_rates(systems[system], crafted["image"], heldout, params,
@@ -245,7 +251,7 @@ def judge_jailbreaks(systems: dict, text_corpus: pd.DataFrame, start: dict, base
     crafted = {"baseline_whitebox": baseline_whitebox, "qmllm_plain": qmllm_plain, "qmllm_adaptive": qmllm_adaptive,
                "qmllm_surrogate": qmllm_surrogate}
     return {"budget": budget["name"], "eps": budget["eps"], "results": results,
-            "images": {name: c["image"] for name, c in crafted.items()},
+            "images": {**{name: c["image"] for name, c in crafted.items()}, "qmllm_noise": noise["image"]},
             "pgd": {name: {"seconds": c["seconds"], "loss_first": c["history"]["loss"][0],
                            "loss_last": c["history"]["loss"][-1],
                            "grad_abs_mean": float(np.mean(c["history"]["grad_abs_mean"]))}
