@@ -163,15 +163,19 @@ def craft_jailbreak_image(systems: dict, text_corpus: pd.DataFrame, start: dict,
     objective = JailbreakObjective(model, system.processor, sequences, settings["batch_size"],
                                    attacker["straight_through"], attacker.get("continuous_surrogate", False),
                                    anchor, attacker["cls_weight"])
-    eps = None if budget["eps"] is None else budget["eps"] / 255
     started = time.perf_counter()
-    image, history = universal_pgd(objective, clean, eps, settings["steps"], settings["step_size"] / 255,
+    image, history = universal_pgd(objective, clean, _eps(budget), settings["steps"], settings["step_size"] / 255,
                                    settings["seed"], desc=f"PGD {attacker['name']} {budget['name']}")
     seconds = time.perf_counter() - started
     logger.info("PGD %s %s: %.1f s, loss %.3f -> %.3f, mean |grad| %.2e", attacker["name"], budget["name"], seconds,
                 history["loss"][0], history["loss"][-1], float(np.mean(history["grad_abs_mean"])))
     return {"image": (image * 255).round().to(torch.uint8), "history": history, "seconds": round(seconds, 1),
             "attacker": attacker["name"], "budget": budget["name"], "eps": budget["eps"]}
+
+
+def _eps(budget: dict) -> float | None:
+    """A budget's L_inf bound on the [0, 1] pixel scale (parameters give it in 1/255); None: unconstrained."""
+    return None if budget["eps"] is None else budget["eps"] / 255
 
 
 def _first_target_tokens(ids: list[int], labels: list[int], keep: int | None) -> tuple[list[int], list[int]]:
@@ -234,8 +238,7 @@ def judge_jailbreaks(systems: dict, text_corpus: pd.DataFrame, start: dict, base
     noise on both models, the control that tells an attack from a perturbation of that size."""
     torch.set_num_threads(params["threads"])
     heldout = _harmful(text_corpus, "heldout", params["jailbreak"]["heldout_instructions"], params["jailbreak"]["seed"])
-    eps = None if budget["eps"] is None else budget["eps"] / 255
-    noise = {"image": (random_sign_noise(start["image"].float() / 255, eps, params["jailbreak"]["seed"]) * 255)
+    noise = {"image": (random_sign_noise(start["image"].float() / 255, _eps(budget), params["jailbreak"]["seed"]) * 255)
              .round().to(torch.uint8)}
     cases = {"baseline_whitebox": ("baseline", baseline_whitebox), "safeclip_whitebox": ("safeclip", baseline_whitebox),
              "baseline_noise": ("baseline", noise),

@@ -10,14 +10,12 @@ import itertools
 import logging
 import tempfile
 
-import numpy as np
 import pandas as pd
 
-from qmllm_pipeline.models.safety_map import verdicts
 from qmllm_pipeline.pipelines.data.nodes import render_dmap
 from qmllm_pipeline.pipelines.features.nodes import extract_caption_features
 from qmllm_pipeline.pipelines.pretrain.nodes import pretrain_variant
-from qmllm_pipeline.pipelines.safety_map.nodes import cls_codes, detection_rates, fit_safety_map
+from qmllm_pipeline.pipelines.safety_map.nodes import cls_codes, detection_rates, fit_safety_map, qmllm_refusals
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +51,7 @@ def lever_sweep(inputs: dict, params: dict, cls_sources: list[str], lambdas: lis
                 codes = cls_codes(dmap, inputs["dmap_validation"], *evaluation, *models, weights, pretrain_params,
                                   feature_params)
                 table, _, choice = fit_safety_map(codes, dmap, inputs["dmap_validation"], params["safety_map"])
-                refused = np.concatenate([verdicts(table, codes[split])["refused"].to_numpy()
-                                          for split in ("eval_toxic", "eval_neutral", "eval_hard_negative")])
-                rates = detection_rates(refused, *evaluation)
+                rates = detection_rates(qmllm_refusals(table, codes), *evaluation)
                 row = {"cls_source": source, "lambda_semantic": weight, "cls_codes": codes_k,
                        "dmap": f"{per_category}/{neutral}",
                        "cls_codes_used": summary["codebooks"]["cls"]["codes_used"],

@@ -58,6 +58,12 @@ def fit_safety_map(codes: dict, dmap: pd.DataFrame, dmap_validation: pd.DataFram
     return table, trade_off, {**choice, "tau_used": tau, "unseen_policy_used": policy}
 
 
+def qmllm_refusals(safety_map: pd.DataFrame, codes: dict) -> np.ndarray:
+    """The safety map's verdict on every evaluation image, in `detection_rates`' order (toxic, neutral, hard)."""
+    return np.concatenate([verdicts(safety_map, codes[split])["refused"].to_numpy()
+                           for split in ("eval_toxic", "eval_neutral", "eval_hard_negative")])
+
+
 def detection_rates(refused: np.ndarray, eval_toxic, eval_neutral, eval_hard_negative) -> dict:
     n_toxic = len(eval_toxic)
     toxic, neutral, hard = refused[:n_toxic], refused[n_toxic:n_toxic + len(eval_neutral)], \
@@ -88,8 +94,7 @@ def evaluate_detectors(codes: dict, safety_map: pd.DataFrame, choice: dict, eval
                        params: dict, data_params: dict, clip_text_side: str) -> dict:
     """Toxic-image DSR per category and difficulty, FPR on neutral and hard-negative scenes, for the qmllm
     safety map and the SafeCLIP-style filter."""
-    qmllm = np.concatenate([verdicts(safety_map, codes[s])["refused"].to_numpy()
-                            for s in ("eval_toxic", "eval_neutral", "eval_hard_negative")])
+    qmllm = qmllm_refusals(safety_map, codes)
     safeclip = build_safeclip_filter(clip_model, tokenizer, clip_image_processor, emoji_catalogue,
                                      params["safeclip_threshold"], data_params, clip_text_side)
     images = decode_images(pd.concat([eval_toxic["image"], eval_neutral["image"], eval_hard_negative["image"]]),
