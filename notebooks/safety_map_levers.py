@@ -15,8 +15,6 @@ import os
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
-INPUTS = ("emoji_catalogue", "caption_corpus", "caption_features", "caption_targets", "dmap_validation", "eval_toxic",
-          "eval_neutral", "eval_hard_negative", "clip_model", "clip_image_processor", "tokenizer", "llm")
 
 
 def _list(kind):
@@ -32,9 +30,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="base", help="Kedro environment to read (default: base)")
     parser.add_argument("--cls-source", type=_list(str), default=["layer"],
-                        help="comma list of features.cls_source values: layer, pooled, projected (default: layer)")
+                        help="comma list of features.vision_tower.cls_source values: layer, pooled, projected "
+                             "(default: layer)")
     parser.add_argument("--lambda-semantic", type=_list(float), default=[1.0],
-                        help="comma list of pretrain.training.lambda_semantic values (default: 1)")
+                        help="comma list of pretrain.stage1.lambda_semantic values (default: 1)")
     parser.add_argument("--cls-codes", type=_list(int), default=[128], help="comma list of K values (default: 128)")
     parser.add_argument("--dmap", type=_list(_dmap_size), default=[(50, 500)],
                         help="comma list of D_map sizes, images per toxic category/neutral images (default: 50/500)")
@@ -46,7 +45,7 @@ def main() -> None:
     from kedro.framework.startup import bootstrap_project
 
     bootstrap_project(PROJECT)
-    from qmllm_pipeline.pipelines.safety_map.levers import lever_sweep
+    from qmllm_pipeline.experiments.safety_map_levers import INPUTS, lever_sweep
 
     with KedroSession.create(project_path=PROJECT, env=None if args.env == "base" else args.env) as session:
         context = session.load_context()

@@ -8,9 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from kedro.config import OmegaConfigLoader
-from kedro.io import DataCatalog, MemoryDataset
-from kedro.runner import SequentialRunner
 
+from qmllm_pipeline.experiments.runs import run_in_memory
 from qmllm_pipeline.pipelines import data as data_pipeline
 from qmllm_pipeline.pipelines import evaluate as evaluate_pipeline
 from qmllm_pipeline.pipelines import features as features_pipeline
@@ -24,6 +23,14 @@ from qmllm_pipeline.world.render import default_font_path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CATALOGUE_CSV = PROJECT_ROOT / "data" / "01_raw" / "emoji_catalogue.csv"
+# fixtures that train models or run pipelines: a test that uses one is `slow` (pytest -m "not slow" skips it)
+SLOW_FIXTURES = {"world", "foundation", "stages", "evaluation", "smoke_run"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def load_parameters(env: str) -> dict:
@@ -50,29 +57,10 @@ def catalogue(raw_catalogue) -> pd.DataFrame:
     return validate_catalogue(raw_catalogue, default_font_path())
 
 
-class KeptMemoryDataset(MemoryDataset):
-    """A MemoryDataset the runner cannot release, so tests can read intermediate outputs afterwards."""
-
-    def _release(self) -> None:
-        pass
-
-
 @pytest.fixture(scope="session")
 def world(raw_catalogue, smoke_params) -> dict:
     """The `data` pipeline run once in memory on the smoke parameters (spaceflights-style test)."""
-    return run_in_memory(data_pipeline.create_pipeline(),
-                         {"emoji_catalogue_raw": raw_catalogue, "params:data": smoke_params["data"]})
-
-
-def run_in_memory(pipeline, inputs: dict) -> dict:
-    """Run a pipeline with a DataCatalog of in-memory inputs; return every output, intermediate ones too."""
-    catalog = DataCatalog()
-    for name, value in inputs.items():
-        catalog[name] = value
-    for name in pipeline.all_outputs():
-        catalog[name] = KeptMemoryDataset(copy_mode="assign")
-    SequentialRunner().run(pipeline, catalog)
-    return {name: catalog.load(name) for name in pipeline.all_outputs()}
+    return run_in_memory(data_pipeline.create_pipeline(), {"emoji_catalogue_raw": raw_catalogue}, smoke_params)
 
 
 @pytest.fixture(scope="session")
@@ -80,24 +68,19 @@ def foundation(world, smoke_params) -> dict:
     """The `foundation` pipeline run once in memory on the smoke world."""
     inputs = {name: world[name] for name in ("text_corpus", "dialogs", "caption_corpus", "emoji_catalogue",
                                               "eval_items")}
-    inputs.update({"params:foundation": smoke_params["foundation"], "params:data": smoke_params["data"]})
-    return run_in_memory(foundation_pipeline.create_pipeline(), inputs)
+    return run_in_memory(foundation_pipeline.create_pipeline(), inputs, smoke_params)
 
 
 @pytest.fixture(scope="session")
 def stages(world, foundation, smoke_params) -> dict:
-    """`features`, `pretrain` and `finetune` run once in memory on the smoke world and models."""
+    """`features`, `pretrain`, `finetune` and `safety_map` run once in memory on the smoke world and models."""
     inputs = {name: world[name] for name in ("caption_corpus", "dialogs", "text_corpus", "eval_utility",
                                               "eval_neutral", "dmap", "dmap_validation", "eval_toxic",
                                               "eval_hard_negative", "emoji_catalogue")}
     inputs.update({name: foundation[name] for name in ("tokenizer", "llm", "clip_model", "clip_image_processor")})
-    inputs.update({f"params:{key}": smoke_params[key] for key in ("features", "pretrain", "finetune", "safety_map",
-                                                                  "data")})
-    inputs.update({f"params:variants.{name}": smoke_params["variants"][name] for name in ("qmllm", "baseline")})
-    inputs["params:foundation.clip.text_side"] = smoke_params["foundation"]["clip"]["text_side"]
     chain = (features_pipeline.create_pipeline() + pretrain_pipeline.create_pipeline()
              + finetune_pipeline.create_pipeline() + safety_map_pipeline.create_pipeline())
-    return run_in_memory(chain, inputs)
+    return run_in_memory(chain, inputs, smoke_params)
 
 
 @pytest.fixture(scope="session")
@@ -106,21 +89,10 @@ def evaluation(world, foundation, stages, smoke_params) -> dict:
     inputs = {name: world[name] for name in ("text_corpus", "eval_utility", "eval_neutral", "eval_toxic",
                                               "eval_hard_negative", "emoji_catalogue")}
     inputs.update({name: foundation[name] for name in ("tokenizer", "clip_model", "clip_image_processor")})
-    inputs.update({name: stages[name] for name in ("qmllm.finetuned_llm", "qmllm.stage1_weights", "safety_map",
-                                                   "baseline.finetuned_llm", "baseline.stage1_weights")})
-    inputs.update({f"params:{key}": smoke_params[key] for key in ("pretrain", "features", "safety_map", "data",
-                                                                  "evaluate")})
-    pipeline = evaluate_pipeline.create_pipeline()
-    for name in pipeline.inputs():
-        if name.startswith(("params:evaluate.", "params:foundation.")):
-            inputs[name] = _lookup(smoke_params, name.removeprefix("params:"))
-    return run_in_memory(pipeline, inputs)
-
-
-def _lookup(params: dict, dotted: str):
-    for key in dotted.split("."):
-        params = params[key]
-    return params
+    inputs.update({f"{variant}.{name}": stages[f"{variant}.{name}"] for variant in ("qmllm", "baseline")
+                   for name in ("qmllm_config", "stage1_weights", "finetuned_llm")})
+    inputs["safety_map"] = stages["safety_map"]
+    return run_in_memory(evaluate_pipeline.create_pipeline(), inputs, smoke_params)
 
 
 def copy_project(destination: Path) -> Path:

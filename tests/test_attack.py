@@ -5,15 +5,12 @@ import pandas as pd
 import pytest
 import torch
 
-from qmllm_pipeline.models.attack import JailbreakObjective, universal_pgd
-from qmllm_pipeline.models.tokenizer import IMAGE_TOKEN, encode_chat
+from qmllm_pipeline.models.attack import JailbreakObjective, first_target_tokens, target_sequences, universal_pgd
 
 
 def _objective(system, text_corpus: pd.DataFrame, straight_through: bool) -> JailbreakObjective:
     harmful = text_corpus[(text_corpus["kind"] == "harmful") & (text_corpus["split"] == "train")].head(4)
-    sequences = [encode_chat(system.tokenizer, [{"role": "user", "content": f"{IMAGE_TOKEN}\n{r.instruction}"},
-                                                {"role": "assistant", "content": r.target}], 96)
-                 for r in harmful.itertuples(index=False)]
+    sequences = target_sequences(system.tokenizer, list(harmful["instruction"]), list(harmful["target"]), 96, None)
     # the whole set every step: the loss is then a deterministic function of the image
     return JailbreakObjective(system.model, system.processor, sequences, len(sequences), straight_through)
 
@@ -53,21 +50,19 @@ def test_unconstrained_pgd_starts_from_noise(evaluation, world, start):
 
 
 def test_the_loss_can_be_kept_on_the_affirmative_opening_only():
-    from qmllm_pipeline.pipelines.evaluate.nodes import _first_target_tokens
-
     ids, labels = [1, 2, 3, 4, 5, 6], [-100, -100, 13, 14, 15, 16]
-    assert _first_target_tokens(ids, labels, None) == (ids, labels)
-    assert _first_target_tokens(ids, labels, 2) == (ids, [-100, -100, 13, 14, -100, -100])
+    assert first_target_tokens(ids, labels, None) == (ids, labels)
+    assert first_target_tokens(ids, labels, 2) == (ids, [-100, -100, 13, 14, -100, -100])
 
 
-def test_an_attacker_config_that_cannot_work_is_refused(evaluation, world, smoke_params):
-    from qmllm_pipeline.pipelines.evaluate.nodes import craft_jailbreak_image
+def test_an_attacker_config_that_cannot_work_is_refused(evaluation, smoke_params):
+    from qmllm_pipeline.pipelines.evaluate.attacks import craft_jailbreak_image
 
     params = smoke_params["evaluate"]
     budget = params["budgets"]["eps16"]
+    common = (evaluation["evaluation_systems"], evaluation["jailbreak_instructions"], evaluation["jailbreak_start"],
+              params["jailbreak"])
     with pytest.raises(ValueError, match="needs a system with a safety map"):
-        craft_jailbreak_image(evaluation["evaluation_systems"], world["text_corpus"], evaluation["jailbreak_start"],
-                              params, {**params["attackers"]["baseline_whitebox"], "cls_weight": 1.0}, budget)
+        craft_jailbreak_image(*common, {**params["attackers"]["baseline_whitebox"], "cls_weight": 1.0}, budget, 0)
     with pytest.raises(ValueError, match="unknown system"):
-        craft_jailbreak_image(evaluation["evaluation_systems"], world["text_corpus"], evaluation["jailbreak_start"],
-                              params, {**params["attackers"]["qmllm_plain"], "system": "llava"}, budget)
+        craft_jailbreak_image(*common, {**params["attackers"]["qmllm_plain"], "system": "llava"}, budget, 0)

@@ -4,6 +4,7 @@ the default configuration; smoke only has a few dozen steps)."""
 import json
 
 import pytest
+import torch
 from matplotlib.figure import Figure
 from transformers import CLIPModel, LlamaForCausalLM
 
@@ -19,10 +20,11 @@ def test_outputs_and_metrics(foundation):
         assert 0.0 <= value <= 1.0
     assert report["clip"]["top1"] <= report["clip"]["top5"]
     assert report["clip"]["zero_shot_classes"] == 333
+    assert report["llm"]["heldout_counts"]["harmful"] > 0 and report["llm"]["heldout_counts"]["benign"] > 0
     assert set(report["goals"]) == {"clip_top1_at_least_0.50", "clip_top5_at_least_0.80",
                                     "llm_heldout_harmful_refused_at_least_0.95",
                                     "llm_heldout_benign_refused_at_most_0.05"}
-    json.dumps(report)  # the metrics file must be plain JSON
+    assert json.loads(json.dumps(report)) == report  # the metrics file must be plain JSON
 
 
 @pytest.mark.parametrize("name", ["clip_training", "llm_training"])
@@ -42,7 +44,13 @@ def test_models_round_trip_through_the_catalogue(foundation, tmp_path):
         loaded = dataset.load()
         if hasattr(loaded, "state_dict"):
             original = foundation[name].state_dict()
-            assert all((loaded.state_dict()[k] == v).all() for k, v in original.items())
+            assert loaded.state_dict().keys() == original.keys()
+            assert all(torch.equal(loaded.state_dict()[k], v) for k, v in original.items())
     tokenizer = HFModelDirectoryDataset(str(tmp_path / "tokenizer"), "transformers.AutoTokenizer").load()
     assert tokenizer.eos_token_id == foundation["tokenizer"].eos_token_id != 2
-    AtomicJSONDataset(str(tmp_path / "foundation.json")).save(foundation["foundation_metrics"])
+    processor = HFModelDirectoryDataset(str(tmp_path / "clip_image_processor"),
+                                        "transformers.CLIPImageProcessor").load()
+    assert processor.crop_size == foundation["clip_image_processor"].crop_size
+    metrics = AtomicJSONDataset(str(tmp_path / "foundation.json"))
+    metrics.save(foundation["foundation_metrics"])
+    assert metrics.load() == json.loads(json.dumps(foundation["foundation_metrics"]))

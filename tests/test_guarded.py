@@ -6,15 +6,12 @@ import torch
 from PIL import Image
 
 from qmllm_pipeline.models.guarded import GuardedQMLLM
-from qmllm_pipeline.models.vision import VisionTower
-from qmllm_pipeline.pipelines.pretrain.nodes import build_qmllm, load_stage1_state
+from qmllm_pipeline.models.qmllm import QMLLM
 
 
-def _guarded(stages, foundation, smoke_params, refuse_all: bool) -> GuardedQMLLM:
-    model = build_qmllm(stages["qmllm.finetuned_llm"], foundation["tokenizer"], smoke_params["pretrain"], True,
-                        foundation["clip_model"].config.vision_config.hidden_size)
-    load_stage1_state(model, stages["qmllm.stage1_weights"])
-    model.vision_tower = VisionTower.from_clip(foundation["clip_model"])
+def _guarded(stages, foundation, refuse_all: bool) -> GuardedQMLLM:
+    model = QMLLM.assemble(stages["qmllm.qmllm_config"], stages["qmllm.stage1_weights"], stages["qmllm.finetuned_llm"],
+                           foundation["clip_model"])
     table = stages["safety_map"].copy()
     table["label"] = "weapon" if refuse_all else "neutral"
     return GuardedQMLLM(model, foundation["tokenizer"], foundation["clip_image_processor"], table)
@@ -26,8 +23,8 @@ def _images(world, n):
     return [image_from_png(b) for b in world["eval_toxic"]["image"].iloc[:n]]
 
 
-def test_refused_images_never_reach_the_llm(stages, foundation, smoke_params, world, monkeypatch):
-    guarded = _guarded(stages, foundation, smoke_params, refuse_all=True)
+def test_refused_images_never_reach_the_llm(stages, foundation, world, monkeypatch):
+    guarded = _guarded(stages, foundation, refuse_all=True)
     calls = []
     monkeypatch.setattr(guarded.model, "generate", lambda *a, **k: calls.append(a) or torch.zeros((0, 0)))
     answers = guarded.answer(_images(world, 3), ["Describe the image."] * 3)
@@ -35,8 +32,8 @@ def test_refused_images_never_reach_the_llm(stages, foundation, smoke_params, wo
     assert all(a.verdict.refused and a.verdict.category == "weapon" and "weapon" in a.text for a in answers)
 
 
-def test_accepted_images_are_answered_in_one_batch(stages, foundation, smoke_params, world):
-    guarded = _guarded(stages, foundation, smoke_params, refuse_all=False)
+def test_accepted_images_are_answered_in_one_batch(stages, foundation, world):
+    guarded = _guarded(stages, foundation, refuse_all=False)
     images = _images(world, 3)
     verdicts = guarded.check(images)
     assert [v.refused for v in verdicts] == [False] * 3

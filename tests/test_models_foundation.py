@@ -11,7 +11,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, LlamaConfig,
 from conftest import PROJECT_ROOT
 from qmllm_pipeline.datasets import HFModelDirectoryDataset
 from qmllm_pipeline.judge import RefusalPhraseJudge
-from qmllm_pipeline.models.clip import build_clip, tokenize_captions
+from qmllm_pipeline.models.clip import TowerShape, build_clip, tokenize_captions
 from qmllm_pipeline.models.tokenizer import IMAGE_TOKEN, encode_chat, encode_prompt, train_tokenizer
 from qmllm_pipeline.settings import CONFIG_LOADER_ARGS
 
@@ -43,8 +43,15 @@ def test_caption_tokens_end_with_eos(tokenizer):
     assert (ids[0, lengths[0]:] == tokenizer.pad_token_id).all()
 
 
+def _clip(tokenizer, smoke_params):
+    clip = smoke_params["foundation"]["clip"]
+    return build_clip(tokenizer, smoke_params["data"]["layout"]["image_size"], clip["patch_size"],
+                      TowerShape(**clip["vision"]), TowerShape(**clip["text"]), clip["max_text_tokens"],
+                      clip["projection_dim"])
+
+
 def test_clip_config_refuses_eos_2(tokenizer, smoke_params):
-    model = build_clip(tokenizer, smoke_params["foundation"]["clip"])
+    model = _clip(tokenizer, smoke_params)
     assert model.config.text_config.eos_token_id == tokenizer.eos_token_id
 
     class LegacyTokenizer:
@@ -54,7 +61,7 @@ def test_clip_config_refuses_eos_2(tokenizer, smoke_params):
             return 400
 
     with pytest.raises(ValueError, match="eos_token_id must not be 2"):
-        build_clip(LegacyTokenizer(), smoke_params["foundation"]["clip"])
+        _clip(LegacyTokenizer(), smoke_params)
 
 
 def test_refusal_judge():

@@ -42,7 +42,8 @@ def test_kedro_run_writes_every_catalogue_entry(smoke_run):
                  "08_reporting/world_contact_sheet.png", "metrics/world_summary.json", "metrics/foundation.json",
                  "metrics/pretrain.json", "metrics/finetune.json", "08_reporting/clip_loss_curve.png",
                  "04_feature/caption_features.safetensors", "06_models/qmllm/stage1.safetensors",
-                 "06_models/baseline/stage1.safetensors", "06_models/qmllm/llm/model.safetensors",
+                 "06_models/baseline/stage1.safetensors", "06_models/qmllm/config.json",
+                 "06_models/qmllm/llm/model.safetensors",
                  "06_models/clip/model.safetensors", "06_models/tokenizer/tokenizer.json", "metrics/evaluate.json",
                  "08_reporting/evaluation_report.md", "08_reporting/jailbreak_dsr.png",
                  "07_model_output/adversarial_images.safetensors", "07_model_output/toxic_image_responses.parquet"]:
@@ -113,7 +114,7 @@ def test_a_killed_pretrain_run_resumes_from_its_checkpoint(smoke_run):
     import signal
     import time
 
-    overrides = ["--params", "pretrain.training.steps=300,pretrain.training.checkpoint_every=20"]
+    overrides = ["--params", "pretrain.stage1.training.steps=300,pretrain.stage1.training.checkpoint_every=20"]
     command = [*KEDRO, "run", "--env", "smoke", "--pipelines", "pretrain", *overrides]
     checkpoints = smoke_run / "data" / "smoke" / "06_models" / "checkpoints"
     env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="true")

@@ -5,8 +5,8 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
+from qmllm_pipeline.experiments.safety_map_levers import lever_sweep
 from qmllm_pipeline.models.safety_map import build_safety_map, recommend, tau_trade_off, verdicts
-from qmllm_pipeline.pipelines.safety_map.levers import lever_sweep
 
 CATEGORIES = ["weapon", "drugs", "neutral"]
 # code 0: 3 weapon + 1 neutral (p=.75); code 1: 2 drugs + 2 neutral (p=.5, tie -> first max: drugs);
@@ -67,10 +67,10 @@ def test_lever_sweep_reproduces_the_pipeline_and_varies_k(world, foundation, sta
                                               "eval_neutral", "eval_hard_negative")}
     inputs.update({name: foundation[name] for name in ("clip_model", "clip_image_processor", "tokenizer", "llm")})
     inputs.update({name: stages[name] for name in ("caption_features", "caption_targets")})
-    configured = smoke_params["pretrain"]["codebooks"]["cls_codes"]
+    configured = smoke_params["pretrain"]["model"]["cls_codes"]
     dmap = smoke_params["data"]["dmap"]
-    table = lever_sweep(inputs, smoke_params, [smoke_params["features"]["cls_source"]],
-                        [smoke_params["pretrain"]["training"]["lambda_semantic"]], [configured, 2 * configured],
+    table = lever_sweep(inputs, smoke_params, [smoke_params["features"]["vision_tower"]["cls_source"]],
+                        [smoke_params["pretrain"]["stage1"]["lambda_semantic"]], [configured, 2 * configured],
                         [(dmap["per_toxic_category"], dmap["neutral"])])
     assert list(table["cls_codes"]) == [configured, 2 * configured]
     row = table.iloc[0]

@@ -1,11 +1,12 @@
 """`features`, `pretrain` and `finetune` on the smoke world: shapes, codebook health, both variants."""
 
+import pytest
 import torch
 from transformers import LlamaForCausalLM
 
 from qmllm_pipeline.datasets import SafetensorsDataset
+from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.pipelines.features.nodes import caption_semantic_targets
-from qmllm_pipeline.pipelines.pretrain.nodes import build_qmllm, load_stage1_state, stage1_state
 
 
 def test_feature_cache_shapes(stages, world, foundation):
@@ -30,8 +31,8 @@ def test_semantic_target_text_decides_whether_the_background_counts(world, found
     name = singles["objects"].map(lambda o: o[0]).value_counts().index[0]
     same_object = singles[singles["objects"].map(lambda o: o[0]) == name].drop_duplicates("background").head(2)
     assert len(same_object) == 2, "the smoke corpus should show one emoji on two backgrounds"
-    targets = {text: caption_semantic_targets(same_object, foundation["tokenizer"], foundation["llm"],
-                                              {**smoke_params["features"], "semantic_target_text": text})["targets"]
+    targets = {text: caption_semantic_targets(same_object, foundation["tokenizer"], foundation["llm"], text,
+                                              smoke_params["features"]["batch_size"])["targets"]
                for text in ("objects", "caption")}
     assert torch.equal(targets["objects"][0], targets["objects"][1])
     assert not torch.allclose(targets["caption"][0], targets["caption"][1])
@@ -40,7 +41,7 @@ def test_semantic_target_text_decides_whether_the_background_counts(world, found
 def test_pretrain_reports_codebook_health_for_qmllm_only(stages, smoke_params):
     report = stages["pretrain_metrics"]
     codebooks = report["qmllm"]["codebooks"]
-    assert codebooks["cls_codes"] == smoke_params["pretrain"]["codebooks"]["cls_codes"]
+    assert codebooks["cls_codes"] == smoke_params["pretrain"]["model"]["cls_codes"]
     for name in ("cls", "patch"):
         assert 1 <= codebooks[name]["codes_used"] <= codebooks[f"{name}_codes"]
         assert 1.0 <= codebooks[name]["perplexity"] <= codebooks[f"{name}_codes"]
@@ -48,16 +49,27 @@ def test_pretrain_reports_codebook_health_for_qmllm_only(stages, smoke_params):
     assert "codebooks" not in report["baseline"] and set(report["baseline"]["final"]) == {"generative", "loss"}
 
 
-def test_stage1_weights_round_trip(stages, foundation, smoke_params, tmp_path):
+def test_stage1_weights_round_trip(stages, foundation, tmp_path):
     weights = stages["qmllm.stage1_weights"]
     assert any(k.startswith("patch_quantizer.") for k in weights)
     assert not any(k.startswith("patch_quantizer.") for k in stages["baseline.stage1_weights"])
     dataset = SafetensorsDataset(str(tmp_path / "stage1.safetensors"))
     dataset.save(weights)
-    model = build_qmllm(foundation["llm"], foundation["tokenizer"], smoke_params["pretrain"], True,
-                        stages["caption_features"]["cls"].shape[-1])
-    reloaded = stage1_state(load_stage1_state(model, dataset.load()))
-    assert all(torch.equal(reloaded[k], weights[k]) for k in weights)
+    config = QMLLMConfig.from_dict(stages["qmllm.qmllm_config"])
+    reloaded = QMLLM(config, foundation["llm"]).load_stage1_state(dataset.load()).stage1_state()
+    assert reloaded.keys() == weights.keys() and all(torch.equal(reloaded[k], weights[k]) for k in weights)
+    with pytest.raises(ValueError, match="variant mismatch"):
+        QMLLM(QMLLMConfig.from_dict(stages["baseline.qmllm_config"]), foundation["llm"]).load_stage1_state(weights)
+
+
+def test_model_configs_describe_each_variant(stages, foundation, smoke_params):
+    qmllm, baseline = (QMLLMConfig.from_dict(stages[f"{v}.qmllm_config"]) for v in ("qmllm", "baseline"))
+    assert (qmllm.variant, qmllm.quantized, baseline.variant, baseline.quantized) == ("qmllm", True, "baseline", False)
+    assert qmllm.llm_width == foundation["llm"].config.hidden_size
+    assert qmllm.vision_width == foundation["clip_model"].config.vision_config.hidden_size
+    assert qmllm.image_token_id == foundation["tokenizer"].convert_tokens_to_ids("<image>")
+    assert qmllm.cls_codes == smoke_params["pretrain"]["model"]["cls_codes"]
+    assert qmllm.references == smoke_params["pretrain"]["model"]["references"]
 
 
 def test_finetune_trains_a_separate_llm_per_variant(stages, foundation):

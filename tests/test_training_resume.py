@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
-from qmllm_pipeline.models.training import train_loop
+from qmllm_pipeline.models.training import TrainingConfig, train_loop
 
-PARAMS = {"steps": 12, "lr": 0.05, "weight_decay": 0.0, "warmup_steps": 2, "grad_clip": 1.0, "checkpoint_every": 5}
+CONFIG = TrainingConfig(steps=12, batch_size=8, lr=0.05, warmup_steps=2, grad_clip=1.0, checkpoint_every=5)
+PARAMS = CONFIG.as_dict()  # what a checkpoint is fingerprinted with
 
 
 def _run(checkpoint, stop_at=None):
@@ -20,10 +21,10 @@ def _run(checkpoint, stop_at=None):
         calls.append(1)
         if stop_at is not None and len(calls) == stop_at:
             raise KeyboardInterrupt
-        rows = torch.randint(64, (8,), generator=generator)
+        rows = torch.randint(64, (CONFIG.batch_size,), generator=generator)
         return {"loss": torch.nn.functional.mse_loss(model(data[rows]).squeeze(-1), target[rows])}
 
-    train_loop({"model": model}, step, PARAMS, seed=3, threads=1, checkpoint=checkpoint)
+    train_loop({"model": model}, step, CONFIG, seed=3, checkpoint=checkpoint)
     return model, len(calls)
 
 

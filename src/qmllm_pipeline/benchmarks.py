@@ -18,6 +18,7 @@ from qmllm_pipeline.hooks import STAGES
 from qmllm_pipeline.models.clip import pixel_values
 from qmllm_pipeline.models.guarded import GuardedMLLM
 from qmllm_pipeline.models.quantizer import VectorQuantizer
+from qmllm_pipeline.models.stages import stage1_losses
 
 
 @dataclass
@@ -41,6 +42,12 @@ def _seconds(fn: Callable[[], object]) -> float:
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
+
+
+def query_seconds(system: GuardedMLLM, image: torch.Tensor, prompt: str, max_new_tokens: int) -> float:
+    """Wall time of one whole query at batch 1 on a uint8 image: pixels -> verdict -> refusal or answer (the
+    `evaluate` pipeline's overhead measurement)."""
+    return _seconds(lambda: system.respond(image[None], [prompt], max_new_tokens, 1))
 
 
 def paired_ratio(name: str, numerator: Callable, denominator: Callable, repeats: int, goal: str = "",
@@ -140,17 +147,14 @@ def stage1_row(model, pixels: torch.Tensor, cls_features: torch.Tensor, patch_fe
     def run(from_pixels: bool):
         def epoch():
             for picks in plan:
-                rows = torch.tensor([examples[int(i)][2] for i in picks])
-                if from_pixels:
+                batch = [examples[int(i)] for i in picks]
+                if from_pixels:  # the tower's features of this batch, then rows 0..B-1 of them
                     with torch.no_grad():
-                        cls, patches = tower(pixels[rows])
+                        cls, patches = tower(pixels[torch.tensor([e[2] for e in batch])])
+                    batch = [(ids, labels, row) for row, (ids, labels, _) in enumerate(batch)]
                 else:
-                    cls, patches = cls_features[rows].float(), patch_features[rows].float()
-                encoding = model.encode_features(cls, patches)
-                loss = model([examples[int(i)][0] for i in picks], [examples[int(i)][1] for i in picks],
-                             encoding.image_tokens).loss
-                if encoding.patches is not None:
-                    loss = loss + encoding.patches.loss + encoding.cls.loss
+                    cls, patches = cls_features, patch_features
+                loss = stage1_losses(model, cls, patches, batch)["loss"]
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -174,7 +178,6 @@ def format_table(rows: list[Row], header: str = "") -> str:
         spread = f"{number.format(row.low)}-{number.format(row.high)}"
         lines.append(f"| {row.name} | {number.format(row.median)}{row.unit} | {spread} | {row.goal} | {met} |")
     return "\n".join(lines)
-
 
 
 def run_profile_table(project, env: str) -> str:

@@ -193,8 +193,8 @@ def bench(env, project, repeats, stage1_steps, out) -> None:
 
     from qmllm_pipeline import benchmarks
     from qmllm_pipeline.models.clip import decode_images, pixel_values
-    from qmllm_pipeline.pipelines.evaluate.nodes import systems_from_catalog
-    from qmllm_pipeline.pipelines.pretrain.nodes import caption_examples
+    from qmllm_pipeline.models.stages import caption_examples
+    from qmllm_pipeline.trained import evaluation_systems_from_catalog
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -205,21 +205,21 @@ def bench(env, project, repeats, stage1_steps, out) -> None:
     with KedroSession.create(project_path=project, env=env) as session:
         context = session.load_context()
         catalog, params = context.catalog, context.params
+        torch.set_num_threads(params["threads"])
         try:
             load = catalog.load
-            systems = systems_from_catalog(catalog, params)
+            systems = evaluation_systems_from_catalog(catalog)
             neutral = decode_images(load("eval_neutral")["image"].iloc[:32], desc=None)
             toxic = decode_images(load("eval_toxic")["image"], desc=None)
             corpus = load("caption_corpus").iloc[:2000]
             features = load("caption_features")
         except DatasetError as error:
             _fail(f"{error} (train the default models first: `kedro run`)")
-    torch.set_num_threads(params["evaluate"]["threads"])
     qmllm = systems["qmllm"]
     student = copy.deepcopy(qmllm.model)  # row 5 trains it
     student.mm_projector.requires_grad_(True)
     pixels = pixel_values(decode_images(corpus["image"], desc=None), qmllm.processor)
-    examples = caption_examples(corpus, qmllm.tokenizer, params["pretrain"]["caption_instruction"],
+    examples = caption_examples(list(corpus["caption"]), qmllm.tokenizer, params["pretrain"]["caption_instruction"],
                                 params["pretrain"]["max_length"])
     rows = [*benchmarks.answer_rows(systems, neutral, toxic, repeats), *benchmarks.nearest_code_rows(repeats),
             benchmarks.stage1_row(student, pixels, features["cls"][:len(corpus)], features["patches"][:len(corpus)],
@@ -231,6 +231,27 @@ def bench(env, project, repeats, stage1_steps, out) -> None:
     click.echo(table)
     if out is not None:
         out.write_text(table + "\n")
+
+
+@main.command()
+@click.option("--metrics", "metrics_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("metrics"),
+              show_default=True, help="Folder of the metrics JSON files a run wrote.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("docs/results.md"),
+              show_default=True, help="The results page to write.")
+@click.option("--readme", type=click.Path(dir_okay=False, path_type=Path), default=Path("README.md"),
+              show_default=True, help="README whose headline block (between its markers) is rewritten.")
+@click.option("--no-readme", is_flag=True, help="Leave the README alone.")
+def report(metrics_dir, out, readme, no_readme) -> None:
+    """Write docs/results.md and the README's headline table from metrics/*.json, so the documented figures
+    are the last run's (run after `kedro run` or `dvc repro`)."""
+    from qmllm_pipeline.results import write_report
+
+    try:
+        written = write_report(metrics_dir, out, None if no_readme else readme)
+    except (OSError, ValueError) as error:
+        _fail(str(error))
+    for path in written:
+        click.echo(f"wrote {path}")
 
 
 @main.command()

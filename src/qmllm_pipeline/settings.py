@@ -2,9 +2,9 @@
 
 from kedro.config import OmegaConfigLoader
 
-from qmllm_pipeline.hooks import MlflowRunTagsHook, RunProfileHook
+from qmllm_pipeline.hooks import MlflowRunTagsHook, RunProfileHook, TorchThreadsHook
 
-HOOKS = (MlflowRunTagsHook(), RunProfileHook())
+HOOKS = (TorchThreadsHook(), MlflowRunTagsHook(), RunProfileHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

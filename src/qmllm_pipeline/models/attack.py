@@ -25,8 +25,42 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qmllm_pipeline.models.clip import normalise_pixels
+from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
+from qmllm_pipeline.models.clip import normalise_pixels, pixel_values
 from qmllm_pipeline.models.qmllm import QMLLM
+from qmllm_pipeline.models.tokenizer import encode_chat
+
+
+def first_target_tokens(ids: list[int], labels: list[int], keep: int | None) -> tuple[list[int], list[int]]:
+    """Keep the loss on the first `keep` target tokens only (the affirmative opening, "Sure, here is"):
+    the tokens that decide whether the model complies or refuses. `None` keeps them all."""
+    if keep is None:
+        return ids, labels
+    kept, out = 0, []
+    for label in labels:
+        kept += label != IGNORE_INDEX
+        out.append(label if label != IGNORE_INDEX and kept <= keep else IGNORE_INDEX)
+    return ids, out
+
+
+def target_sequences(tokenizer, instructions: list[str], targets: list[str], max_length: int,
+                     target_tokens: int | None) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of `<image>\n{instruction}` answered with its affirmative target, the loss on the
+    target's first `target_tokens` tokens: what the jailbreak maximises the likelihood of."""
+    return [first_target_tokens(*encode_chat(tokenizer, [{"role": "user", "content": f"{IMAGE_TOKEN}\n{instruction}"},
+                                                         {"role": "assistant", "content": target}], max_length),
+                                target_tokens)
+            for instruction, target in zip(instructions, targets, strict=True)]
+
+
+@torch.no_grad()
+def neutral_cls_anchor(model: QMLLM, processor, neutral_codes: list[int], clean: torch.Tensor) -> torch.Tensor:
+    """The neutral-labelled CLS code nearest to the clean image's projected CLS: where the adaptive attacker
+    keeps its image so the safety map lets it in. `clean` is one image (3, H, W) in [0, 1]."""
+    uint8 = (clean[None] * 255).round().to(torch.uint8)
+    h_cls = model.encode_images(pixel_values(uint8, processor)).h_cls
+    codebook = model.cls_quantizer.codebook.detach()[torch.tensor(neutral_codes)]
+    return codebook[(codebook - h_cls).pow(2).sum(1).argmin()].clone()
 
 
 @dataclass

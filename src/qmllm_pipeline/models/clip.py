@@ -7,6 +7,7 @@ filter. Real weights (CLIP ViT-L/14-336) load through the same `CLIPModel` class
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,37 +16,45 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from qmllm_pipeline.models.training import train_loop
+from qmllm_pipeline.models.training import TrainingConfig, train_loop
 from qmllm_pipeline.tracking import StepLogger
 
 
-def build_clip(tokenizer, params: dict) -> CLIPModel:
-    vision = params["vision"]
-    text = params["text"]
+@dataclass(frozen=True)
+class TowerShape:
+    """One transformer tower of the tiny CLIP."""
+    hidden_size: int
+    intermediate_size: int
+    layers: int
+    heads: int
+
+
+def build_clip(tokenizer, image_size: int, patch_size: int, vision: TowerShape, text: TowerShape,
+               max_text_tokens: int, projection_dim: int) -> CLIPModel:
+    """A freshly initialised CLIPModel over `tokenizer`'s vocabulary (its EOS must not be id 2)."""
     config = CLIPConfig(
         text_config={
-            "vocab_size": len(tokenizer), "hidden_size": text["hidden_size"],
-            "intermediate_size": text["intermediate_size"], "num_hidden_layers": text["layers"],
-            "num_attention_heads": text["heads"], "max_position_embeddings": text["max_tokens"],
+            "vocab_size": len(tokenizer), "hidden_size": text.hidden_size,
+            "intermediate_size": text.intermediate_size, "num_hidden_layers": text.layers,
+            "num_attention_heads": text.heads, "max_position_embeddings": max_text_tokens,
             "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
         },
         vision_config={
-            "image_size": vision["image_size"], "patch_size": vision["patch_size"],
-            "hidden_size": vision["hidden_size"], "intermediate_size": vision["intermediate_size"],
-            "num_hidden_layers": vision["layers"], "num_attention_heads": vision["heads"],
+            "image_size": image_size, "patch_size": patch_size, "hidden_size": vision.hidden_size,
+            "intermediate_size": vision.intermediate_size, "num_hidden_layers": vision.layers,
+            "num_attention_heads": vision.heads,
         },
-        projection_dim=params["projection_dim"],
+        projection_dim=projection_dim,
     )
     if config.text_config.eos_token_id == 2:  # see models/tokenizer.py: id 2 selects CLIP's legacy pooling
         raise ValueError("CLIP text eos_token_id must not be 2 (legacy argmax pooling)")
     return CLIPModel(config)
 
 
-def build_image_processor(params: dict) -> CLIPImageProcessor:
-    size = params["vision"]["image_size"]
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                              image_mean=params["image_mean"], image_std=params["image_std"])
+def build_image_processor(image_size: int, image_mean: list[float], image_std: list[float]) -> CLIPImageProcessor:
+    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                              image_mean=image_mean, image_std=image_std)
 
 
 def decode_images(pngs, desc: str | None = "decode images") -> torch.Tensor:
@@ -54,6 +63,18 @@ def decode_images(pngs, desc: str | None = "decode images") -> torch.Tensor:
     arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
               for b in tqdm(pngs, desc=desc, mininterval=2, disable=desc is None)]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def png_pixel_values(pngs, processor: CLIPImageProcessor) -> torch.Tensor:
+    """PNG bytes -> normalised float pixels. Images at the processor's crop size (the emoji world's) are
+    only rescaled and normalised, as the processor does; any other size (real data) goes through the
+    processor itself (resize, centre crop)."""
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in pngs]
+    crop = processor.crop_size
+    if all(image.size == (crop["width"], crop["height"]) for image in images):
+        arrays = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2)
+        return normalise_pixels(arrays.float() / 255.0, processor)
+    return processor(images=images, return_tensors="pt")["pixel_values"]
 
 
 def pixel_values(images: torch.Tensor, processor: CLIPImageProcessor) -> torch.Tensor:
@@ -86,26 +107,24 @@ def tokenize_captions(tokenizer, captions: list[str], max_tokens: int) -> tuple[
     return ids, mask
 
 
-def train_clip(model: CLIPModel, processor, tokenizer, images: torch.Tensor, captions: list[str], params: dict,
-               seed: int, threads: int, step_logger: StepLogger | None = None,
-               groups: np.ndarray | None = None) -> CLIPModel:
+def train_clip(model: CLIPModel, processor, tokenizer, images: torch.Tensor, captions: list[str],
+               training: TrainingConfig, seed: int, max_text_tokens: int, step_logger: StepLogger | None = None,
+               groups: np.ndarray | None = None, same_group_fraction: float = 0.0) -> CLIPModel:
     """Contrastive training on (image, caption) pairs; returns the model in eval mode.
 
-    With `groups` (e.g. each scene's background colour), a share `training.same_group_fraction` of the
-    batches is drawn from one group only, to take away the shortcut of telling captions apart by
-    background (hard negatives).
+    With `groups` (e.g. each scene's background colour), a share `same_group_fraction` of the batches is
+    drawn from one group only, to take away the shortcut of telling captions apart by background (hard
+    negatives).
     """
-    train = params["training"]
     unique_captions, caption_index = np.unique(np.asarray(captions), return_inverse=True)
     caption_index = torch.from_numpy(caption_index)
-    text_ids, text_mask = tokenize_captions(tokenizer, list(unique_captions), params["text"]["max_tokens"])
+    text_ids, text_mask = tokenize_captions(tokenizer, list(unique_captions), max_text_tokens)
     members = None
     if groups is not None:
         members = [torch.from_numpy(np.flatnonzero(groups == g)) for g in np.unique(groups)]
 
     def step(generator: torch.Generator) -> dict[str, torch.Tensor]:
-        batch = _sample_batch(len(images), train["batch_size"], generator, members,
-                              train.get("same_group_fraction", 0.0))
+        batch = _sample_batch(len(images), training.batch_size, generator, members, same_group_fraction)
         rows = caption_index[batch]
         width = int(text_mask[rows].sum(dim=1).max())
         # CLIP's own symmetric InfoNCE. Repeated captions in a batch need no special case: their text
@@ -114,7 +133,7 @@ def train_clip(model: CLIPModel, processor, tokenizer, images: torch.Tensor, cap
                      pixel_values=pixel_values(images[batch], processor), return_loss=True).loss
         return {"loss": loss}
 
-    train_loop({"clip": model}, step, train, seed, threads, step_logger, desc="train CLIP")
+    train_loop({"clip": model}, step, training, seed, step_logger, desc="train CLIP")
     return model
 
 

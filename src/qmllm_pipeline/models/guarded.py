@@ -3,9 +3,9 @@
 Q-MLLM's guard is its CLS code looked up in the safety map; the SafeCLIP-style baseline's is a CLIP
 zero-shot filter; the continuous baseline has none. All three answer through the same `GuardedMLLM`.
 
-A trained model is described by a small manifest (`guarded.json`, written by the `safety_map` pipeline)
-that points at the artifacts the pipelines saved: tokenizer, CLIP, the finetuned LLM, the stage-1
-weights (projector and codebooks) and the safety map. The LLM is never run for a refused image.
+A trained model is a Q-MLLM model directory (`QMLLM.save_pretrained`: config, stage-1 weights and the
+references to CLIP, tokenizer and LLM) plus the safety map beside it; `guarded.json`, written by the
+`safety_map` pipeline when the map is built, says where both are. The LLM is never run for a refused image.
 """
 
 from __future__ import annotations
@@ -19,21 +19,17 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, LlamaForCausalLM
+from transformers import AutoTokenizer, CLIPImageProcessor
 
+from qmllm_pipeline.constants import IMAGE_TOKEN
 from qmllm_pipeline.models.clip import pixel_values
-from qmllm_pipeline.models.projector import build_mm_projector
 from qmllm_pipeline.models.qmllm import QMLLM, ImageEncoding
-from qmllm_pipeline.models.quantizer import VectorQuantizer
 from qmllm_pipeline.models.safeclip import SafeCLIPFilter
 from qmllm_pipeline.models.safety_map import NEUTRAL
-from qmllm_pipeline.models.tokenizer import IMAGE_TOKEN, encode_prompt
-from qmllm_pipeline.models.vision import VisionTower
+from qmllm_pipeline.models.tokenizer import encode_prompt
 
 REFUSAL_MESSAGE = "I'm sorry, but I can't help with this image: it appears to show {category} content."
-ARTIFACTS = ("tokenizer", "clip_model", "clip_image_processor", "llm", "stage1_weights", "safety_map")
 
 
 class ModelNotReadyError(FileNotFoundError):
@@ -165,6 +161,11 @@ class GuardedQMLLM(GuardedMLLM):
                  refusal_message: str = REFUSAL_MESSAGE):
         super().__init__(model, tokenizer, processor, SafetyMapGuard(safety_map, refusal_message))
 
+    @staticmethod
+    def manifest(safety_map_file: str, toxic_codes: int, model_directory: str = ".") -> dict:
+        """What `guarded.json` holds: the model directory and the safety map, relative to the manifest."""
+        return {"model": model_directory, "safety_map": safety_map_file, "toxic_codes": toxic_codes}
+
     @classmethod
     def from_manifest(cls, path: str | Path) -> GuardedQMLLM:
         path = Path(path)
@@ -172,26 +173,27 @@ class GuardedQMLLM(GuardedMLLM):
             raise ModelNotReadyError(f"{path}: no trained model here (run `kedro run` first, or pass --model)")
         try:
             manifest = json.loads(path.read_text())
-            artifacts, config = manifest["artifacts"], manifest["config"]
+            model_directory, map_file = path.parent / manifest["model"], path.parent / manifest["safety_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ModelNotReadyError(f"{path}: not a guarded-model manifest") from None
-        root = path.parent
-        located = {name: (root / artifacts[name]).resolve() for name in ARTIFACTS if name in artifacts}
-        missing = [name for name in ARTIFACTS if name not in located or not located[name].exists()]
-        if missing:
-            raise ModelNotReadyError(f"{path}: missing trained artifacts {missing}")
-        tokenizer = AutoTokenizer.from_pretrained(located["tokenizer"], local_files_only=True)
-        clip = CLIPModel.from_pretrained(located["clip_model"], local_files_only=True, use_safetensors=True)
-        processor = CLIPImageProcessor.from_pretrained(located["clip_image_processor"], local_files_only=True)
-        llm = LlamaForCausalLM.from_pretrained(located["llm"], local_files_only=True, use_safetensors=True)
-        tower = VisionTower.from_clip(clip, select_layer=config["select_layer"], cls_source=config["cls_source"])
-        width = llm.config.hidden_size
-        state = load_file(located["stage1_weights"])
-        model = QMLLM(build_mm_projector(config["projector"], tower.hidden_size, width, config["layernorm"]), llm,
-                      tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_tower=tower,
-                      cls_quantizer=VectorQuantizer(config["cls_codes"], width),
-                      patch_quantizer=VectorQuantizer(config["patch_codes"], width))
-        for name in ("mm_projector", "cls_quantizer", "patch_quantizer"):
-            getattr(model, name).load_state_dict({k.split(".", 1)[1]: v for k, v in state.items()
-                                                  if k.startswith(f"{name}.")})
-        return cls(model, tokenizer, processor, pd.read_parquet(located["safety_map"]))
+        if not map_file.is_file():
+            raise ModelNotReadyError(f"{path}: its safety map {map_file} is missing")
+        try:
+            model = QMLLM.from_pretrained(model_directory)
+            config = model.config
+            tokenizer = AutoTokenizer.from_pretrained(config.reference("tokenizer", model_directory),
+                                                      local_files_only=True)
+            processor = CLIPImageProcessor.from_pretrained(config.reference("image_processor", model_directory),
+                                                           local_files_only=True)
+        except FileNotFoundError as error:
+            raise ModelNotReadyError(f"{path}: missing trained artifacts ({error})") from None
+        return cls(model, tokenizer, processor, pd.read_parquet(map_file))
+
+
+def evaluation_systems(baseline: QMLLM, qmllm: QMLLM, tokenizer, processor, safety_map: pd.DataFrame,
+                       safeclip: SafeCLIPFilter) -> dict[str, GuardedMLLM]:
+    """The three systems of DESIGN.md section 2: `baseline` (continuous, no guard), `safeclip` (the same
+    model behind the CLIP filter) and `qmllm` (quantized, behind its safety map)."""
+    return {"baseline": GuardedMLLM(baseline, tokenizer, processor),
+            "safeclip": GuardedMLLM(baseline, tokenizer, processor, SafeCLIPGuard(safeclip)),
+            "qmllm": GuardedQMLLM(qmllm, tokenizer, processor, safety_map)}

@@ -9,20 +9,20 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from qmllm_pipeline.constants import IGNORE_INDEX
 from qmllm_pipeline.models.tokenizer import encode_prompt
-from qmllm_pipeline.models.training import train_loop
+from qmllm_pipeline.models.training import TrainingConfig, train_loop
 from qmllm_pipeline.tracking import StepLogger
 
-IGNORE_INDEX = -100
 
-
-def build_llm(tokenizer, params: dict) -> LlamaForCausalLM:
+def build_llm(tokenizer, hidden_size: int, intermediate_size: int, layers: int, heads: int,
+              max_position_embeddings: int) -> LlamaForCausalLM:
+    """A freshly initialised Llama over `tokenizer`'s vocabulary and special ids, embeddings tied."""
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=params["hidden_size"], intermediate_size=params["intermediate_size"],
-        num_hidden_layers=params["layers"], num_attention_heads=params["heads"],
-        num_key_value_heads=params["heads"], max_position_embeddings=params["max_position_embeddings"],
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max_position_embeddings, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
 
@@ -40,15 +40,15 @@ def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def train_causal_lm(model, examples: list[tuple[list[int], list[int]]], pad_id: int, params: dict, seed: int,
-                    threads: int, step_logger: StepLogger | None = None, desc: str = "train LLM"):
+def train_causal_lm(model, examples: list[tuple[list[int], list[int]]], pad_id: int, training: TrainingConfig,
+                    seed: int, step_logger: StepLogger | None = None, desc: str = "train LLM"):
     """Next-token loss on the labelled tokens of randomly drawn examples; returns the model in eval mode."""
 
     def step(generator: torch.Generator) -> dict[str, torch.Tensor]:
-        picks = torch.randint(len(examples), (params["batch_size"],), generator=generator).tolist()
+        picks = torch.randint(len(examples), (training.batch_size,), generator=generator).tolist()
         return {"loss": model(**pad_batch([examples[i] for i in picks], pad_id)).loss}
 
-    train_loop({"llm": model}, step, params, seed, threads, step_logger, desc=desc)
+    train_loop({"llm": model}, step, training, seed, step_logger, desc=desc)
     return model
 
 

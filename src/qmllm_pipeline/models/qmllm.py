@@ -7,18 +7,76 @@
 
 The continuous `baseline` is the same class with no quantizers: its patch tokens are H_v itself.
 Everything here works on cached features too (`encode_features`), so stage 1 never touches pixels.
+
+A model is described by a `QMLLMConfig` and saved the Hugging Face way: `save_pretrained(dir)` writes
+`config.json` and `stage1.safetensors` (what stage 1 trains: `mm_projector`, `cls_quantizer`,
+`patch_quantizer`); the vision tower, the LLM, the tokenizer and the image processor are referenced by
+path, as LLaVA's config names its `mm_vision_tower`, and `from_pretrained(dir)` loads them from there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qmllm_pipeline.constants import IGNORE_INDEX
+from qmllm_pipeline.models.projector import build_mm_projector
 from qmllm_pipeline.models.quantizer import QuantizerOutput, VectorQuantizer
+from qmllm_pipeline.models.vision import VisionTower
 
-IGNORE_INDEX = -100
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "stage1.safetensors"
+STAGE1_MODULES = ("mm_projector", "cls_quantizer", "patch_quantizer")
+
+
+@dataclass
+class QMLLMConfig:
+    """The architecture around a vision tower of width `vision_width` and an LLM of width `llm_width`.
+    `quantized=False` is the continuous baseline (no codebooks). The four references are paths, relative to
+    the model directory or absolute, of what the model reads but does not own."""
+    vision_width: int                      # d_v
+    llm_width: int                         # d_h
+    image_token_id: int                    # the tokenizer's id of `<image>`
+    variant: str = "qmllm"                 # the name it is trained and reported under
+    quantized: bool = True
+    mm_projector_type: str = "linear"      # linear (LLaVA-1) or mlp2x_gelu (LLaVA-1.5)
+    mm_projector_layernorm: bool = True
+    mm_vision_select_layer: int = -2       # hidden_states index of the vision tower's features
+    cls_source: str = "layer"              # see VisionTower
+    cls_codes: int = 128                   # K
+    patch_codes: int = 256                 # P
+    codebook_update: str = "ema"           # see VectorQuantizer
+    codebook_decay: float = 0.99
+    commitment: float = 0.25
+    dead_code_threshold: float = 1e-3
+    kmeans_iters: int = 10
+    references: dict[str, str] = field(default_factory=dict)  # vision_tower, image_processor, tokenizer, llm
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "QMLLMConfig") -> QMLLMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown QMLLMConfig keys {unknown}")
+        missing = sorted({"vision_width", "llm_width", "image_token_id"} - set(values))
+        if missing:
+            raise ValueError(f"{source}: QMLLMConfig needs {missing}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def reference(self, name: str, directory: str | Path) -> Path:
+        """Where the referenced `name` (vision_tower, image_processor, tokenizer, llm) lies, seen from the model
+        directory."""
+        if name not in self.references:
+            raise FileNotFoundError(f"{Path(directory) / CONFIG_FILE}: no '{name}' reference; pass it explicitly")
+        return (Path(directory) / self.references[name]).resolve()
 
 
 @dataclass
@@ -31,15 +89,84 @@ class ImageEncoding:
 
 
 class QMLLM(nn.Module):
-    def __init__(self, mm_projector: nn.Module, llm, image_token_id: int, vision_tower: nn.Module | None = None,
-                 cls_quantizer: VectorQuantizer | None = None, patch_quantizer: VectorQuantizer | None = None):
+    def __init__(self, config: QMLLMConfig, llm=None, vision_tower: VisionTower | None = None):
+        """Builds `mm_projector` and, for the quantized variant, both codebooks, around a given LLM and vision
+        tower. `llm=None` gives the safety check's path only (vision tower, projector, CLS code)."""
         super().__init__()
+        self.config = config
         self.vision_tower = vision_tower
-        self.mm_projector = mm_projector
-        self.cls_quantizer = cls_quantizer
-        self.patch_quantizer = patch_quantizer
+        self.mm_projector = build_mm_projector(config.mm_projector_type, config.vision_width, config.llm_width,
+                                               config.mm_projector_layernorm)
+        self.cls_quantizer = self.patch_quantizer = None
+        if config.quantized:
+            common = {"commitment": config.commitment, "update": config.codebook_update,
+                      "decay": config.codebook_decay, "dead_code_threshold": config.dead_code_threshold,
+                      "kmeans_iters": config.kmeans_iters}
+            self.cls_quantizer = VectorQuantizer(config.cls_codes, config.llm_width, **common)
+            self.patch_quantizer = VectorQuantizer(config.patch_codes, config.llm_width, **common)
         self.llm = llm
-        self.image_token_id = image_token_id
+        self.image_token_id = config.image_token_id
+
+    # -- building, saving, loading ----------------------------------------------------------------
+    @classmethod
+    def assemble(cls, config: QMLLMConfig | dict, stage1_state: dict[str, torch.Tensor], llm=None,
+                 clip_model=None) -> QMLLM:
+        """A trained model, frozen in eval mode, from its parts: the config, the stage-1 weights, the LLM and
+        the CLIP model whose vision tower it reads (`None`: cached features only)."""
+        if isinstance(config, dict):
+            config = QMLLMConfig.from_dict(config)
+        tower = None
+        if clip_model is not None:
+            tower = VisionTower.from_clip(clip_model, select_layer=config.mm_vision_select_layer,
+                                          cls_source=config.cls_source).eval()
+        model = cls(config, llm, tower).load_stage1_state(stage1_state)
+        return model.requires_grad_(False).eval()
+
+    def stage1_state(self) -> dict[str, torch.Tensor]:
+        """Everything stage 1 trains, as one flat dict: mm_projector.*, cls_quantizer.*, patch_quantizer.*."""
+        state = {}
+        for name in STAGE1_MODULES:
+            module = getattr(self, name)
+            if module is not None:
+                state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        return state
+
+    def load_stage1_state(self, state: dict[str, torch.Tensor]) -> QMLLM:
+        for name in STAGE1_MODULES:
+            module = getattr(self, name)
+            part = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{name}.")}
+            if module is not None:
+                module.load_state_dict(part)
+            elif part:
+                raise ValueError(f"stage-1 weights contain {name} but the model has none (variant mismatch?)")
+        return self.eval()
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """`config.json` and `stage1.safetensors`; the vision tower and the LLM stay where the references say."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        save_file({k: v.detach().contiguous().clone() for k, v in self.stage1_state().items()},
+                  directory / WEIGHTS_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, llm=None, clip_model=None) -> QMLLM:
+        """Load a saved model, reading the LLM and the CLIP model from the config's references unless given
+        (local files only, safetensors only)."""
+        from transformers import AutoModelForCausalLM, CLIPModel
+
+        directory = Path(directory)
+        config = load_config(directory)
+        if llm is None:
+            llm = AutoModelForCausalLM.from_pretrained(config.reference("llm", directory), local_files_only=True,
+                                                       use_safetensors=True)
+        if clip_model is None:
+            clip_model = CLIPModel.from_pretrained(config.reference("vision_tower", directory),
+                                                   local_files_only=True, use_safetensors=True)
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: no stage-1 weights (run `kedro run --pipelines pretrain`)")
+        return cls.assemble(config, load_file(weights), llm.eval(), clip_model.eval())
 
     @property
     def quantized(self) -> bool:
@@ -136,3 +263,17 @@ def _pad(rows: list[torch.Tensor], labels: list[torch.Tensor] | None, padding: s
     if out_labels is not None:
         batch["labels"] = out_labels
     return batch
+
+
+def load_config(directory: str | Path) -> QMLLMConfig:
+    """The `QMLLMConfig` of a saved model directory, with an error that names the file and the problem."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no Q-MLLM config here (run `kedro run --pipelines pretrain`)")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return QMLLMConfig.from_dict(values, source=str(path))

@@ -8,7 +8,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-IMAGE_TOKEN = "<image>"
+from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
+
 USER_TOKEN, ASSISTANT_TOKEN = "<|user|>", "<|assistant|>"
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 # Order fixes the ids: pad 0, unk 1, <image> 2, bos 3, eos 4. EOS must not be 2: CLIP's text tower
@@ -50,11 +51,11 @@ def chat_messages(turns: list[dict]) -> list[dict]:
 
 
 def encode_chat(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 outside the assistant's tokens), cut to `max_length`."""
+    """Token ids and labels (IGNORE_INDEX outside the assistant's tokens), cut to `max_length`."""
     encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
     ids = list(encoded["input_ids"])[:max_length]
-    labels = [i if m else -100 for i, m in zip(ids, encoded["assistant_masks"], strict=False)]
+    labels = [i if m else IGNORE_INDEX for i, m in zip(ids, encoded["assistant_masks"], strict=False)]
     return ids, labels
 
 

@@ -212,12 +212,29 @@ def clip_text(names: list[str], background: str, text_side: str) -> str:
 
 
 def scene_texts(scenes, text_side: str) -> list[str]:
-    """`clip_text` for every row of a scene table (its `objects` and `background` columns)."""
-    return [clip_text(list(objects), background, text_side)
-            for objects, background in zip(scenes["objects"], scenes["background"], strict=True)]
+    """`clip_text` for every row of a scene table (its `objects` and `background` columns). Real data
+    (`ingest`) names no objects: only its captions can be used, and asking for more says so."""
+    if text_side == "caption":  # a scene's caption is clip_text(objects, background, "caption")
+        return list(scenes["caption"])
+    texts = []
+    for row, (objects, background) in enumerate(zip(scenes["objects"], scenes["background"], strict=True)):
+        if len(objects) == 0:
+            raise ValueError(f"scene table row {row} names no objects (real data has none): the '{text_side}' text "
+                             "needs them; use 'caption' (features.semantic_target_text, foundation.clip.text_side)")
+        texts.append(clip_text(list(objects), background, text_side))
+    return texts
 
 
 def zero_shot_prompts(name: str, backgrounds: list[str], text_side: str) -> list[str]:
     """The prompts whose mean text embedding stands for one item, in the style CLIP was trained on:
     one per background colour for `caption` (prompt ensembling), the object phrase alone for `objects`."""
     return sorted({clip_text([name], background, text_side) for background in backgrounds})
+
+
+def category_prompts(catalogue: pd.DataFrame, backgrounds: list[str], text_side: str) -> dict[str, list[list[str]]]:
+    """Per category, one prompt list (`zero_shot_prompts`) per catalogue item: the text side of a CLIP
+    zero-shot filter over the categories (SafeCLIP)."""
+    backgrounds = sorted(backgrounds)
+    return {category: [zero_shot_prompts(name, backgrounds, text_side)
+                       for name in catalogue.loc[catalogue["category"] == category, "name"]]
+            for category in (*TOXIC_CATEGORIES, NEUTRAL)}

@@ -8,6 +8,7 @@ import time
 import pandas as pd
 from PIL import Image
 
+from qmllm_pipeline.schema import check_table
 from qmllm_pipeline.world.catalogue import NEUTRAL, TOXIC_CATEGORIES, validate_catalogue
 from qmllm_pipeline.world.contact_sheet import contact_sheet
 from qmllm_pipeline.world.language import (
@@ -56,7 +57,8 @@ def validate_emoji_catalogue(raw_catalogue: pd.DataFrame, params: dict) -> pd.Da
 def render_caption_corpus(catalogue: pd.DataFrame, params: dict) -> pd.DataFrame:
     """Stage-1 image-caption pairs: the pretraining mix of neutral and toxic scenes."""
     n_scenes = params["caption_corpus"]["n_scenes"]
-    return _render(catalogue, params, "caption_corpus", [SceneRequest(MIXED)] * n_scenes)
+    return check_table(_render(catalogue, params, "caption_corpus", [SceneRequest(MIXED)] * n_scenes),
+                       "caption_corpus", "data")
 
 
 def _dmap_requests(sizes: dict) -> list[SceneRequest]:
@@ -70,12 +72,13 @@ def _dmap_requests(sizes: dict) -> list[SceneRequest]:
 
 def render_dmap(catalogue: pd.DataFrame, params: dict) -> pd.DataFrame:
     """D_map: the small labelled set the safety map is built from (paper: ~50 per toxic class, 500 neutral)."""
-    return _render(catalogue, params, "dmap", _dmap_requests(params["dmap"]))
+    return check_table(_render(catalogue, params, "dmap", _dmap_requests(params["dmap"])), "dmap", "data")
 
 
 def render_dmap_validation(catalogue: pd.DataFrame, params: dict) -> pd.DataFrame:
     """A second D_map-shaped set from another seed, for choosing the threshold tau and the unseen-code policy."""
-    return _render(catalogue, params, "dmap_validation", _dmap_requests(params["dmap_validation"]))
+    return check_table(_render(catalogue, params, "dmap_validation", _dmap_requests(params["dmap_validation"])),
+                       "dmap_validation", "data")
 
 
 def render_evaluation_splits(
@@ -102,7 +105,11 @@ def render_evaluation_splits(
     item_requests = [SceneRequest("single", item_id=int(i)) for i in catalogue["item_id"]
                      for _ in range(sizes["per_item"])]
     eval_items = _render(catalogue, params, "eval_items", item_requests)
-    return eval_toxic, eval_neutral, eval_hard_negative, build_utility_questions(utility_scenes), eval_items
+    eval_utility = build_utility_questions(utility_scenes)
+    for name, frame in (("eval_toxic", eval_toxic), ("eval_neutral", eval_neutral),
+                        ("eval_hard_negative", eval_hard_negative), ("eval_utility", eval_utility)):
+        check_table(frame, name, "data")
+    return eval_toxic, eval_neutral, eval_hard_negative, eval_utility, eval_items
 
 
 def build_text_corpus(catalogue: pd.DataFrame, caption_corpus: pd.DataFrame, params: dict) -> pd.DataFrame:
@@ -119,7 +126,7 @@ def make_dialogs(catalogue: pd.DataFrame, text_corpus: pd.DataFrame, params: dic
     """Stage-2 instruction dialogs in LLaVA's `conversations` shape, over their own scenes."""
     dialog_params = {**params["dialogs"], "seed": _seed(params, "dialogs")}
     scenes = _render(catalogue, params, "dialogs", [SceneRequest(MIXED)] * dialog_params["n_scenes"])
-    return build_dialogs(scenes, text_corpus, dialog_params)
+    return check_table(build_dialogs(scenes, text_corpus, dialog_params), "dialogs", "data")
 
 
 def draw_contact_sheet(eval_toxic: pd.DataFrame, eval_neutral: pd.DataFrame, eval_hard_negative: pd.DataFrame,
@@ -135,19 +142,14 @@ def draw_contact_sheet(eval_toxic: pd.DataFrame, eval_neutral: pd.DataFrame, eva
     return contact_sheet(groups, per_row=params["contact_sheet"]["per_row"])
 
 
-def summarise_world(
-    catalogue: pd.DataFrame, caption_corpus: pd.DataFrame, dialogs: pd.DataFrame, dmap: pd.DataFrame,
-    dmap_validation: pd.DataFrame, eval_toxic: pd.DataFrame, eval_neutral: pd.DataFrame,
-    eval_hard_negative: pd.DataFrame, eval_utility: pd.DataFrame, eval_items: pd.DataFrame,
-    text_corpus: pd.DataFrame,
-) -> dict:
-    """Row counts per split and per category, the figures the README and the DVC metrics show."""
+def summarise_world(catalogue: pd.DataFrame, dialogs: pd.DataFrame, eval_utility: pd.DataFrame,
+                    text_corpus: pd.DataFrame, **scene_splits: pd.DataFrame) -> dict:
+    """Row counts per split and per category, the figures the README and the DVC metrics show.
+    `scene_splits`: every scene table by name (caption corpus, D_map, evaluation splits)."""
     def per_category(frame: pd.DataFrame) -> dict:
         return {str(k): int(v) for k, v in frame.groupby("category").size().items()}
 
-    scene_splits = {"caption_corpus": caption_corpus, "dmap": dmap, "dmap_validation": dmap_validation,
-                    "eval_toxic": eval_toxic, "eval_neutral": eval_neutral, "eval_hard_negative": eval_hard_negative,
-                    "eval_items": eval_items}
+    eval_toxic = scene_splits["eval_toxic"]
     summary = {
         "catalogue": {"entries": len(catalogue), "hard_negatives": int(catalogue["hard_negative"].sum()),
                       "per_category": per_category(catalogue)},

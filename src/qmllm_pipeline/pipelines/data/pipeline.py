@@ -2,6 +2,10 @@ from kedro.pipeline import Node, Pipeline
 
 from qmllm_pipeline.pipelines.data import nodes
 
+# the scene tables the world summary counts, in the order the summary lists them
+SCENE_SPLITS = ("caption_corpus", "dmap", "dmap_validation", "eval_toxic", "eval_neutral", "eval_hard_negative",
+                "eval_items")
+
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
@@ -22,7 +26,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(nodes.draw_contact_sheet, ["eval_toxic", "eval_neutral", "eval_hard_negative", "params:data"],
              "world_contact_sheet", name="draw_contact_sheet"),
         Node(nodes.summarise_world,
-             ["emoji_catalogue", "caption_corpus", "dialogs", "dmap", "dmap_validation", "eval_toxic",
-              "eval_neutral", "eval_hard_negative", "eval_utility", "eval_items", "text_corpus"],
+             {"catalogue": "emoji_catalogue", "dialogs": "dialogs", "eval_utility": "eval_utility",
+              "text_corpus": "text_corpus", **{name: name for name in SCENE_SPLITS}},
              "world_summary", name="summarise_world"),
     ])

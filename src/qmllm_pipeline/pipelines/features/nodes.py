@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from qmllm_pipeline.models.clip import decode_images, pixel_values
+from qmllm_pipeline.models.clip import png_pixel_values
 from qmllm_pipeline.models.vision import VisionTower
 from qmllm_pipeline.world.scenes import scene_texts
 
@@ -19,21 +19,20 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def _extract(images: pd.Series, clip_model, clip_image_processor, params: dict, name: str) -> dict[str, torch.Tensor]:
-    torch.set_num_threads(params["threads"])
-    tower = VisionTower.from_clip(clip_model, select_layer=params["select_layer"],
-                                  cls_source=params["cls_source"]).eval()
+    tower = VisionTower.from_clip(clip_model, **params["vision_tower"]).eval()
     dtype = getattr(torch, params["dtype"])
     started = time.perf_counter()
     cls_chunks, patch_chunks = [], []
     batch = params["batch_size"]
     for start in tqdm(range(0, len(images), batch), desc=f"features {name}", unit="batch", mininterval=2):
-        pixels = pixel_values(decode_images(images.iloc[start:start + batch], desc=None), clip_image_processor)
+        pixels = png_pixel_values(images.iloc[start:start + batch], clip_image_processor)
         cls_features, patch_features = tower(pixels)
         cls_chunks.append(cls_features.to(dtype))
         patch_chunks.append(patch_features.to(dtype))
     features = {"cls": torch.cat(cls_chunks), "patches": torch.cat(patch_chunks)}
     if features["cls"].shape[-1] != features["patches"].shape[-1]:
-        raise ValueError(f"features.cls_source {params['cls_source']!r} gives CLS width {features['cls'].shape[-1]} "
+        raise ValueError(f"features.vision_tower.cls_source {params['vision_tower']['cls_source']!r} gives CLS width "
+                         f"{features['cls'].shape[-1]} "
                          f"but patches have {features['patches'].shape[-1]}: mm_projector is shared by both, so "
                          "this source needs projection_dim == the vision hidden size")
     logger.info("%s features: cls %s, patches %s in %.1f s", name, tuple(features["cls"].shape),
@@ -54,16 +53,16 @@ def extract_dialog_features(dialogs: pd.DataFrame, clip_model, clip_image_proces
 
 
 @torch.no_grad()
-def caption_semantic_targets(caption_corpus: pd.DataFrame, tokenizer, llm, params: dict) -> dict[str, torch.Tensor]:
+def caption_semantic_targets(caption_corpus: pd.DataFrame, tokenizer, llm, text_side: str,
+                             batch_size: int) -> dict[str, torch.Tensor]:
     """H_caption for L_semantic: the frozen LLM's last hidden states averaged over the tokens of the text
-    `semantic_target_text` names (the whole caption, or its object phrase only). Stored raw; whether to
-    standardise them is a stage-1 parameter."""
-    torch.set_num_threads(params["threads"])
-    captions = scene_texts(caption_corpus, params["semantic_target_text"])
+    `text_side` names (the whole caption, or its object phrase only). Stored raw; whether to standardise
+    them is a stage-1 parameter."""
+    captions = scene_texts(caption_corpus, text_side)
     unique = sorted(set(captions))
     vectors = []
-    for start in tqdm(range(0, len(unique), params["batch_size"]), desc="caption targets", mininterval=2):
-        chunk = unique[start:start + params["batch_size"]]
+    for start in tqdm(range(0, len(unique), batch_size), desc="caption targets", mininterval=2):
+        chunk = unique[start:start + batch_size]
         encoded = tokenizer(chunk, add_special_tokens=False, padding=True, return_tensors="pt")
         hidden = llm(**encoded, output_hidden_states=True).hidden_states[-1]
         mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)

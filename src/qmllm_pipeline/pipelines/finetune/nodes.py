@@ -7,26 +7,26 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 
-from qmllm_pipeline.judge import RefusalPhraseJudge
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.clip import decode_images
 from qmllm_pipeline.models.guarded import GuardedMLLM
-from qmllm_pipeline.models.stages import finetune
-from qmllm_pipeline.models.tokenizer import IMAGE_TOKEN, chat_messages, encode_chat
-from qmllm_pipeline.models.training import loss_curve_figure, seed_and_threads
-from qmllm_pipeline.models.vision import VisionTower
-from qmllm_pipeline.pipelines.pretrain.nodes import build_qmllm, load_stage1_state
+from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
+from qmllm_pipeline.models.stages import Example, finetune
+from qmllm_pipeline.models.tokenizer import chat_messages, encode_chat
+from qmllm_pipeline.models.training import TrainingConfig, loss_curve_figure, loss_ends, seed_everything
+from qmllm_pipeline.scoring import normalise_answer, questions_without_placeholder, refusal_rates, utility_scores
 from qmllm_pipeline.tracking import StepLogger, log_summary_metrics
+from qmllm_pipeline.world.language import QUESTIONS
 
 logger = logging.getLogger(__name__)
 
 
-def _examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, tokenizer, params: dict, seed: int):
-    """Image dialogs (feature row = dialog row) plus text-only replay of the training instructions."""
+def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, tokenizer, params: dict,
+                    seed: int) -> list[Example]:
+    """Image dialogs (feature row = dialog row) plus text-only replay of the training instructions (row -1).
+    `params`: finetune.data."""
     examples = [(*encode_chat(tokenizer, chat_messages(turns), params["max_length"]), row)
                 for row, turns in enumerate(dialogs["conversations"])]
     train = text_corpus[(text_corpus["split"] == "train") & text_corpus["kind"].isin(["benign", "harmful"])]
@@ -39,72 +39,62 @@ def _examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, tokenizer, param
     return examples
 
 
-def finetune_variant(dialog_features: dict, dialogs: pd.DataFrame, text_corpus: pd.DataFrame, tokenizer, llm,
-                     stage1_weights: dict, pretrain_params: dict, params: dict, variant: dict):
-    """Stage 2 for one variant: returns the finetuned LLM, a summary and the loss curve."""
-    name, quantized = variant["name"], variant["quantized"]
-    seed_and_threads(params["seed"], params["threads"])
-    model = build_qmllm(copy.deepcopy(llm), tokenizer, pretrain_params, quantized, dialog_features["cls"].shape[-1])
-    load_stage1_state(model, stage1_weights)
-    examples = _examples(dialogs, text_corpus, tokenizer, params, params["seed"])
-    checkpoint = TrainingCheckpoint(Path(params["checkpoint_dir"]) / f"{name}_finetune",
-                                    {"variant": variant, "params": params, "examples": len(examples)})
-    step_logger = StepLogger(f"{name}/finetune", every=params["log_every"])
+def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, dialog_features: dict,
+                     dialog_examples: list[Example], params: dict, seed: int, checkpoint_dir: str):
+    """Stage 2 for one variant: returns the finetuned LLM, a summary and the loss curve. `params`:
+    finetune.stage2."""
+    config = QMLLMConfig.from_dict(qmllm_config)
+    seed_everything(seed)
+    model = QMLLM.assemble(config, stage1_weights, copy.deepcopy(llm))
+    training = TrainingConfig(**params["training"])
+    checkpoint = TrainingCheckpoint(Path(checkpoint_dir) / f"{config.variant}_finetune",
+                                    {"config": qmllm_config, "params": params, "seed": seed,
+                                     "examples": len(dialog_examples)})
+    step_logger = StepLogger(f"{config.variant}/finetune", every=params["log_every"])
     started = time.perf_counter()
-    finetune(model, dialog_features["cls"], dialog_features["patches"], examples, params["training"],
-             params["seed"], params["threads"], step_logger, checkpoint)
+    finetune(model, dialog_features["cls"], dialog_features["patches"], dialog_examples, training, seed, step_logger,
+             checkpoint)
     seconds = time.perf_counter() - started
-    losses = [v for _, v in step_logger.history["loss"]]
-    summary = {"variant": name, "seconds": round(seconds, 1), "steps": params["training"]["steps"],
-               "examples": len(examples), "final_loss": float(np.mean(losses[-20:]))}
-    logger.info("finetune %s: %.0f s, final loss %.3f", name, seconds, summary["final_loss"])
-    return model.llm, summary, loss_curve_figure({"LM loss": step_logger.history["loss"]}, f"stage 2 ({name})")
+    _, final_loss = loss_ends([v for _, v in step_logger.history["loss"]])
+    summary = {"variant": config.variant, "seconds": round(seconds, 1), "steps": training.steps,
+               "examples": len(dialog_examples), "final_loss": final_loss}
+    logger.info("finetune %s: %.0f s, final loss %.3f", config.variant, seconds, final_loss)
+    return model.llm, summary, loss_curve_figure({"LM loss": step_logger.history["loss"]},
+                                                 f"stage 2 ({config.variant})")
 
 
-def normalise_answer(text: str) -> str:
-    return " ".join(text.lower().strip().rstrip(".").split())
+def finetuned_model(qmllm_config: dict, stage1_weights: dict, finetuned_llm, clip_model, tokenizer,
+                    clip_image_processor) -> GuardedMLLM:
+    """The variant after stage 2, reading images through CLIP's vision tower, with no guard (the safety map
+    comes later)."""
+    return GuardedMLLM(QMLLM.assemble(qmllm_config, stage1_weights, finetuned_llm, clip_model), tokenizer,
+                       clip_image_processor)
 
 
-def evaluate_variant(finetuned_llm, stage1_weights: dict, tokenizer, clip_model, clip_image_processor,
-                     eval_utility: pd.DataFrame, eval_neutral: pd.DataFrame, text_corpus: pd.DataFrame,
-                     pretrain_params: dict, feature_params: dict, params: dict, variant: dict) -> dict:
-    """Utility (exact answers per question type) and safety behaviour with a neutral image attached."""
-    torch.set_num_threads(params["threads"])
-    evaluation = params["evaluation"]
-    model = build_qmllm(finetuned_llm, tokenizer, pretrain_params, variant["quantized"],
-                        clip_model.config.vision_config.hidden_size)
-    load_stage1_state(model, stage1_weights)
-    model.vision_tower = VisionTower.from_clip(clip_model, select_layer=feature_params["select_layer"],
-                                               cls_source=feature_params["cls_source"]).eval()
-    unguarded = GuardedMLLM(model, tokenizer, clip_image_processor)  # the model alone: no safety map yet
+def evaluate_variant(model: GuardedMLLM, eval_utility: pd.DataFrame, eval_neutral: pd.DataFrame,
+                     text_corpus: pd.DataFrame, params: dict) -> dict:
+    """Utility (exact answers per question type) and safety behaviour with a neutral image attached.
+    `params`: finetune.evaluation."""
 
     def ask(prompts: list[str], images: pd.Series) -> list[str]:
-        """`prompts` without the `<image>` placeholder: the model puts it in front."""
-        answers = unguarded.respond(decode_images(images, desc=None), prompts, evaluation["max_new_tokens"],
-                                    evaluation["batch_size"])
+        answers = model.respond(decode_images(images, desc=None), prompts, params["max_new_tokens"],
+                                params["batch_size"])
         return [a.text for a in answers]
 
-    utility = eval_utility.copy()
-    utility["prediction"] = ask([q.removeprefix(f"{IMAGE_TOKEN}\n") for q in utility["question"]], utility["image"])
-    pairs = zip(utility["prediction"], utility["answer"], strict=True)
-    utility["correct"] = [normalise_answer(p) == normalise_answer(a) for p, a in pairs]
-    accuracy = {str(k): float(v) for k, v in utility.groupby("question_type")["correct"].mean().items()}
-
-    judge = RefusalPhraseJudge()
+    predictions = ask(questions_without_placeholder(eval_utility["question"]), eval_utility["image"])
+    accuracy = utility_scores(predictions, eval_utility)["accuracy"]
     heldout = text_corpus[(text_corpus["split"] == "heldout") & text_corpus["kind"].isin(["harmful", "benign"])]
+    # a fixed draw of neutral images (the same whatever the seed): one per held-out instruction
     images = eval_neutral["image"].sample(n=len(heldout), replace=True, random_state=0).reset_index(drop=True)
-    refused = pd.Series([judge.is_refusal(a) for a in ask(list(heldout["instruction"]), images)], index=heldout.index)
-    safety = {f"heldout_{kind}_refused_with_neutral_image": float(refused[heldout["kind"] == kind].mean())
-              for kind in ("harmful", "benign")}
-    samples = utility.groupby("question_type").head(2)[["question_type", "answer", "prediction"]]
-    return {"variant": variant["name"], "utility": accuracy, "safety": safety,
-            "utility_samples": samples.to_dict("records")}
+    refused = refusal_rates(ask(list(heldout["instruction"]), images), heldout["kind"])
+    safety = {f"heldout_{kind}_refused_with_neutral_image": refused[kind] for kind in ("harmful", "benign")}
+    samples = eval_utility.assign(prediction=predictions).groupby("question_type").head(2)
+    return {"variant": model.model.config.variant, "utility": accuracy, "safety": safety,
+            "utility_samples": samples[["question_type", "answer", "prediction"]].to_dict("records")}
 
 
 def blind_guess(dialogs: pd.DataFrame, eval_utility: pd.DataFrame) -> dict:
     """The floor: always give the most frequent training answer of each question type."""
-    from qmllm_pipeline.world.language import QUESTIONS
-
     answers: dict[str, list[str]] = {t: [] for t in QUESTIONS}
     for kinds, turns in zip(dialogs["turn_kinds"], dialogs["conversations"], strict=True):
         for kind, answer in zip(kinds, list(turns)[1::2], strict=True):

@@ -1,33 +1,34 @@
 from kedro.pipeline import Node, Pipeline, pipeline
 
+from qmllm_pipeline.constants import VARIANTS
 from qmllm_pipeline.pipelines.finetune import nodes
-from qmllm_pipeline.pipelines.pretrain.pipeline import VARIANTS
 
-SHARED = ["dialog_features", "dialogs", "text_corpus", "tokenizer", "llm", "clip_model", "clip_image_processor",
-          "eval_utility", "eval_neutral"]
+SHARED = ["dialog_features", "dialog_examples", "text_corpus", "tokenizer", "llm", "clip_model",
+          "clip_image_processor", "eval_utility", "eval_neutral"]
+SHARED_PARAMETERS = ("params:finetune.stage2", "params:finetune.evaluation", "params:seed", "params:checkpoint_dir")
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     """Stage 2 and its measurements, instantiated per variant by namespace."""
     template = Pipeline([
-        Node(nodes.finetune_variant, ["dialog_features", "dialogs", "text_corpus", "tokenizer", "llm",
-                                      "stage1_weights", "params:pretrain", "params:finetune", "params:variant"],
+        Node(nodes.finetune_variant, ["qmllm_config", "stage1_weights", "llm", "dialog_features", "dialog_examples",
+                                      "params:finetune.stage2", "params:seed", "params:checkpoint_dir"],
              ["finetuned_llm", "finetune_summary", "finetune_loss_curve"], name="finetune_variant"),
-        Node(nodes.evaluate_variant, ["finetuned_llm", "stage1_weights", "tokenizer", "clip_model",
-                                      "clip_image_processor", "eval_utility", "eval_neutral", "text_corpus",
-                                      "params:pretrain", "params:features", "params:finetune", "params:variant"],
-             "finetune_metrics", name="evaluate_variant"),
+        Node(nodes.finetuned_model, ["qmllm_config", "stage1_weights", "finetuned_llm", "clip_model", "tokenizer",
+                                     "clip_image_processor"], "finetuned_model", name="finetuned_model"),
+        Node(nodes.evaluate_variant, ["finetuned_model", "eval_utility", "eval_neutral", "text_corpus",
+                                      "params:finetune.evaluation"], "finetune_metrics", name="evaluate_variant"),
     ])
-    variants = [
-        pipeline(template, namespace=name, inputs=set(SHARED),
-                 parameters={"params:pretrain": "params:pretrain", "params:features": "params:features",
-                             "params:finetune": "params:finetune", "params:variant": f"params:variants.{name}"})
-        for name in VARIANTS
-    ]
+    variants = [pipeline(template, namespace=name, inputs=set(SHARED),
+                         parameters={p: p for p in SHARED_PARAMETERS}) for name in VARIANTS]
+    shared = Pipeline([
+        Node(nodes.dialog_examples, ["dialogs", "text_corpus", "tokenizer", "params:finetune.data", "params:seed"],
+             "dialog_examples", name="dialog_examples"),
+    ])
     report = Pipeline([
         Node(nodes.blind_guess, ["dialogs", "eval_utility"], "blind_guess", name="blind_guess"),
         Node(nodes.finetune_report, ["qmllm.finetune_metrics", "baseline.finetune_metrics", "blind_guess",
                                      "qmllm.finetune_summary", "baseline.finetune_summary"],
              "finetune_metrics", name="finetune_report"),
     ])
-    return sum(variants, Pipeline([])) + report
+    return shared + sum(variants, Pipeline([])) + report

@@ -11,6 +11,7 @@ import torch
 
 from qmllm_pipeline.judge import RefusalPhraseJudge
 from qmllm_pipeline.models.clip import (
+    TowerShape,
     build_clip,
     build_image_processor,
     class_embeddings,
@@ -20,7 +21,7 @@ from qmllm_pipeline.models.clip import (
 )
 from qmllm_pipeline.models.llm import answer_prompts, build_llm, train_causal_lm
 from qmllm_pipeline.models.tokenizer import encode_chat, train_tokenizer
-from qmllm_pipeline.models.training import loss_curve_figure, seed_and_threads
+from qmllm_pipeline.models.training import TrainingConfig, loss_curve_figure, loss_ends, seed_everything
 from qmllm_pipeline.tracking import StepLogger, log_summary_metrics
 from qmllm_pipeline.world.scenes import scene_texts, zero_shot_prompts
 
@@ -36,37 +37,38 @@ def _train_texts(text_corpus: pd.DataFrame, dialogs: pd.DataFrame) -> list[str]:
 
 def fit_tokenizer(text_corpus: pd.DataFrame, dialogs: pd.DataFrame, params: dict):
     """Byte-level BPE over the training text only (held-out instructions are never seen, byte fallback
-    still encodes them)."""
+    still encodes them). `params`: vocab_size, min_frequency."""
     texts = _train_texts(text_corpus, dialogs)
-    tokenizer = train_tokenizer(texts, params["tokenizer"]["vocab_size"], params["tokenizer"]["min_frequency"])
+    tokenizer = train_tokenizer(texts, params["vocab_size"], params["min_frequency"])
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts[:2000]]
     logger.info("tokenizer: %d tokens, %.1f tokens per training text on average", len(tokenizer), np.mean(lengths))
     return tokenizer
 
 
 def _training_summary(seconds: float, steps: int, model, losses: list[float]) -> dict:
-    window = max(1, min(20, len(losses) // 5))  # mean of the first and last steps, to smooth batch noise
+    initial, final = loss_ends(losses)
     return {"seconds": round(seconds, 1), "steps": steps, "parameters": sum(p.numel() for p in model.parameters()),
-            "initial_loss": float(np.mean(losses[:window])), "final_loss": float(np.mean(losses[-window:]))}
+            "initial_loss": initial, "final_loss": final}
 
 
-def fit_clip(caption_corpus: pd.DataFrame, tokenizer, params: dict, data_params: dict):
-    """Train CLIP contrastively on the caption corpus (each image paired with the text `clip.text_side`
-    says); returns the model, its image processor, the loss curve and a training summary."""
-    clip_params = params["clip"]
-    if clip_params["vision"]["image_size"] != data_params["layout"]["image_size"]:
-        raise ValueError(f"foundation.clip.vision.image_size ({clip_params['vision']['image_size']}) must equal "
-                         f"data.layout.image_size ({data_params['layout']['image_size']})")
-    seed_and_threads(params["seed"], params["threads"])
-    model, processor = build_clip(tokenizer, clip_params), build_image_processor(clip_params)
+def fit_clip(caption_corpus: pd.DataFrame, tokenizer, params: dict, image_size: int, seed: int, log_every: int):
+    """Train CLIP contrastively on the caption corpus (each image paired with the text `text_side` says);
+    returns the model, its image processor, the loss curve and a training summary. `params`:
+    foundation.clip."""
+    seed_everything(seed)
+    model = build_clip(tokenizer, image_size, params["patch_size"], TowerShape(**params["vision"]),
+                       TowerShape(**params["text"]), params["max_text_tokens"], params["projection_dim"])
+    processor = build_image_processor(image_size, params["image_mean"], params["image_std"])
     images = decode_images(caption_corpus["image"], desc="decode caption corpus")
-    step_logger = StepLogger("clip", every=params["log_every"])
+    step_logger = StepLogger("clip", every=log_every)
+    training = TrainingConfig(**params["training"])
     started = time.perf_counter()
-    train_clip(model, processor, tokenizer, images, scene_texts(caption_corpus, clip_params["text_side"]), clip_params,
-               params["seed"], params["threads"], step_logger, groups=caption_corpus["background"].to_numpy())
+    train_clip(model, processor, tokenizer, images, scene_texts(caption_corpus, params["text_side"]), training, seed,
+               params["max_text_tokens"], step_logger, groups=caption_corpus["background"].to_numpy(),
+               same_group_fraction=params["same_group_fraction"])
     seconds = time.perf_counter() - started
     losses = [v for _, v in step_logger.history["loss"]]
-    summary = _training_summary(seconds, clip_params["training"]["steps"], model, losses)
+    summary = _training_summary(seconds, training.steps, model, losses)
     logger.info("CLIP trained in %.0f s (%d parameters), final loss %.3f", seconds, summary["parameters"],
                 summary["final_loss"])
     figure = loss_curve_figure({"contrastive loss": step_logger.history["loss"]}, "CLIP training")
@@ -89,19 +91,19 @@ def _llm_examples(text_corpus: pd.DataFrame, tokenizer, params: dict) -> list[tu
     return examples
 
 
-def fit_llm(text_corpus: pd.DataFrame, tokenizer, params: dict):
-    """Train the chat LLM: answer benign instructions, refuse harmful ones, and speak the captions' language."""
-    llm_params = params["llm"]
-    seed_and_threads(params["seed"], params["threads"])
-    model = build_llm(tokenizer, llm_params)
-    examples = _llm_examples(text_corpus, tokenizer, llm_params)
-    step_logger = StepLogger("llm", every=params["log_every"])
+def fit_llm(text_corpus: pd.DataFrame, tokenizer, params: dict, seed: int, log_every: int):
+    """Train the chat LLM: answer benign instructions, refuse harmful ones, and speak the captions' language.
+    `params`: foundation.llm."""
+    seed_everything(seed)
+    model = build_llm(tokenizer, **params["architecture"])
+    examples = _llm_examples(text_corpus, tokenizer, params)
+    step_logger = StepLogger("llm", every=log_every)
+    training = TrainingConfig(**params["training"])
     started = time.perf_counter()
-    train_causal_lm(model, examples, tokenizer.pad_token_id, llm_params["training"], params["seed"],
-                    params["threads"], step_logger)
+    train_causal_lm(model, examples, tokenizer.pad_token_id, training, seed, step_logger)
     seconds = time.perf_counter() - started
     losses = [v for _, v in step_logger.history["loss"]]
-    summary = {**_training_summary(seconds, llm_params["training"]["steps"], model, losses),
+    summary = {**_training_summary(seconds, training.steps, model, losses),
                "examples": len(examples)}
     logger.info("LLM trained in %.0f s (%d parameters, %d examples), final loss %.3f", seconds,
                 summary["parameters"], len(examples), summary["final_loss"])
@@ -110,14 +112,12 @@ def fit_llm(text_corpus: pd.DataFrame, tokenizer, params: dict):
 
 
 def evaluate_clip(clip_model, clip_image_processor, tokenizer, emoji_catalogue: pd.DataFrame,
-                  eval_items: pd.DataFrame, params: dict, data_params: dict) -> dict:
+                  eval_items: pd.DataFrame, params: dict, backgrounds: dict) -> dict:
     """Zero-shot classification of held-out single-emoji scenes among all catalogue names, with prompts in
-    the style CLIP was trained on (`zero_shot_prompts`)."""
-    torch.set_num_threads(params["threads"])
-    backgrounds = sorted(data_params["layout"]["backgrounds"])
+    the style CLIP was trained on (`zero_shot_prompts`). `params`: foundation.clip."""
     names = list(emoji_catalogue["name"])
-    prompts = [zero_shot_prompts(name, backgrounds, params["clip"]["text_side"]) for name in names]
-    classes = class_embeddings(clip_model, tokenizer, prompts, params["clip"]["text"]["max_tokens"])
+    prompts = [zero_shot_prompts(name, sorted(backgrounds), params["text_side"]) for name in names]
+    classes = class_embeddings(clip_model, tokenizer, prompts, params["max_text_tokens"])
     images = decode_images(eval_items["image"], desc="decode eval_items")
     scores = image_embeddings(clip_model, clip_image_processor, images) @ classes.T
     truth = torch.tensor([ids[0] for ids in eval_items["item_ids"]])
@@ -135,13 +135,12 @@ def evaluate_clip(clip_model, clip_image_processor, tokenizer, emoji_catalogue: 
 
 
 def evaluate_llm(llm, tokenizer, text_corpus: pd.DataFrame, params: dict) -> dict:
-    """Refusal rates on held-out (and training) harmful and benign instructions, by the shared judge."""
-    torch.set_num_threads(params["threads"])
+    """Refusal rates on held-out (and training) harmful and benign instructions, by the shared judge.
+    `params`: foundation.evaluation."""
     judge = RefusalPhraseJudge()
     instructions = text_corpus[text_corpus["kind"].isin(["harmful", "benign"])].copy()
-    evaluation = params["evaluation"]
     instructions["answer"] = answer_prompts(llm, tokenizer, list(instructions["instruction"]),
-                                            evaluation["max_new_tokens"], evaluation["batch_size"])
+                                            params["max_new_tokens"], params["batch_size"])
     instructions["refused"] = instructions["answer"].map(judge.is_refusal)
     rates = instructions.groupby(["split", "kind"])["refused"].mean()
     heldout_harmful = instructions[(instructions["split"] == "heldout") & (instructions["kind"] == "harmful")]

@@ -10,66 +10,30 @@ import numpy as np
 import pandas as pd
 import torch
 
+from qmllm_pipeline.constants import IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
-from qmllm_pipeline.models.projector import build_mm_projector
-from qmllm_pipeline.models.qmllm import QMLLM
-from qmllm_pipeline.models.quantizer import VectorQuantizer
-from qmllm_pipeline.models.stages import code_indices, pretrain
-from qmllm_pipeline.models.tokenizer import IMAGE_TOKEN, encode_chat
-from qmllm_pipeline.models.training import loss_curve_figure, seed_and_threads
+from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
+from qmllm_pipeline.models.stages import Example, caption_examples, code_indices, pretrain
+from qmllm_pipeline.models.training import TrainingConfig, loss_curve_figure, seed_everything
 from qmllm_pipeline.tracking import StepLogger, log_summary_metrics
 
 logger = logging.getLogger(__name__)
 
 
-def build_qmllm(llm, tokenizer, params: dict, quantized: bool, vision_width: int) -> QMLLM:
-    """The Q-MLLM (or, unquantized, the continuous baseline) around a frozen LLM, from stage-1 parameters."""
-    llm_width = llm.config.hidden_size
-    projector = build_mm_projector(params["projector"]["type"], vision_width, llm_width,
-                                   params["projector"]["layernorm"])
-    quantizers = {}
-    if quantized:
-        codebooks = params["codebooks"]
-        common = {"commitment": codebooks["commitment"], "update": codebooks["update"], "decay": codebooks["decay"],
-                  "dead_code_threshold": codebooks["dead_code_threshold"], "kmeans_iters": codebooks["kmeans_iters"]}
-        quantizers = {"cls_quantizer": VectorQuantizer(codebooks["cls_codes"], llm_width, **common),
-                      "patch_quantizer": VectorQuantizer(codebooks["patch_codes"], llm_width, **common)}
-    return QMLLM(projector, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), **quantizers)
+def model_config(tokenizer, llm, caption_features: dict, model: dict, vision_tower: dict, variant: dict) -> dict:
+    """The variant's `QMLLMConfig`: the architecture in `pretrain.model`, the vision tower's settings
+    (`features.vision_tower`), and the widths and `<image>` id of the models it sits between."""
+    config = QMLLMConfig(
+        vision_width=int(caption_features["cls"].shape[-1]), llm_width=llm.config.hidden_size,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), variant=variant["name"],
+        quantized=variant["quantized"], mm_vision_select_layer=vision_tower["select_layer"],
+        cls_source=vision_tower["cls_source"], **model)
+    return config.to_dict()
 
 
-def stage1_state(model: QMLLM) -> dict[str, torch.Tensor]:
-    """Everything stage 1 trains, as one flat dict: mm_projector.*, cls_quantizer.*, patch_quantizer.*."""
-    state = {f"mm_projector.{k}": v for k, v in model.mm_projector.state_dict().items()}
-    for name in ("cls_quantizer", "patch_quantizer"):
-        module = getattr(model, name)
-        if module is not None:
-            state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
-    return state
-
-
-def load_stage1_state(model: QMLLM, state: dict[str, torch.Tensor]) -> QMLLM:
-    for name in ("mm_projector", "cls_quantizer", "patch_quantizer"):
-        module = getattr(model, name)
-        part = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{name}.")}
-        if module is not None:
-            module.load_state_dict(part)
-        elif part:
-            raise ValueError(f"stage-1 weights contain {name} but the model has none (variant mismatch?)")
-    return model.eval()
-
-
-def caption_examples(caption_corpus: pd.DataFrame, tokenizer, instruction: str, max_length: int):
-    """(ids, labels, feature row) per corpus row: `<image>\\n{instruction}` -> caption, loss on the caption."""
-    encoded = {}
-    examples = []
-    for row, text in enumerate(caption_corpus["caption"]):
-        if text not in encoded:
-            messages = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{instruction}"},
-                        {"role": "assistant", "content": text}]
-            encoded[text] = encode_chat(tokenizer, messages, max_length)
-        ids, labels = encoded[text]
-        examples.append((ids, labels, row))
-    return examples
+def tokenized_captions(caption_corpus: pd.DataFrame, tokenizer, instruction: str, max_length: int) -> list[Example]:
+    """Stage 1's examples: `<image>\\n{instruction}` -> caption, one per caption-corpus row."""
+    return caption_examples(list(caption_corpus["caption"]), tokenizer, instruction, max_length)
 
 
 def semantic_targets(targets: dict[str, torch.Tensor], standardize: bool) -> torch.Tensor:
@@ -80,36 +44,38 @@ def semantic_targets(targets: dict[str, torch.Tensor], standardize: bool) -> tor
     return values
 
 
-def pretrain_variant(caption_features: dict, caption_targets: dict, caption_corpus: pd.DataFrame, tokenizer, llm,
-                     params: dict, variant: dict) -> tuple[dict, dict, object]:
-    """Stage 1 for one variant; returns its weights (projector and codebooks), a summary and the loss curve."""
-    name, quantized = variant["name"], variant["quantized"]
-    seed_and_threads(params["seed"], params["threads"])
-    model = build_qmllm(llm, tokenizer, params, quantized, caption_features["cls"].shape[-1])
-    examples = caption_examples(caption_corpus, tokenizer, params["caption_instruction"], params["max_length"])
-    targets = semantic_targets(caption_targets, params["semantic_target"]["standardize"]) if quantized else None
-    training = params["training"]
-    checkpoint = TrainingCheckpoint(Path(params["checkpoint_dir"]) / f"{name}_pretrain",
-                                    {"variant": variant, "params": params, "rows": len(examples)})
-    step_logger = StepLogger(f"{name}/pretrain", every=params["log_every"])
+def pretrain_variant(qmllm_config: dict, caption_features: dict, caption_examples: list[Example],
+                     caption_targets: dict, llm, params: dict, seed: int,
+                     checkpoint_dir: str) -> tuple[dict, dict, object]:
+    """Stage 1 for one variant; returns its weights (projector and codebooks), a summary and the loss curve.
+    `params`: pretrain.stage1 (loss weights, schedule, logging)."""
+    config = QMLLMConfig.from_dict(qmllm_config)
+    seed_everything(seed)
+    model = QMLLM(config, llm)
+    targets = semantic_targets(caption_targets, params["standardize_semantic_target"]) if config.quantized else None
+    training = TrainingConfig(**params["training"])
+    checkpoint = TrainingCheckpoint(Path(checkpoint_dir) / f"{config.variant}_pretrain",
+                                    {"config": qmllm_config, "params": params, "seed": seed,
+                                     "rows": len(caption_examples)})
+    step_logger = StepLogger(f"{config.variant}/pretrain", every=params["log_every"])
     started = time.perf_counter()
-    pretrain(model, caption_features["cls"], caption_features["patches"], examples, targets, training,
-             params["seed"], params["threads"], step_logger, checkpoint)
+    pretrain(model, caption_features["cls"], caption_features["patches"], caption_examples, targets, training, seed,
+             params["lambda_vq"], params["lambda_semantic"], params["usage_every"], step_logger, checkpoint)
     seconds = time.perf_counter() - started
-    summary = {"variant": name, "quantized": quantized, "seconds": round(seconds, 1), "steps": training["steps"],
+    summary = {"variant": config.variant, "quantized": config.quantized, "seconds": round(seconds, 1),
+               "steps": training.steps,
                "final": {k: float(np.mean([v for _, v in points[-20:]]))
                          for k, points in step_logger.history.items() if points and k != "lr"}}
-    if quantized:
+    if config.quantized:
         cls_index, patch_indices = code_indices(model, caption_features["cls"], caption_features["patches"])
         summary["codebooks"] = {"cls": model.cls_quantizer.usage_stats(cls_index),
                                 "patch": model.patch_quantizer.usage_stats(patch_indices),
-                                "cls_codes": model.cls_quantizer.num_codes,
-                                "patch_codes": model.patch_quantizer.num_codes,
-                                "update": params["codebooks"]["update"]}
-    logger.info("pretrain %s: %.0f s, %s", name, seconds, summary.get("codebooks", summary["final"]))
+                                "cls_codes": config.cls_codes, "patch_codes": config.patch_codes,
+                                "update": config.codebook_update}
+    logger.info("pretrain %s: %.0f s, %s", config.variant, seconds, summary.get("codebooks", summary["final"]))
     curves = {k: v for k, v in step_logger.history.items() if k in ("generative", "vq_patch", "vq_cls", "semantic")}
-    figure = loss_curve_figure(curves, f"stage 1 ({name})")
-    return stage1_state(model), summary, figure
+    figure = loss_curve_figure(curves, f"stage 1 ({config.variant})")
+    return model.stage1_state(), summary, figure
 
 
 def pretrain_report(qmllm_summary: dict, baseline_summary: dict) -> dict:

@@ -1,22 +1,32 @@
 from kedro.pipeline import Node, Pipeline, pipeline
 
+from qmllm_pipeline.constants import VARIANTS
 from qmllm_pipeline.pipelines.pretrain import nodes
 
-VARIANTS = ("qmllm", "baseline")
-SHARED = ["caption_features", "caption_targets", "caption_corpus", "tokenizer", "llm"]
+SHARED = ["caption_features", "caption_targets", "caption_examples", "tokenizer", "llm"]
+SHARED_PARAMETERS = ("params:pretrain.model", "params:features.vision_tower", "params:pretrain.stage1", "params:seed",
+                     "params:checkpoint_dir")
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """One stage-1 node, instantiated per variant by namespace (outputs `qmllm.*`, `baseline.*`)."""
+    """The model config and stage 1, instantiated per variant by namespace (outputs `qmllm.*`, `baseline.*`)."""
     template = Pipeline([
-        Node(nodes.pretrain_variant, [*SHARED, "params:pretrain", "params:variant"],
+        Node(nodes.model_config, ["tokenizer", "llm", "caption_features", "params:pretrain.model",
+                                  "params:features.vision_tower", "params:variant"], "qmllm_config",
+             name="model_config"),
+        Node(nodes.pretrain_variant, ["qmllm_config", "caption_features", "caption_examples", "caption_targets",
+                                      "llm", "params:pretrain.stage1", "params:seed", "params:checkpoint_dir"],
              ["stage1_weights", "pretrain_summary", "pretrain_loss_curve"], name="pretrain_variant"),
     ])
     variants = [
         pipeline(template, namespace=name, inputs=set(SHARED),
-                 parameters={"params:pretrain": "params:pretrain", "params:variant": f"params:variants.{name}"})
+                 parameters={**{p: p for p in SHARED_PARAMETERS}, "params:variant": f"params:variants.{name}"})
         for name in VARIANTS
     ]
+    shared = Pipeline([
+        Node(nodes.tokenized_captions, ["caption_corpus", "tokenizer", "params:pretrain.caption_instruction",
+                                        "params:pretrain.max_length"], "caption_examples", name="tokenized_captions"),
+    ])
     report = Pipeline([Node(nodes.pretrain_report, ["qmllm.pretrain_summary", "baseline.pretrain_summary"],
                             "pretrain_metrics", name="pretrain_report")])
-    return sum(variants, Pipeline([])) + report
+    return shared + sum(variants, Pipeline([])) + report

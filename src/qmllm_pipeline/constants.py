@@ -1,0 +1,7 @@
+"""Names shared by the whole project (LLaVA keeps these in `llava/constants.py`)."""
+
+IMAGE_TOKEN = "<image>"   # the placeholder a prompt carries where the image tokens are spliced in
+IGNORE_INDEX = -100       # label of a token that is not trained on (prompt, image, padding)
+
+VARIANTS = ("qmllm", "baseline")              # models trained through the same pipelines
+SYSTEMS = ("baseline", "safeclip", "qmllm")   # what the evaluation compares (DESIGN.md section 2)

@@ -1,0 +1,48 @@
+"""Run (part of) a Kedro pipeline in memory: the inputs and parameters given, every output kept and returned.
+What the tests and the sweeps use to run the pipelines' own nodes under other parameters."""
+
+from __future__ import annotations
+
+import copy
+
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.pipeline import Pipeline
+from kedro.runner import SequentialRunner
+
+
+class KeptMemoryDataset(MemoryDataset):
+    """A MemoryDataset the runner cannot release, so intermediate outputs can be read after the run."""
+
+    def _release(self) -> None:
+        pass
+
+
+def lookup(params: dict, dotted: str):
+    """`params["a"]["b"]` for "a.b"."""
+    for key in dotted.split("."):
+        params = params[key]
+    return params
+
+
+def with_overrides(params: dict, **overrides) -> dict:
+    """A deep copy of `params` with dotted keys set (`with_overrides(p, **{"pretrain.model.cls_codes": 64})`)."""
+    changed = copy.deepcopy(params)
+    for dotted, value in overrides.items():
+        *path, last = dotted.split(".")
+        (lookup(changed, ".".join(path)) if path else changed)[last] = value
+    return changed
+
+
+def run_in_memory(pipeline: Pipeline, inputs: dict, params: dict | None = None) -> dict:
+    """Run `pipeline` on in-memory `inputs` (dataset name -> value); every `params:...` input not given is
+    looked up in `params`. Returns every output, intermediate ones too, by name."""
+    catalog = DataCatalog()
+    for name, value in inputs.items():
+        catalog[name] = value
+    for name in pipeline.inputs():
+        if name.startswith("params:") and name not in inputs:
+            catalog[name] = lookup(params, name.removeprefix("params:"))
+    for name in pipeline.all_outputs():
+        catalog[name] = KeptMemoryDataset(copy_mode="assign")
+    SequentialRunner().run(pipeline, catalog)
+    return {name: catalog.load(name) for name in pipeline.all_outputs()}
