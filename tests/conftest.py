@@ -63,12 +63,17 @@ def world(raw_catalogue, smoke_params) -> dict:
     return run_in_memory(data_pipeline.create_pipeline(), {"emoji_catalogue_raw": raw_catalogue}, smoke_params)
 
 
+FOUNDATION_MODELS = ("tokenizer", "clip_model", "clip_image_processor", "llm")
+
+
 @pytest.fixture(scope="session")
 def foundation(world, smoke_params) -> dict:
-    """The `foundation` pipeline run once in memory on the smoke world."""
+    """The `foundation` pipeline run once in memory on the smoke world; its `trained_*` models also under the
+    names the chain reads (as if promoted to the shipped set)."""
     inputs = {name: world[name] for name in ("text_corpus", "dialogs", "caption_corpus", "emoji_catalogue",
                                               "eval_items")}
-    return run_in_memory(foundation_pipeline.create_pipeline(), inputs, smoke_params)
+    trained = run_in_memory(foundation_pipeline.create_pipeline(), inputs, smoke_params)
+    return {**trained, **{name: trained[f"trained_{name}"] for name in FOUNDATION_MODELS}}
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +82,7 @@ def stages(world, foundation, smoke_params) -> dict:
     inputs = {name: world[name] for name in ("caption_corpus", "dialogs", "text_corpus", "eval_utility",
                                               "eval_neutral", "dmap", "dmap_validation", "eval_toxic",
                                               "eval_hard_negative", "emoji_catalogue")}
-    inputs.update({name: foundation[name] for name in ("tokenizer", "llm", "clip_model", "clip_image_processor")})
+    inputs.update({name: foundation[name] for name in FOUNDATION_MODELS})
     chain = (features_pipeline.create_pipeline() + pretrain_pipeline.create_pipeline()
              + finetune_pipeline.create_pipeline() + safety_map_pipeline.create_pipeline())
     return run_in_memory(chain, inputs, smoke_params)

@@ -20,7 +20,9 @@ def _downstream(stage: str) -> set[str]:
     while frontier:
         current = frontier.pop()
         for name, spec in stages.items():
-            if name not in found and outs[current] & set(spec.get("deps", [])):
+            reads = [dep for dep in spec.get("deps", []) for out in outs[current]
+                     if dep == out or dep.startswith(f"{out}/")]
+            if name not in found and reads:
                 found.add(name)
                 frontier.add(name)
     return found
@@ -30,13 +32,17 @@ def test_one_stage_per_pipeline_running_kedro():
     pipelines = set(register_pipelines()) - {"__default__", "ingest"}
     assert set(DVC_YAML["stages"]) == pipelines
     for name, spec in DVC_YAML["stages"].items():
-        assert spec["cmd"] == f"kedro run --pipelines {name}"
+        assert spec["cmd"].startswith(f"kedro run --pipelines {name}")
         assert any(dep.startswith(f"src/qmllm_pipeline/pipelines/{name}") for dep in spec["deps"]), name
 
 
 def test_outputs_are_catalogue_paths_and_metrics_live_in_git():
     for spec in DVC_YAML["stages"].values():
         for out in spec.get("outs", []):
+            out = next(iter(out)) if isinstance(out, dict) else out
+            if out == "data/01_raw/foundation":  # the shipped stand-ins: git-tracked, read-only in the catalogue
+                assert "path: data/01_raw/foundation/clip," in CATALOG
+                continue
             relative = out.split("/", 1)[1]  # data/<layer>/...: the catalogue writes ${globals:data_dir}/<layer>/...
             assert f"${{globals:data_dir}}/{relative}" in CATALOG or relative.split("/")[0] == "06_models", out
         for metric in spec.get("metrics", []):
@@ -51,6 +57,11 @@ def test_a_patch_codebook_change_reruns_pretrain_and_what_follows_only():
     assert touched == {"pretrain"}  # later stages read the model's config.json, an output of pretrain
     assert _downstream("pretrain") == {"finetune", "safety_map", "evaluate"}
     assert not {"data", "foundation", "features"} & (touched | _downstream("pretrain"))
+
+
+def test_the_shipped_foundation_set_feeds_the_chain():
+    assert _downstream("foundation") == {"features", "pretrain", "finetune", "safety_map", "evaluate"}
+    assert "foundation" in _downstream("data")  # retrained only when the world or its own code and parameters change
 
 
 def test_dvc_reads_the_pipeline_graph():

@@ -80,6 +80,21 @@ def test_vision_tower_keeps_cls_and_pixel_gradients():
         VisionTower.from_clip(clip, cls_source="mean")
 
 
+def test_patch_pooling_averages_windows_of_the_patch_grid():
+    clip = _tiny_clip()  # 32 px, patch 8: a 4 x 4 grid
+    pixels = torch.randn(2, 3, 32, 32)
+    _, patches = VisionTower.from_clip(clip)(pixels)
+    pooled_tower = VisionTower.from_clip(clip, patch_pool=2)
+    cls_pooled, pooled = pooled_tower(pixels)
+    assert pooled.shape == (2, 4, 16) and pooled_tower.num_patches == 4
+    grid = patches.reshape(2, 4, 4, 16)  # row-major patch order, as CLIP's embeddings
+    top_left = grid[:, :2, :2].mean(dim=(1, 2))
+    bottom_right = grid[:, 2:, 2:].mean(dim=(1, 2))
+    assert torch.allclose(pooled[:, 0], top_left, atol=1e-6) and torch.allclose(pooled[:, 3], bottom_right, atol=1e-6)
+    with pytest.raises(ValueError, match="must divide the 4x4 patch grid"):
+        VisionTower.from_clip(clip, patch_pool=3)
+
+
 def test_projector_kinds():
     assert build_mm_projector("linear", 16, 24)(torch.randn(3, 16)).shape == (3, 24)
     assert build_mm_projector("mlp2x_gelu", 16, 24, layernorm=False)(torch.randn(3, 5, 16)).shape == (3, 5, 24)

@@ -25,10 +25,12 @@ def _run(command: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> Path:
-    """One `kedro run --env smoke` (every default pipeline) in a copy of the project (shared: MLflow's
-    first connection to a new SQLite store costs seconds)."""
+    """In a copy of the project: the smoke world and its own tiny foundation set (`--pipelines
+    data,foundation`), then `kedro run --env smoke`, the whole default chain reading that set (shared:
+    MLflow's first connection to a new SQLite store costs seconds)."""
     root = copy_project(tmp_path_factory.mktemp("project"))
-    _run([*KEDRO, "run", "--env", "smoke"], cwd=root)  # the whole default chain, from a clean state
+    _run([*KEDRO, "run", "--env", "smoke", "--pipelines", "data,foundation"], cwd=root)
+    _run([*KEDRO, "run", "--env", "smoke"], cwd=root)
     return root
 
 
@@ -40,11 +42,12 @@ def test_kedro_run_writes_every_catalogue_entry(smoke_run):
                  "05_model_input/eval_neutral.parquet", "05_model_input/eval_hard_negative.parquet",
                  "05_model_input/eval_utility.parquet", "05_model_input/eval_items.parquet",
                  "08_reporting/world_contact_sheet.png", "metrics/world_summary.json", "metrics/foundation.json",
+                 "06_models/foundation/provenance.json", "06_models/foundation/clip/model.safetensors",
                  "metrics/pretrain.json", "metrics/finetune.json", "08_reporting/clip_loss_curve.png",
                  "04_feature/caption_features.safetensors", "06_models/qmllm/stage1.safetensors",
                  "06_models/baseline/stage1.safetensors", "06_models/qmllm/config.json",
                  "06_models/qmllm/llm/model.safetensors",
-                 "06_models/clip/model.safetensors", "06_models/tokenizer/tokenizer.json", "metrics/evaluate.json",
+                 "06_models/foundation/tokenizer/tokenizer.json", "metrics/evaluate.json",
                  "08_reporting/evaluation_report.md", "08_reporting/jailbreak_dsr.png",
                  "07_model_output/adversarial_images.safetensors", "07_model_output/toxic_image_responses.parquet"]:
         assert (smoke / path).is_file(), path
@@ -59,25 +62,25 @@ def test_kedro_run_writes_every_catalogue_entry(smoke_run):
 def test_the_run_is_tracked_in_mlflow(smoke_run):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{smoke_run / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("qmllm_pipeline")
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
-    assert run.info.status == "FINISHED"
+    runs = {r.data.tags["pipeline"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"data,foundation", "__default__"}
+    foundation, run = runs["data,foundation"], runs["__default__"]
+    assert run.info.status == foundation.info.status == "FINISHED"
     assert run.data.params["data.caption_corpus.n_scenes"] == "600"
-    assert run.data.tags["pipeline"] == "__default__"
     assert run.data.tags["env"] == "smoke"
     assert run.data.tags["variants"] == "qmllm,baseline" and run.data.tags["systems"] == "baseline,safeclip,qmllm"
-    history = client.get_metric_history(run.info.run_id, "clip/loss")
+    history = client.get_metric_history(foundation.info.run_id, "clip/loss")
     assert len(history) == 30  # one point per training step
+    assert {"foundation/clip/top1", "profile/foundation/seconds"} <= set(foundation.data.metrics)
+    assert "plots/clip_loss_curve.png" in {a.path for a in client.list_artifacts(foundation.info.run_id, "plots")}
     assert {"qmllm/pretrain/vq_patch", "qmllm/pretrain/patch_perplexity", "baseline/pretrain/generative",
-            "foundation/clip/top1", "pretrain/qmllm/codebooks/cls/codes_used",
-            "finetune/qmllm/utility/object"} <= set(run.data.metrics)
+            "pretrain/qmllm/codebooks/cls/codes_used", "finetune/qmllm/utility/object"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert {"plots/clip_loss_curve.png", "plots/qmllm_pretrain_loss_curve.png", "plots/jailbreak_dsr.png",
+    assert {"plots/qmllm_pretrain_loss_curve.png", "plots/jailbreak_dsr.png",
             "plots/adversarial_images.png"} <= artifacts
     assert {"evaluate/summary/qmllm/toxic_dsr_single", "evaluate/jailbreak/eps64/qmllm_adaptive/asr",
-            "evaluate/overhead/baseline/answer_median_ms", "profile/evaluate/seconds",
-            "profile/foundation/seconds"} <= set(run.data.metrics)
+            "evaluate/overhead/baseline/answer_median_ms", "profile/evaluate/seconds"} <= set(run.data.metrics)
+    assert "profile/foundation/seconds" not in run.data.metrics  # the default chain reads the foundation set
     assert 100 < run.data.metrics["profile/peak_rss_mb"] < 24 * 1024
     assert [a.path for a in client.list_artifacts(run.info.run_id, "reports")] == ["reports/evaluation_report.md"]
 
@@ -173,7 +176,7 @@ def test_qmllm_bench_prints_every_ratio_and_the_run_profile(smoke_run, tmp_path)
     assert table.strip() in result.stdout
     for number in ("| 1. ", "| 2. ", "| 3. ", "| 4. ", "| 5. ", "| 6. "):
         assert number in table, number
-    assert "| foundation |" in table and "peak resident memory" in table  # from the smoke run's MLflow profile
+    assert "| pretrain |" in table and "peak resident memory" in table  # from the smoke run's MLflow profile
     missing = subprocess.run([sys.executable, "-m", "qmllm_pipeline.commands", "bench", "--project", str(tmp_path)],
                              cwd=tmp_path, capture_output=True, text=True)
     assert missing.returncode == 2 and "not a Kedro project" in missing.stderr
@@ -224,4 +227,4 @@ def test_the_full_profile_reads_the_default_models_and_writes_beside_them():
         assert path.startswith("data/full/"), (name, path)  # DVC tracks the default paths
         saved.append(name)
     assert len(saved) == 7  # metrics, report, responses, adversarial images and three plots
-    assert catalog["tokenizer"]["path"] == "data/06_models/tokenizer"  # the default run's models
+    assert catalog["tokenizer"]["path"] == "data/01_raw/foundation/tokenizer"  # the shipped stand-ins

@@ -233,6 +233,27 @@ def bench(env, project, repeats, stage1_steps, out) -> None:
         out.write_text(table + "\n")
 
 
+@main.command("promote-foundation")
+@click.option("--source", type=click.Path(file_okay=False, path_type=Path), default=Path("data/06_models/foundation"),
+              show_default=True, help="A set `kedro run --pipelines foundation` trained.")
+@click.option("--target", type=click.Path(file_okay=False, path_type=Path), default=Path("data/01_raw/foundation"),
+              show_default=True, help="The shipped set the default run reads (git-tracked).")
+@click.option("--force", is_flag=True, help="Ship a set that misses a shipping goal (the provenance says which).")
+def promote_foundation(source, target, force) -> None:
+    """Make a trained foundation set (tokenizer, CLIP, LLM) the shipped one, with its provenance (command, git
+    commit, parameters, seeds, time, machine, metrics). Commit the target folder afterwards."""
+    from qmllm_pipeline.shipped import promote, size_bytes
+
+    try:
+        provenance = promote(source, target, force)
+    except (OSError, ValueError) as error:
+        _fail(str(error))
+    clip, llm = provenance["metrics"]["clip"], provenance["metrics"]["llm"]
+    click.echo(f"shipped {source} as {target} ({size_bytes(target) / 1e6:.1f} MB): CLIP zero-shot top-1 "
+               f"{clip['top1']:.3f}, top-5 {clip['top5']:.3f}; LLM held-out harmful refused "
+               f"{llm['heldout_harmful_refused']:.3f}, benign refused {llm['heldout_benign_refused']:.3f}")
+
+
 @main.command()
 @click.option("--metrics", "metrics_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("metrics"),
               show_default=True, help="Folder of the metrics JSON files a run wrote.")

@@ -1,6 +1,7 @@
-"""Project pipelines. `__default__` is the embedded-world chain data -> foundation -> features -> pretrain
--> finetune -> safety_map -> evaluate; `ingest` is the real-data alternative to `data` (both write the same
-catalogue entries, so they are never run together)."""
+"""Project pipelines. `__default__` is the embedded-world chain data -> features -> pretrain -> finetune ->
+safety_map -> evaluate, reading the shipped foundation stand-ins (as a real run reads downloaded CLIP and
+Vicuna weights); `foundation` trains a new set of them. `ingest` is the real-data alternative to `data`
+(both write the same catalogue entries, so they are never run together)."""
 
 from kedro.pipeline import Pipeline
 
@@ -18,6 +19,6 @@ def register_pipelines() -> dict[str, Pipeline]:
         "evaluate": evaluate.create_pipeline(),
         "ingest": ingest.create_pipeline(),
     }
-    chain = ("data", "foundation", "features", "pretrain", "finetune", "safety_map", "evaluate")
+    chain = ("data", "features", "pretrain", "finetune", "safety_map", "evaluate")
     pipelines["__default__"] = sum((pipelines[name] for name in chain), Pipeline([]))
     return pipelines

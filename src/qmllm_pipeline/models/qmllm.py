@@ -48,6 +48,7 @@ class QMLLMConfig:
     mm_projector_layernorm: bool = True
     mm_vision_select_layer: int = -2       # hidden_states index of the vision tower's features
     cls_source: str = "layer"              # see VisionTower
+    mm_patch_pool: int = 1                 # average the patch grid over windows of this side (see VisionTower)
     cls_codes: int = 128                   # K
     patch_codes: int = 256                 # P
     codebook_update: str = "ema"           # see VectorQuantizer
@@ -118,7 +119,7 @@ class QMLLM(nn.Module):
         tower = None
         if clip_model is not None:
             tower = VisionTower.from_clip(clip_model, select_layer=config.mm_vision_select_layer,
-                                          cls_source=config.cls_source).eval()
+                                          cls_source=config.cls_source, patch_pool=config.mm_patch_pool).eval()
         model = cls(config, llm, tower).load_stage1_state(stage1_state)
         return model.requires_grad_(False).eval()
 

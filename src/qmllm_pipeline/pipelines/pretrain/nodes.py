@@ -27,7 +27,7 @@ def model_config(tokenizer, llm, caption_features: dict, model: dict, vision_tow
         vision_width=int(caption_features["cls"].shape[-1]), llm_width=llm.config.hidden_size,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), variant=variant["name"],
         quantized=variant["quantized"], mm_vision_select_layer=vision_tower["select_layer"],
-        cls_source=vision_tower["cls_source"], **model)
+        cls_source=vision_tower["cls_source"], mm_patch_pool=vision_tower["patch_pool"], **model)
     return config.to_dict()
 
 
