@@ -43,6 +43,9 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging
+        mode = ~_umask()  # mkdtemp and mkstemp make private entries; give the result normal permissions
+        for path in (staging, *staging.rglob("*")):
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & mode)
         previous = target.with_name(f".{target.name}.previous")
         if target.exists():
             shutil.rmtree(previous, ignore_errors=True)
