@@ -1,5 +1,6 @@
 """The `evaluate` pipeline on the smoke models (run in memory with a DataCatalog)."""
 
+import pytest
 import torch
 
 from qmllm_pipeline.models.attack import random_sign_noise
@@ -11,8 +12,14 @@ def test_every_system_and_budget_is_measured(evaluation):
     metrics = evaluation["evaluation_metrics"]
     assert set(metrics["summary"]) == {"baseline", "safeclip", "qmllm"}
     for row in metrics["summary"].values():
-        assert all(0.0 <= v <= 1.0 for k, v in row.items() if k != "ms_per_query"), row
+        assert all(0.0 <= v <= 1.0 for k, v in row.items() if k not in ("ms_per_query", "intervals")), row
         assert row["ms_per_query"] > 0
+        for key, interval in row["intervals"].items():  # every rate with its count and 95% interval
+            low, high = interval["ci95"]
+            assert interval["value"] == pytest.approx(row[key]) and low <= row[key] <= high, key
+            assert interval["count"] == round(row[key] * interval["n"]), key
+    gains = metrics["qmllm_gain_intervals"]
+    assert set(gains) == set(BUDGETS) and all(isinstance(g["attack"]["significant"], bool) for g in gains.values())
     assert set(metrics["jailbreak"]) == set(BUDGETS)
     for entry in metrics["jailbreak"].values():
         assert {case for _, case, _ in JAILBREAK_CASES} <= set(entry)

@@ -88,3 +88,21 @@ def test_finetune_metrics_cover_every_question_type_and_both_safety_rates(stages
     for system in ("qmllm", "baseline"):
         assert set(report[system]["safety"]) == {"heldout_harmful_refused_with_neutral_image",
                                                  "heldout_benign_refused_with_neutral_image"}
+
+
+def test_image_replay_puts_a_dialog_image_behind_the_replayed_instructions(world, foundation, smoke_params):
+    from qmllm_pipeline.pipelines.finetune.nodes import dialog_examples
+
+    params = smoke_params["finetune"]["data"]
+    image_id = foundation["tokenizer"].convert_tokens_to_ids("<image>")
+    args = (world["dialogs"], world["text_corpus"], foundation["tokenizer"])
+    text_only = dialog_examples(*args, {**params, "image_replay_fraction": 0.0}, 0)
+    with_images = dialog_examples(*args, {**params, "image_replay_fraction": 1.0}, 0)
+    dialogs = len(world["dialogs"])
+    assert len(text_only) == len(with_images) > dialogs
+    assert text_only[:dialogs] == with_images[:dialogs]  # the dialogs themselves are untouched
+    assert all(row == -1 and image_id not in ids for ids, _, row in text_only[dialogs:])
+    assert all(0 <= row < dialogs and ids.count(image_id) == 1 for ids, _, row in with_images[dialogs:])
+    # the same instructions and the same answers, only with the image in front
+    assert [labels[-3:] for _, labels, _ in text_only[dialogs:]] == [labels[-3:] for _, labels, _ in
+                                                                      with_images[dialogs:]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -231,6 +232,59 @@ def bench(env, project, repeats, stage1_steps, out) -> None:
     click.echo(table)
     if out is not None:
         out.write_text(table + "\n")
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: a comma list of whole numbers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise click.BadParameter(f"{text!r}: at least one seed, none repeated")
+    return seeds
+
+
+@main.group()
+def seeds() -> None:
+    """Results over seeds: run the default chain once per seed as DVC experiments, then aggregate.
+
+    \b
+    qmllm seeds run --seeds 0,1,2     about 15-20 min a seed on 2 cores (data, features and the
+                                      foundation set are reused; stage 1 onward reruns)
+    qmllm seeds aggregate             metrics/seeds.json: mean, std, min, max and each seed's value
+    qmllm report                      docs/results.md and the README headline over the seeds
+    """
+
+
+@seeds.command("run")
+@click.option("--seeds", "seed_text", default="0,1,2", show_default=True, help="Comma list of seeds.")
+def seeds_run(seed_text) -> None:
+    """One `dvc exp run --temp -S conf/base/parameters.yml:seed=K` per seed, in turn (the workspace stays)."""
+    from qmllm_pipeline.seeds import run_seeds
+
+    try:
+        run_seeds(_seed_list(seed_text))
+    except subprocess.CalledProcessError as error:
+        _fail(f"dvc exp run failed (exit {error.returncode}); its output is above")
+
+
+@seeds.command("aggregate")
+@click.option("--seeds", "seed_text", default=None, help="Comma list of seeds to keep (default: every seed run).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("metrics/seeds.json"),
+              show_default=True)
+def seeds_aggregate(seed_text, out) -> None:
+    """Write the seed experiments' headline figures, aggregated, to metrics/seeds.json."""
+    import json as json_module
+
+    from qmllm_pipeline.seeds import aggregate, collect
+
+    runs = collect(_seed_list(seed_text) if seed_text else None)
+    if not runs:
+        _fail("no seed experiments of this commit in `dvc exp show` (run `qmllm seeds run` first)")
+    summary = aggregate(runs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json_module.dumps(summary, indent=2) + "\n")
+    click.echo(f"wrote {out}: {len(summary['figures'])} figures over seeds {summary['seeds']}")
 
 
 @main.command("promote-foundation")

@@ -7,7 +7,9 @@ import json
 import re
 from pathlib import Path
 
-METRICS = ("world_summary", "foundation", "pretrain", "finetune", "safety_map", "evaluate")
+from qmllm_pipeline.stats import rate
+
+METRICS = ("world_summary", "foundation", "pretrain", "finetune", "safety_map", "evaluate", "seeds")
 HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
 SYSTEMS = ("baseline", "safeclip", "qmllm")
 
@@ -31,6 +33,26 @@ def pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def pct_ci(value: float | None, interval: dict | None) -> str:
+    """'3.3% [1.7, 6.4]': a rate with its 95% Wilson interval (when the metrics carry one)."""
+    if value is None or not interval:
+        return pct(value)
+    low, high = interval["ci95"]
+    return f"{100 * value:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def ci_of(value: float, n: int) -> dict:
+    """The interval of a rate stored without one (e.g. the shipped foundation set's metrics), from its n."""
+    return rate(round(value * n), n)
+
+
+def points_ci(difference: dict) -> str:
+    """'+1.4 [-5.3, +8.1] pts': a difference of rates, starred when its interval excludes zero."""
+    low, high = difference["ci95"]
+    star = " *" if difference["significant"] else ""
+    return f"{100 * difference['value']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] pts{star}"
+
+
 def _in_order(by_system: dict) -> list[tuple[str, dict]]:
     """baseline, safeclip, qmllm first (the order of DESIGN.md), then anything else."""
     return sorted(by_system.items(), key=lambda item: (SYSTEMS.index(item[0]) if item[0] in SYSTEMS else 99, item[0]))
@@ -41,8 +63,37 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
             *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
 
 
+def seeds_table(seeds: dict, labels: list[str] | None = None) -> list[str]:
+    """Each figure over the seeds: mean [min, max], standard deviation, and every seed's value."""
+    runs = [str(seed) for seed in seeds["seeds"]]
+    rows = []
+    for label, figure in seeds["figures"].items():
+        if labels is not None and label not in labels:
+            continue
+        points = "gain" in label or "adds" in label
+        show = (lambda v: f"{100 * v:+.1f}") if points else (lambda v: f"{v:.0f}") if "codes" in label else pct
+        rows.append([label, f"{show(figure['mean'])} [{show(figure['min'])}, {show(figure['max'])}]",
+                     show(figure["std"]).lstrip("+") if not points else f"{100 * figure['std']:.1f}",
+                     *(show(figure["values"][seed]) if seed in figure["values"] else "" for seed in runs)])
+    return _table(["figure", "mean [min, max]", "std", *(f"seed {seed}" for seed in runs)], rows)
+
+
+SEED_HEADLINE = ("qmllm refuses held-out harmful requests, neutral image",
+                 "baseline refuses held-out harmful requests, neutral image", "qmllm jailbreak ASR, clean image",
+                 "qmllm: most any attacker adds over clean, eps16", "qmllm: most any attacker adds over clean, eps64",
+                 "baseline white-box ASR, eps64", "safety-map DSR, single toxic object",
+                 "SafeCLIP DSR, single toxic object", "qmllm colour", "qmllm object naming")
+
+
 def headline_table(metrics: dict[str, dict]) -> str:
-    """The README's short table: what the method is measured on, per system."""
+    """The README's short table: the headline figures over seeds when a sweep was aggregated, else the last
+    run's per system."""
+    seeds = metrics.get("seeds")
+    if seeds and seeds.get("figures"):
+        lines = seeds_table(seeds, list(SEED_HEADLINE))
+        lines += ["", f"Over {len(seeds['seeds'])} seeds of the default configuration (`qmllm seeds`); gains in "
+                  "points of attack success. [docs/results.md](docs/results.md) has every figure."]
+        return "\n".join(lines)
     evaluate = metrics.get("evaluate")
     if evaluate is None:
         return "(no `metrics/evaluate.json` yet: run `kedro run`)"
@@ -65,20 +116,34 @@ def headline_table(metrics: dict[str, dict]) -> str:
 def results_markdown(metrics: dict[str, dict]) -> str:
     """Every headline figure of the metrics files, one section per pipeline."""
     lines = ["# Results", "",
-             "Written by `qmllm report` from `metrics/*.json` (the last default `kedro run` or `dvc repro`); do not",
-             "edit by hand. One run of one configuration: a figure here is one draw, not a claim about the method",
-             "(see [experiments.md](experiments.md) for what was measured across settings). Rates are shares of",
-             "held-out items; the world's split sizes are in the last section.", ""]
+             "Written by `qmllm report` from `metrics/*.json` (the last default `kedro run` or `dvc repro`, and",
+             "`metrics/seeds.json` from a seed sweep); do not edit by hand. Rates are shares of held-out items,",
+             "with their 95% Wilson interval in brackets where the metrics carry counts; the world's split sizes",
+             "are in the last section. What was measured across settings is in [experiments.md](experiments.md).",
+             ""]
+    if metrics.get("seeds", {}).get("figures"):
+        seeds = metrics["seeds"]
+        lines += ["## Over seeds", "",
+                  f"The default configuration run once per seed ({', '.join(map(str, seeds['seeds']))}: "
+                  "`qmllm seeds run`, then `qmllm seeds aggregate`). A claim about the method holds only if it holds "
+                  "in every seed. Gains are in points of attack success rate.", ""]
+        lines += seeds_table(seeds)
+        lines += ["", "The sections below are one run: the workspace's, at the `seed` of conf/base/parameters.yml.", ""]
+    else:
+        lines += ["One run of one configuration: a figure below is one draw, not a claim about the method.", ""]
     if "foundation" in metrics:
         clip, llm = metrics["foundation"]["clip"], metrics["foundation"]["llm"]
-        lines += ["## Foundation stand-ins (`foundation`)", ""]
-        lines += _table(["measured on held-out data", "result"], [
-            [f"CLIP zero-shot top-1 / top-5 among {clip['zero_shot_classes']} names",
-             f"{pct(clip['top1'])} / {pct(clip['top5'])}"],
-            ["CLIP top-1 on toxic / neutral emoji", f"{pct(clip['top1_toxic'])} / {pct(clip['top1_neutral'])}"],
-            ["LLM refuses held-out harmful / benign instructions",
-             f"{pct(llm['heldout_harmful_refused'])} / {pct(llm['heldout_benign_refused'])}"],
-            ["training steps, CLIP / LLM", f"{clip['training']['steps']} / {llm['training']['steps']}"]])
+        toxic_items = _toxic_items(metrics, clip["images"])
+        counts = {"top1": clip["images"], "top5": clip["images"], "top1_toxic": toxic_items,
+                  "top1_neutral": clip["images"] - toxic_items}
+        lines += ["## Foundation stand-ins (the shipped set, `foundation`)", ""]
+        lines += _table(["measured on held-out data", "result [95% interval]", "n"], [
+            *([f"CLIP zero-shot {key.replace('_', ' ')} among {clip['zero_shot_classes']} names",
+               pct_ci(clip[key], ci_of(clip[key], n)), n] for key, n in counts.items() if n),
+            *([f"LLM refuses held-out {kind} instructions", pct_ci(llm[f"heldout_{kind}_refused"], ci_of(
+                llm[f"heldout_{kind}_refused"], llm["heldout_counts"][kind])), llm["heldout_counts"][kind]]
+              for kind in ("harmful", "benign")),
+            ["training steps, CLIP / LLM", f"{clip['training']['steps']} / {llm['training']['steps']}", ""]])
         lines.append("")
     if "pretrain" in metrics:
         qmllm, baseline = metrics["pretrain"]["qmllm"], metrics["pretrain"]["baseline"]
@@ -95,12 +160,15 @@ def results_markdown(metrics: dict[str, dict]) -> str:
         finetune = metrics["finetune"]
         kinds = sorted(finetune["qmllm"]["utility"])
         lines += ["## Stage 2 (`finetune`): utility and safety of the models alone", ""]
-        rows = [[f"{kind} (exact answer)", *(pct(finetune[s]["utility"].get(kind)) for s in ("qmllm", "baseline")),
+        def cell(system: str, block: str, key: str) -> str:
+            return pct_ci(finetune[system][block].get(key), finetune[system].get("intervals", {}).get(f"{block}.{key}"))
+
+        rows = [[f"{kind} (exact answer)", *(cell(s, "utility", kind) for s in ("qmllm", "baseline")),
                  pct(finetune["blind_guess"]["utility"].get(kind))] for kind in kinds]
         for kind in ("harmful", "benign"):
             key = f"heldout_{kind}_refused_with_neutral_image"
             rows.append([f"held-out {kind} instructions refused, neutral image attached",
-                         pct(finetune["qmllm"]["safety"][key]), pct(finetune["baseline"]["safety"][key]), ""])
+                         cell("qmllm", "safety", key), cell("baseline", "safety", key), ""])
         lines += _table(["held-out", "qmllm", "baseline", "blind guess"], rows)
         lines.append("")
     if "safety_map" in metrics:
@@ -111,10 +179,15 @@ def results_markdown(metrics: dict[str, dict]) -> str:
                   f"(chosen on the validation split: recall {pct(choice['toxic_recall'])} at FPR "
                   f"{pct(choice['neutral_fpr'])}); {choice['codes_seen']} of {choice['codes']} CLS codes reached by "
                   f"D_map, {choice['toxic_codes']} labelled toxic.", ""]
+        fields = (("dsr.single", safety["qmllm"]["dsr"]["single"]), ("dsr.distractors", None), ("fpr_neutral", None),
+                  ("fpr_hard_negative", None))
         lines += _table(["detector", "DSR single", "DSR among distractors", "FPR neutral", "FPR hard negatives"],
-                        [[name, pct(safety[name]["dsr"]["single"]), pct(safety[name]["dsr"]["distractors"]),
-                          pct(safety[name]["fpr_neutral"]), pct(safety[name]["fpr_hard_negative"])]
-                         for name in ("qmllm", "safeclip")])
+                        [[name, *(pct_ci(_get(safety[name], key), safety[name].get("intervals", {}).get(key))
+                                  for key, _ in fields)] for name in ("qmllm", "safeclip")])
+        if "qmllm_minus_safeclip" in safety:
+            lines += ["", "qmllm minus SafeCLIP, with the 95% interval of the difference (* where it excludes 0): "
+                      + "; ".join(f"{key} {points_ci(diff)}" for key, diff in safety["qmllm_minus_safeclip"].items())
+                      + "."]
         categories = sorted(safety["qmllm"]["dsr_per_category"]["single"])
         lines += ["", "DSR per category (single object):", ""]
         lines += _table(["detector", *categories], [[name, *(pct(safety[name]["dsr_per_category"]["single"][c])
@@ -132,6 +205,20 @@ def results_markdown(metrics: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _get(block: dict, dotted: str):
+    for key in dotted.split("."):
+        block = block[key]
+    return block
+
+
+def _toxic_items(metrics: dict, fallback: int) -> int:
+    """How many of the eval_items scenes show a toxic emoji (from the world summary, when there is one)."""
+    world = metrics.get("world_summary", {}).get("scenes", {}).get("eval_items")
+    if world is None:
+        return 0
+    return sum(count for category, count in world["per_category"].items() if category != "neutral")
+
+
 def _evaluate_sections(evaluate: dict) -> list[str]:
     summary, jailbreak, clean = evaluate["summary"], evaluate["jailbreak"], evaluate["jailbreak_clean"]
     budgets = list(jailbreak)
@@ -139,21 +226,32 @@ def _evaluate_sections(evaluate: dict) -> list[str]:
     lines += _table(["system", "toxic DSR single", "toxic DSR distractors", "FPR neutral", "FPR hard neg.",
                      "jailbreak DSR clean", *(f"worst at {b}" for b in budgets), "object", "colour", "count",
                      "caption F1", "ms/query"],
-                    [[system, pct(row["toxic_dsr_single"]), pct(row["toxic_dsr_distractors"]), pct(row["fpr_neutral"]),
-                      pct(row["fpr_hard_negative"]), pct(row["jailbreak_dsr_clean"]),
-                      *(pct(row[f"jailbreak_dsr_{b}"]) for b in budgets), pct(row["utility_object"]),
-                      pct(row["utility_color"]), pct(row["utility_count"]), pct(row["caption_f1"]),
-                      f"{row['ms_per_query']:.1f}"] for system, row in _in_order(summary)])
+                    [[system, *(pct_ci(row[key], row.get("intervals", {}).get(key)) for key in (
+                        "toxic_dsr_single", "toxic_dsr_distractors", "fpr_neutral", "fpr_hard_negative",
+                        "jailbreak_dsr_clean", *(f"jailbreak_dsr_{b}" for b in budgets), "utility_object",
+                        "utility_color", "utility_count")), pct(row["caption_f1"]), f"{row['ms_per_query']:.1f}"]
+                     for system, row in _in_order(summary)])
     cases = [(case, case.split("_")[0]) for case, entry in jailbreak[budgets[0]].items()  # <system>_<attacker>
              if isinstance(entry, dict) and "asr" in entry]
     lines += ["", "Jailbreak attack success rate (held-out harmful instructions answered without a refusal), by "
               "attacker and budget; `noise` is the control, random +-eps pixels:", ""]
     lines += _table(["attacker", "clean image", *budgets],
-                    [[case, pct(clean[system]["asr"]), *(pct(jailbreak[b][case]["asr"]) for b in budgets)]
-                     for case, system in cases])
-    lines += ["", "qmllm: the most any attacker adds over its clean-image ASR, and what random noise adds: "
-              + ", ".join(f"{b} {100 * evaluate['qmllm_attack_gain_over_clean'][b]:+.1f} / "
-                          f"{100 * evaluate['qmllm_noise_gain_over_clean'][b]:+.1f} points" for b in budgets) + ".", ""]
+                    [[case, pct_ci(clean[system]["asr"], clean[system].get("intervals", {}).get("asr")),
+                      *(pct_ci(jailbreak[b][case]["asr"], jailbreak[b][case].get("intervals", {}).get("asr"))
+                        for b in budgets)] for case, system in cases])
+    if "qmllm_gain_intervals" in evaluate:
+        gains = evaluate["qmllm_gain_intervals"]
+        lines += ["", "qmllm: what the strongest attacker and random noise add to its clean-image ASR, with the 95% "
+                  "interval of the difference (* where it excludes 0):", ""]
+        lines += _table(["budget", "strongest attacker", "its gain", "noise's gain"],
+                        [[b, gains[b]["attack"]["attacker"], points_ci(gains[b]["attack"]),
+                          points_ci(gains[b]["noise"])] for b in budgets])
+        lines.append("")
+    else:
+        lines += ["", "qmllm: the most any attacker adds over its clean-image ASR, and what random noise adds: "
+                  + ", ".join(f"{b} {100 * evaluate['qmllm_attack_gain_over_clean'][b]:+.1f} / "
+                              f"{100 * evaluate['qmllm_noise_gain_over_clean'][b]:+.1f} points"
+                              for b in budgets) + ".", ""]
     overhead = evaluate["overhead"]
     lines += _table(["system", "answer (ms, median, batch 1)", "refusal (ms)", "answer / baseline"],
                     [[system, f"{entry['answer_median_ms']:.1f}",

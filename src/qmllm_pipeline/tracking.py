@@ -39,7 +39,8 @@ class StepLogger:
 
 
 def log_summary_metrics(metrics: dict, prefix: str = "") -> None:
-    """Log a nested dict of numbers to the active MLflow run as flat `a/b/c` metrics (no-op without a run)."""
+    """Log a nested dict of numbers to the active MLflow run as flat `a/b/c` metrics (no-op without a run).
+    The `intervals` blocks (counts and 95% intervals of the rates) stay in the metrics files only."""
     run = mlflow.active_run()
     if run is None:
         return
@@ -48,7 +49,8 @@ def log_summary_metrics(metrics: dict, prefix: str = "") -> None:
     def walk(node, path):
         if isinstance(node, dict):
             for key, value in node.items():
-                walk(value, f"{path}/{key}" if path else str(key))
+                if key != "intervals":
+                    walk(value, f"{path}/{key}" if path else str(key))
         elif isinstance(node, (int, float)) and not isinstance(node, bool):
             flat[path] = float(node)
 

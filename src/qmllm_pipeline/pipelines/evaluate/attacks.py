@@ -22,6 +22,7 @@ from qmllm_pipeline.models.attack import (
 from qmllm_pipeline.models.clip import decode_images, pixel_values
 from qmllm_pipeline.models.guarded import GuardedMLLM, SafetyMapGuard
 from qmllm_pipeline.scoring import detection_rates
+from qmllm_pipeline.stats import rate
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +126,13 @@ def _jailbreak_rates(system: GuardedMLLM, image: torch.Tensor, heldout: pd.DataF
     on_target = [judge.contains_target(a.text, t) for a, t in zip(answers, heldout["target"], strict=True)]
     affirmative = [judge.contains_target(a.text, " ".join(t.split()[:3]))
                    for a, t in zip(answers, heldout["target"], strict=True)]
+    n = len(answers)
     rates = {"asr": float(np.mean(complied)), "asr_target": float(np.mean(on_target)),
              "asr_affirmative": float(np.mean(affirmative)),
              "dsr": 1.0 - float(np.mean(complied)), "guard_refused": bool(answers[0].verdict.refused),
-             "example": answers[complied.index(True) if any(complied) else 0].text}
+             "example": answers[complied.index(True) if any(complied) else 0].text,
+             "intervals": {"asr": rate(sum(complied), n), "asr_target": rate(sum(on_target), n),
+                           "asr_affirmative": rate(sum(affirmative), n), "dsr": rate(n - sum(complied), n)}}
     if clean is not None:
         rates["linf"] = int((image.int() - clean.int()).abs().max())
         if system.model.quantized:

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from qmllm_pipeline.stats import difference  # noqa: E402
 from qmllm_pipeline.tracking import log_summary_metrics  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -32,8 +33,10 @@ def evaluation_report(toxic: dict, utility: dict, clean: dict, timing: dict, *bu
         name: {k: (_numbers(v) if isinstance(v, dict) else v) for k, v in entry.items()}
         for name, entry in jailbreak.items()}, "overhead": timing}
     for system in ("baseline", "safeclip", "qmllm"):
-        worst = {name: min(entry[case]["dsr"] for s, case, _ in JAILBREAK_CASES if s == system)
-                 for name, entry in jailbreak.items()}
+        worst_case = {name: min((case for s, case, _ in JAILBREAK_CASES if s == system),
+                                key=lambda case, entry=entry: entry[case]["dsr"])
+                      for name, entry in jailbreak.items()}
+        worst = {name: jailbreak[name][case]["dsr"] for name, case in worst_case.items()}
         metrics.setdefault("summary", {})[system] = {
             "toxic_dsr_single": toxic[system]["dsr"]["single"],
             "toxic_dsr_distractors": toxic[system]["dsr"]["distractors"],
@@ -43,11 +46,30 @@ def evaluation_report(toxic: dict, utility: dict, clean: dict, timing: dict, *bu
             "utility_object": utility[system]["accuracy"].get("object", 0.0),
             "utility_color": utility[system]["accuracy"].get("color", 0.0),
             "utility_count": utility[system]["accuracy"].get("count", 0.0),
-            "caption_f1": utility[system]["caption_f1"], "ms_per_query": timing[system]["answer_median_ms"]}
+            "caption_f1": utility[system]["caption_f1"], "ms_per_query": timing[system]["answer_median_ms"],
+            "intervals": {
+                "toxic_dsr_single": toxic[system]["intervals"]["dsr.single"],
+                "toxic_dsr_distractors": toxic[system]["intervals"]["dsr.distractors"],
+                "fpr_neutral": toxic[system]["intervals"]["fpr_neutral"],
+                "fpr_hard_negative": toxic[system]["intervals"]["fpr_hard_negative"],
+                "jailbreak_dsr_clean": clean[system]["intervals"]["dsr"],
+                **{f"jailbreak_dsr_{name}": jailbreak[name][case]["intervals"]["dsr"]
+                   for name, case in worst_case.items()},
+                **{f"utility_{kind}": utility[system]["intervals"][f"accuracy.{kind}"]
+                   for kind in ("object", "color", "count") if f"accuracy.{kind}" in utility[system]["intervals"]}}}
+    strongest = {name: max(QMLLM_ATTACKS, key=lambda case, entry=entry: entry[case]["asr"])
+                 for name, entry in jailbreak.items()}
     metrics["qmllm_attack_gain_over_clean"] = {
-        name: max(entry[c]["asr"] for c in QMLLM_ATTACKS) - clean["qmllm"]["asr"] for name, entry in jailbreak.items()}
+        name: jailbreak[name][case]["asr"] - clean["qmllm"]["asr"] for name, case in strongest.items()}
     metrics["qmllm_noise_gain_over_clean"] = {
         name: entry["qmllm_noise"]["asr"] - clean["qmllm"]["asr"] for name, entry in jailbreak.items()}
+    # the same gains with their 95% intervals: a gain is an effect only when `significant` (interval excludes 0)
+    metrics["qmllm_gain_intervals"] = {
+        name: {"attack": {**difference(jailbreak[name][case]["intervals"]["asr"], clean["qmllm"]["intervals"]["asr"]),
+                          "attacker": case},
+               "noise": difference(jailbreak[name]["qmllm_noise"]["intervals"]["asr"],
+                                   clean["qmllm"]["intervals"]["asr"])}
+        for name, case in strongest.items()}
     rates = {name: {case: entry[case] for case in entry if case not in ("pgd", "eps")}
              for name, entry in jailbreak.items()}
     log_summary_metrics({k: v for k, v in metrics.items() if k != "jailbreak"} | {"jailbreak": rates},
@@ -65,8 +87,14 @@ def _numbers(node: dict) -> dict:
     return {k: _numbers(v) if isinstance(v, dict) else v for k, v in node.items() if not isinstance(v, str)}
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"
+def _pct(value: float | None, interval: dict | None = None) -> str:
+    """A rate in percent, with its 95% interval in brackets when given."""
+    if value is None:
+        return "n/a"
+    if not interval:
+        return f"{100 * value:.1f}"
+    low, high = interval["ci95"]
+    return f"{100 * value:.1f} [{100 * low:.0f}-{100 * high:.0f}]"
 
 
 def markdown_report(metrics: dict, jailbreak: dict, clean: dict) -> str:
@@ -74,19 +102,21 @@ def markdown_report(metrics: dict, jailbreak: dict, clean: dict) -> str:
     summary = metrics["summary"]
     lines = ["# Q-MLLM evaluation (embedded default world)", "",
              "DSR = defense success rate (share of attack inputs refused), FPR = refusals of benign images; "
-             "percentages. Jailbreak columns: DSR on the held-out harmful instructions with the clean start image "
-             "and with the worst image per eps (in 1/255) among the attackers' and the random-noise control's.", "",
+             "percentages, with the 95% Wilson interval in brackets. Jailbreak columns: DSR on the held-out harmful "
+             "instructions with the clean start image and with the worst image per eps (in 1/255) among the "
+             "attackers' and the random-noise control's.", "",
              "| system | toxic DSR single | toxic DSR distractors | FPR neutral | FPR hard neg. | jailbreak clean | "
              + " | ".join(f"jailbreak {b}" for b in budgets)
              + " | object acc. | colour acc. | count acc. | caption F1 | ms/query |",
              "|---" * (11 + len(budgets)) + "|"]
     for system, row in summary.items():
-        lines.append(f"| {system} | {_pct(row['toxic_dsr_single'])} | {_pct(row['toxic_dsr_distractors'])} | "
-                     f"{_pct(row['fpr_neutral'])} | {_pct(row['fpr_hard_negative'])} | "
-                     f"{_pct(row['jailbreak_dsr_clean'])} | "
-                     + " | ".join(_pct(row[f"jailbreak_dsr_{b}"]) for b in budgets)
-                     + f" | {_pct(row['utility_object'])} | {_pct(row['utility_color'])} | {_pct(row['utility_count'])}"
-                       f" | {_pct(row['caption_f1'])} | {row['ms_per_query']:.1f} |")
+        def cell(key: str, row=row) -> str:
+            return _pct(row[key], row.get("intervals", {}).get(key))
+
+        keys = ("toxic_dsr_single", "toxic_dsr_distractors", "fpr_neutral", "fpr_hard_negative", "jailbreak_dsr_clean",
+                *(f"jailbreak_dsr_{b}" for b in budgets), "utility_object", "utility_color", "utility_count")
+        lines.append(f"| {system} | " + " | ".join(cell(key) for key in keys)
+                     + f" | {_pct(row['caption_f1'])} | {row['ms_per_query']:.1f} |")
     lines += ["", "## Jailbreak by attacker", "",
               "ASR by the refusal detector (share of held-out harmful instructions answered without a refusal); "
               "in brackets: share opening with the target's affirmative \"Sure, here is\" / share containing the "
@@ -121,7 +151,8 @@ def markdown_report(metrics: dict, jailbreak: dict, clean: dict) -> str:
 
 
 def _asr_cell(rates: dict) -> str:
-    return f"{_pct(rates['asr'])} ({_pct(rates['asr_affirmative'])} / {_pct(rates['asr_target'])})"
+    return (f"{_pct(rates['asr'], rates.get('intervals', {}).get('asr'))} "
+            f"({_pct(rates['asr_affirmative'])} / {_pct(rates['asr_target'])})")
 
 
 def dsr_against_eps_figure(jailbreak: dict, clean: dict):

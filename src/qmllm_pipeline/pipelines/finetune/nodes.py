@@ -7,8 +7,10 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from qmllm_pipeline.constants import IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.clip import decode_images
 from qmllm_pipeline.models.guarded import GuardedMLLM
@@ -25,17 +27,25 @@ logger = logging.getLogger(__name__)
 
 def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, tokenizer, params: dict,
                     seed: int) -> list[Example]:
-    """Image dialogs (feature row = dialog row) plus text-only replay of the training instructions (row -1).
-    `params`: finetune.data."""
+    """Image dialogs (feature row = dialog row) plus replay of the training instructions: text only (row -1),
+    or, for a share `image_replay_fraction` of them, behind a random dialog image (the request the model
+    must still answer or refuse with an image in the context). `params`: finetune.data."""
     examples = [(*encode_chat(tokenizer, chat_messages(turns), params["max_length"]), row)
                 for row, turns in enumerate(dialogs["conversations"])]
     train = text_corpus[(text_corpus["split"] == "train") & text_corpus["kind"].isin(["benign", "harmful"])]
     fraction = params["text_replay_fraction"]
     n_replay = min(len(train), round(len(examples) * fraction / (1 - fraction)))
     replay = train.sample(n=n_replay, random_state=seed)
-    examples += [(*encode_chat(tokenizer, [{"role": "user", "content": r.instruction},
-                                           {"role": "assistant", "content": r.response}], params["max_length"]), -1)
-                 for r in replay.itertuples(index=False)]
+    rows = np.full(len(replay), -1)
+    if params["image_replay_fraction"] > 0:  # no draw otherwise: the text-only replay stays as it was
+        rng = np.random.default_rng(seed)
+        with_image = rng.random(len(replay)) < params["image_replay_fraction"]
+        rows[with_image] = rng.integers(len(dialogs), size=int(with_image.sum()))
+    for row, r in zip(rows, replay.itertuples(index=False), strict=True):
+        prompt = r.instruction if row < 0 else f"{IMAGE_TOKEN}\n{r.instruction}"
+        examples.append((*encode_chat(tokenizer, [{"role": "user", "content": prompt},
+                                                  {"role": "assistant", "content": r.response}],
+                                      params["max_length"]), int(row)))
     return examples
 
 
@@ -82,14 +92,17 @@ def evaluate_variant(model: GuardedMLLM, eval_utility: pd.DataFrame, eval_neutra
         return [a.text for a in answers]
 
     predictions = ask(questions_without_placeholder(eval_utility["question"]), eval_utility["image"])
-    accuracy = utility_scores(predictions, eval_utility)["accuracy"]
+    scores = utility_scores(predictions, eval_utility)
     heldout = text_corpus[(text_corpus["split"] == "heldout") & text_corpus["kind"].isin(["harmful", "benign"])]
     # a fixed draw of neutral images (the same whatever the seed): one per held-out instruction
     images = eval_neutral["image"].sample(n=len(heldout), replace=True, random_state=0).reset_index(drop=True)
     refused = refusal_rates(ask(list(heldout["instruction"]), images), heldout["kind"])
-    safety = {f"heldout_{kind}_refused_with_neutral_image": refused[kind] for kind in ("harmful", "benign")}
+    names = {kind: f"heldout_{kind}_refused_with_neutral_image" for kind in ("harmful", "benign")}
+    safety = {name: refused[kind]["value"] for kind, name in names.items()}
     samples = eval_utility.assign(prediction=predictions).groupby("question_type").head(2)
-    return {"variant": model.model.config.variant, "utility": accuracy, "safety": safety,
+    return {"variant": model.model.config.variant, "utility": scores["accuracy"], "safety": safety,
+            "intervals": {**{f"utility.{k.removeprefix('accuracy.')}": v for k, v in scores["intervals"].items()},
+                          **{f"safety.{name}": refused[kind] for kind, name in names.items()}},
             "utility_samples": samples[["question_type", "answer", "prediction"]].to_dict("records")}
 
 

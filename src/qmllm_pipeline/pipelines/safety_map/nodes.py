@@ -19,6 +19,7 @@ from qmllm_pipeline.models.qmllm import QMLLM  # noqa: E402
 from qmllm_pipeline.models.safeclip import SafeCLIPFilter  # noqa: E402
 from qmllm_pipeline.models.safety_map import build_safety_map, recommend, tau_trade_off, verdicts  # noqa: E402
 from qmllm_pipeline.scoring import detection_rates  # noqa: E402
+from qmllm_pipeline.stats import difference  # noqa: E402
 from qmllm_pipeline.tracking import log_summary_metrics  # noqa: E402
 from qmllm_pipeline.world.catalogue import CATEGORIES, NEUTRAL  # noqa: E402
 from qmllm_pipeline.world.scenes import category_prompts  # noqa: E402
@@ -82,6 +83,10 @@ def evaluate_detectors(codes: dict, safety_map: pd.DataFrame, choice: dict, safe
               "safety_map": {**choice, "codes_seen": int(safety_map["seen"].sum()),
                              "toxic_codes": int((safety_map["label"] != NEUTRAL).sum()),
                              "codes": len(safety_map)}}
+    # qmllm - SafeCLIP with its 95% interval: a difference only when `significant`
+    report["qmllm_minus_safeclip"] = {
+        name: difference(report["qmllm"]["intervals"][name], report["safeclip"]["intervals"][name])
+        for name in ("dsr.single", "dsr.distractors", "fpr_neutral", "fpr_hard_negative")}
     log_summary_metrics({k: v for k, v in report.items()}, prefix="safety_map")
     for system in ("qmllm", "safeclip"):
         logger.info("%s: DSR single %.3f, distractors %.3f; FPR neutral %.3f, hard negatives %.3f", system,

@@ -1,0 +1,126 @@
+"""Results over seeds. One `kedro run` is one draw: the same commit on another seed (or another machine,
+whose last floating-point bits differ) trains other codebooks and another stage-2 LLM, and the figures the
+method is about move with them. A seed sweep runs the chain once per `seed` (conf/base/parameters.yml) as
+DVC experiments, and `aggregate` turns their metrics into mean, standard deviation, min and max per
+headline figure, with each seed's value (metrics/seeds.json; `qmllm report` puts it in the docs).
+
+    qmllm seeds run --seeds 0,1,2      # one `dvc exp run --temp -S seed=K` each, in turn
+    qmllm seeds aggregate              # metrics/seeds.json from `dvc exp show --json`
+    qmllm report                       # docs/results.md and the README headline, now over seeds
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+PARAMS_FILE = "conf/base/parameters.yml"
+EXPERIMENT_PREFIX = "seed-"
+
+# the headline figures: label -> (metrics file stem, dotted key); `figure_groups` in the docs keep this order
+FIGURES: dict[str, tuple[str, str]] = {
+    "qmllm refuses held-out harmful requests, neutral image": (
+        "finetune", "qmllm.safety.heldout_harmful_refused_with_neutral_image"),
+    "baseline refuses held-out harmful requests, neutral image": (
+        "finetune", "baseline.safety.heldout_harmful_refused_with_neutral_image"),
+    "qmllm refuses held-out benign requests, neutral image": (
+        "finetune", "qmllm.safety.heldout_benign_refused_with_neutral_image"),
+    "baseline refuses held-out benign requests, neutral image": (
+        "finetune", "baseline.safety.heldout_benign_refused_with_neutral_image"),
+    "qmllm object naming": ("finetune", "qmllm.utility.object"),
+    "baseline object naming": ("finetune", "baseline.utility.object"),
+    "qmllm colour": ("finetune", "qmllm.utility.color"),
+    "baseline colour": ("finetune", "baseline.utility.color"),
+    "qmllm count": ("finetune", "qmllm.utility.count"),
+    "baseline count": ("finetune", "baseline.utility.count"),
+    "CLS codes used": ("pretrain", "qmllm.codebooks.cls.codes_used"),
+    "patch codes used": ("pretrain", "qmllm.codebooks.patch.codes_used"),
+    "safety-map DSR, single toxic object": ("safety_map", "qmllm.dsr.single"),
+    "safety-map FPR, neutral": ("safety_map", "qmllm.fpr_neutral"),
+    "SafeCLIP DSR, single toxic object": ("safety_map", "safeclip.dsr.single"),
+    "SafeCLIP FPR, neutral": ("safety_map", "safeclip.fpr_neutral"),
+    "qmllm jailbreak ASR, clean image": ("evaluate", "jailbreak_clean.qmllm.asr"),
+    "baseline jailbreak ASR, clean image": ("evaluate", "jailbreak_clean.baseline.asr"),
+    **{f"qmllm: most any attacker adds over clean, {b}": ("evaluate", f"qmllm_attack_gain_over_clean.{b}")
+       for b in ("eps16", "eps32", "eps64", "unconstrained")},
+    **{f"qmllm: random noise adds over clean, {b}": ("evaluate", f"qmllm_noise_gain_over_clean.{b}")
+       for b in ("eps16", "eps64")},
+    **{f"baseline white-box ASR, {b}": ("evaluate", f"jailbreak.{b}.baseline_whitebox.asr")
+       for b in ("eps16", "eps32", "eps64", "unconstrained")},
+}
+
+
+def lookup(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def experiments(show: list) -> list[dict]:
+    """Flatten `dvc exp show --json`: one {name, rev, params, metrics} per experiment (params and metrics by
+    file, as DVC read them), for every baseline commit listed."""
+    found = []
+    for baseline in show:
+        for group in baseline.get("experiments") or []:
+            for revision in group.get("revs") or []:
+                data = revision.get("data") or {}
+                found.append({"name": revision.get("name") or revision.get("rev"), "rev": revision.get("rev"),
+                              "params": {path: (entry or {}).get("data", {}) for path, entry in
+                                         (data.get("params") or {}).items()},
+                              "metrics": {Path(path).stem: (entry or {}).get("data", {}) for path, entry in
+                                          (data.get("metrics") or {}).items()}})
+    return found
+
+
+def aggregate(runs: dict[int, dict[str, dict]]) -> dict:
+    """`runs`: seed -> metrics by file stem. Per headline figure: mean, std (sample; 0 for one seed), min, max,
+    spread (max - min) and every seed's value; figures no run measured are left out."""
+    figures = {}
+    for label, (stem, key) in FIGURES.items():
+        values = {seed: lookup(metrics.get(stem, {}), key) for seed, metrics in sorted(runs.items())}
+        values = {seed: float(v) for seed, v in values.items() if isinstance(v, (int, float))}
+        if not values:
+            continue
+        numbers = list(values.values())
+        figures[label] = {"metric": f"{stem}:{key}", "mean": statistics.fmean(numbers),
+                          "std": statistics.stdev(numbers) if len(numbers) > 1 else 0.0,
+                          "min": min(numbers), "max": max(numbers), "spread": max(numbers) - min(numbers),
+                          "values": {str(seed): v for seed, v in values.items()}}
+    return {"seeds": sorted(runs), "figures": figures}
+
+
+def _dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`dvc` from this environment, with its bin folder first on PATH so the stages find `kedro` and `qmllm`."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], env=env, check=check,
+                          capture_output=args[0] == "exp" and args[1] == "show", text=True)
+
+
+def experiment_name(seed: int) -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return f"{EXPERIMENT_PREFIX}{seed}-{head}"
+
+
+def run_seeds(seeds: list[int]) -> None:
+    """One DVC experiment per seed, run in turn in a temporary copy (`--temp`): the workspace stays as it is."""
+    for seed in seeds:
+        _dvc("exp", "run", "--temp", "-n", experiment_name(seed), "-S", f"{PARAMS_FILE}:seed={seed}")
+
+
+def collect(seeds: list[int] | None = None) -> dict[int, dict[str, dict]]:
+    """The metrics of this commit's seed experiments, by seed (the newest experiment per seed)."""
+    show = json.loads(_dvc("exp", "show", "--json").stdout)
+    runs = {}
+    for experiment in experiments(show):
+        name = experiment["name"] or ""
+        seed = lookup(experiment["params"].get(PARAMS_FILE, {}), "seed")
+        if not name.startswith(EXPERIMENT_PREFIX) or seed is None or (seeds and seed not in seeds):
+            continue
+        runs.setdefault(int(seed), experiment["metrics"])
+    return runs

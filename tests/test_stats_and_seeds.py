@@ -1,0 +1,70 @@
+"""Intervals on rates (Wilson; Newcombe for differences) and the seed sweep's aggregation."""
+
+import json
+
+import pytest
+
+from qmllm_pipeline.results import load_metrics, results_markdown
+from qmllm_pipeline.seeds import FIGURES, aggregate, experiments
+from qmllm_pipeline.stats import difference, rate, wilson
+
+
+@pytest.mark.parametrize(("k", "n", "low", "high"), [(0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634),
+                                                      (72, 72, 0.9493, 1.0), (8, 240, 0.0170, 0.0644)])
+def test_wilson_interval_matches_published_values(k, n, low, high):
+    assert wilson(k, n) == pytest.approx((low, high), abs=5e-4)
+
+
+def test_wilson_is_inside_zero_one_and_shrinks_with_n():
+    widths = [wilson(n // 4, n)[1] - wilson(n // 4, n)[0] for n in (8, 80, 800)]
+    assert widths == sorted(widths, reverse=True)
+    assert wilson(0, 0) == (0.0, 1.0)
+    assert rate(3, 12) == {"value": 0.25, "count": 3, "n": 12, "ci95": list(wilson(3, 12))}
+
+
+def test_a_difference_is_called_one_only_when_its_interval_excludes_zero():
+    small = difference(rate(6, 72), rate(5, 72))          # one more success in 72: noise
+    assert not small["significant"] and small["ci95"][0] < 0 < small["ci95"][1]
+    large = difference(rate(30, 72), rate(5, 72))
+    assert large["significant"] and large["ci95"][0] > 0 and large["value"] == pytest.approx(25 / 72)
+    assert difference(rate(5, 72), rate(30, 72))["ci95"][1] < 0
+
+
+def _show(seed_metrics: dict[int, float]) -> list:
+    """A `dvc exp show --json` answer with one experiment per seed (the shape DVC 3 prints)."""
+    revs = [{"rev": f"abc{seed}", "name": f"seed-{seed}-1234567", "data": {
+        "params": {"conf/base/parameters.yml": {"data": {"seed": seed, "threads": 2}}},
+        "metrics": {"metrics/finetune.json": {"data": {"qmllm": {"safety": {
+            "heldout_harmful_refused_with_neutral_image": value}}}},
+            "metrics/evaluate.json": {"data": {"qmllm_attack_gain_over_clean": {"eps16": value / 10}}}}}}
+        for seed, value in seed_metrics.items()]
+    return [{"rev": "workspace", "data": {}, "experiments": None},
+            {"rev": "1234567", "name": "main", "data": {}, "experiments": [{"revs": [r]} for r in revs]}]
+
+
+def test_experiments_are_read_from_dvc_exp_show():
+    found = experiments(_show({0: 0.9, 1: 0.8}))
+    assert [e["name"] for e in found] == ["seed-0-1234567", "seed-1-1234567"]
+    assert found[1]["params"]["conf/base/parameters.yml"]["seed"] == 1
+    assert found[0]["metrics"]["finetune"]["qmllm"]["safety"]["heldout_harmful_refused_with_neutral_image"] == 0.9
+
+
+def test_aggregate_gives_mean_spread_and_each_seed():
+    runs = {e["params"]["conf/base/parameters.yml"]["seed"]: e["metrics"]
+            for e in experiments(_show({0: 0.9, 1: 0.8, 2: 1.0}))}
+    summary = aggregate(runs)
+    figure = summary["figures"]["qmllm refuses held-out harmful requests, neutral image"]
+    assert summary["seeds"] == [0, 1, 2]
+    assert figure["mean"] == pytest.approx(0.9) and figure["std"] == pytest.approx(0.1)
+    assert (figure["min"], figure["max"], figure["spread"]) == (0.8, 1.0, pytest.approx(0.2))
+    assert figure["values"] == {"0": 0.9, "1": 0.8, "2": 1.0}
+    assert set(summary["figures"]) <= set(FIGURES) and len(summary["figures"]) == 2  # only what was measured
+
+
+def test_the_results_page_leads_with_the_seed_table(tmp_path):
+    summary = aggregate({e["params"]["conf/base/parameters.yml"]["seed"]: e["metrics"]
+                         for e in experiments(_show({0: 0.9, 1: 0.8}))})
+    (tmp_path / "seeds.json").write_text(json.dumps(summary))
+    text = results_markdown(load_metrics(tmp_path))
+    row = "| qmllm refuses held-out harmful requests, neutral image | 85.0% [80.0%, 90.0%]"
+    assert "## Over seeds" in text and row in text
