@@ -9,9 +9,10 @@ from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.pipelines.features.nodes import caption_semantic_targets
 
 
-def test_feature_cache_shapes(stages, world, foundation):
+def test_feature_cache_shapes(stages, world, foundation, smoke_params):
     vision = foundation["clip_model"].config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
+    pool = smoke_params["features"]["vision_tower"]["patch_pool"]
+    patches = (vision.image_size // vision.patch_size // pool) ** 2  # the patch grid, pooled
     caption = stages["caption_features"]
     assert caption["cls"].shape == (len(world["caption_corpus"]), vision.hidden_size)
     assert caption["patches"].shape == (len(world["caption_corpus"]), patches, vision.hidden_size)
