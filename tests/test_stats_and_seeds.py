@@ -68,3 +68,23 @@ def test_the_results_page_leads_with_the_seed_table(tmp_path):
     text = results_markdown(load_metrics(tmp_path))
     row = "| qmllm refuses held-out harmful requests, neutral image | 85.0% [80.0%, 90.0%]"
     assert "## Over seeds" in text and row in text
+
+
+def test_experiment_names_carry_the_lever_label():
+    from qmllm_pipeline.seeds import label_of
+
+    assert label_of("seed-2-9e1ccc1") is None and label_of("seed-2-replay-9e1ccc1") == "replay"
+    assert label_of("seed-2-image_replay-9e1ccc1") == "image_replay" and label_of("vivid-wren") is None
+
+
+def test_two_sweeps_compare_figure_by_figure():
+    from qmllm_pipeline.seeds import compare_table
+
+    default = aggregate({seed: e["metrics"] for seed, e in zip((0, 1), experiments(_show({0: 0.9, 1: 0.8})),
+                                                                strict=True)})
+    lever = aggregate({seed: e["metrics"] for seed, e in zip((0, 1), experiments(_show({0: 1.0, 1: 0.96})),
+                                                              strict=True)})
+    table = compare_table({"seeds": default, "seeds_replay": lever})
+    assert "| figure | seeds | seeds_replay |" in table
+    row = "| qmllm refuses held-out harmful requests, neutral image | 85.0 [80.0, 90.0] | 98.0 [96.0, 100.0] |"
+    assert row in table

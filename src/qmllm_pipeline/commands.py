@@ -258,33 +258,57 @@ def seeds() -> None:
 
 @seeds.command("run")
 @click.option("--seeds", "seed_text", default="0,1,2", show_default=True, help="Comma list of seeds.")
-def seeds_run(seed_text) -> None:
+@click.option("--set", "settings", multiple=True,
+              help="A lever: a DVC override FILE:KEY=VALUE for every seed (repeatable; needs --label).")
+@click.option("--label", default=None, help="Name of a lever's sweep (in the experiment names).")
+def seeds_run(seed_text, settings, label) -> None:
     """One `dvc exp run --temp -S conf/base/parameters.yml:seed=K` per seed, in turn (the workspace stays)."""
     from qmllm_pipeline.seeds import run_seeds
 
+    if label is not None and not label.replace("_", "").isalnum():
+        _fail(f"--label {label!r}: letters, digits and underscores only")
     try:
-        run_seeds(_seed_list(seed_text))
+        run_seeds(_seed_list(seed_text), tuple(settings), label)
+    except ValueError as error:
+        _fail(str(error))
     except subprocess.CalledProcessError as error:
         _fail(f"dvc exp run failed (exit {error.returncode}); its output is above")
 
 
 @seeds.command("aggregate")
 @click.option("--seeds", "seed_text", default=None, help="Comma list of seeds to keep (default: every seed run).")
+@click.option("--label", default=None, help="Aggregate a lever's sweep instead of the default's.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("metrics/seeds.json"),
               show_default=True)
-def seeds_aggregate(seed_text, out) -> None:
+def seeds_aggregate(seed_text, label, out) -> None:
     """Write the seed experiments' headline figures, aggregated, to metrics/seeds.json."""
     import json as json_module
 
     from qmllm_pipeline.seeds import aggregate, collect
 
-    runs = collect(_seed_list(seed_text) if seed_text else None)
+    runs = collect(_seed_list(seed_text) if seed_text else None, label)
     if not runs:
-        _fail("no seed experiments of this commit in `dvc exp show` (run `qmllm seeds run` first)")
+        _fail(f"no seed experiments{f' labelled {label}' if label else ''} of this commit in `dvc exp show` "
+              "(run `qmllm seeds run` first)")
     summary = aggregate(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json_module.dumps(summary, indent=2) + "\n")
     click.echo(f"wrote {out}: {len(summary['figures'])} figures over seeds {summary['seeds']}")
+
+
+@seeds.command("compare")
+@click.argument("sweeps", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+def seeds_compare(sweeps) -> None:
+    """Print each headline figure's mean [min, max] in every SWEEP (files `qmllm seeds aggregate` wrote)."""
+    import json as json_module
+
+    from qmllm_pipeline.seeds import compare_table
+
+    try:
+        loaded = {path.stem: json_module.loads(path.read_text()) for path in sweeps}
+    except (OSError, ValueError) as error:
+        _fail(f"cannot read a sweep: {error}")
+    click.echo(compare_table(loaded))
 
 
 @main.command("promote-foundation")

@@ -7,6 +7,11 @@ headline figure, with each seed's value (metrics/seeds.json; `qmllm report` puts
     qmllm seeds run --seeds 0,1,2      # one `dvc exp run --temp -S seed=K` each, in turn
     qmllm seeds aggregate              # metrics/seeds.json from `dvc exp show --json`
     qmllm report                       # docs/results.md and the README headline, now over seeds
+
+A lever is measured the same way, through the whole chain and over the same seeds: `--set` adds DVC
+`-S` overrides and `--label` names the sweep (`qmllm seeds run --label replay --set
+conf/base/parameters_finetune.yml:finetune.data.image_replay_fraction=0.5`, then `qmllm seeds aggregate
+--label replay --out metrics/seeds_replay.json` and `qmllm seeds compare`).
 """
 
 from __future__ import annotations
@@ -102,19 +107,34 @@ def _dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
                           capture_output=args[0] == "exp" and args[1] == "show", text=True)
 
 
-def experiment_name(seed: int) -> str:
+def experiment_name(seed: int, label: str | None = None) -> str:
+    """`seed-<K>-<commit>`, or `seed-<K>-<label>-<commit>` for a labelled sweep (a lever's settings)."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return f"{EXPERIMENT_PREFIX}{seed}-{head}"
+    return f"{EXPERIMENT_PREFIX}{seed}-{f'{label}-' if label else ''}{head}"
 
 
-def run_seeds(seeds: list[int]) -> None:
-    """One DVC experiment per seed, run in turn in a temporary copy (`--temp`): the workspace stays as it is."""
+def label_of(name: str) -> str | None:
+    """The label of an experiment named by `experiment_name` (None: the default configuration's sweep)."""
+    parts = (name or "").split("-")
+    if len(parts) < 3 or f"{parts[0]}-" != EXPERIMENT_PREFIX or not parts[1].isdigit():
+        return None
+    return "-".join(parts[2:-1]) or None
+
+
+def run_seeds(seeds: list[int], settings: tuple[str, ...] = (), label: str | None = None) -> None:
+    """One DVC experiment per seed, run in turn in a temporary copy (`--temp`): the workspace stays as it is.
+    `settings` are further `-S file:key=value` overrides (a lever), named by `label`."""
+    if settings and not label:
+        raise ValueError("a sweep with --set needs a --label, so it is not mistaken for the default's")
     for seed in seeds:
-        _dvc("exp", "run", "--temp", "-n", experiment_name(seed), "-S", f"{PARAMS_FILE}:seed={seed}")
+        overrides = [arg for setting in settings for arg in ("-S", setting)]
+        _dvc("exp", "run", "--temp", "-n", experiment_name(seed, label), "-S", f"{PARAMS_FILE}:seed={seed}",
+             *overrides)
 
 
-def collect(seeds: list[int] | None = None) -> dict[int, dict[str, dict]]:
-    """The metrics of this commit's seed experiments, by seed (the newest experiment per seed)."""
+def collect(seeds: list[int] | None = None, label: str | None = None) -> dict[int, dict[str, dict]]:
+    """The metrics of this commit's seed experiments with `label` (None: the default's), by seed (the newest
+    experiment per seed)."""
     show = json.loads(_dvc("exp", "show", "--json").stdout)
     runs = {}
     for experiment in experiments(show):
@@ -122,5 +142,22 @@ def collect(seeds: list[int] | None = None) -> dict[int, dict[str, dict]]:
         seed = lookup(experiment["params"].get(PARAMS_FILE, {}), "seed")
         if not name.startswith(EXPERIMENT_PREFIX) or seed is None or (seeds and seed not in seeds):
             continue
+        if label_of(name) != label:
+            continue
         runs.setdefault(int(seed), experiment["metrics"])
     return runs
+
+
+def compare_table(sweeps: dict[str, dict]) -> str:
+    """Markdown: each headline figure's mean [min, max] in every sweep (`name -> aggregate(...)`), side by side."""
+    labels = [label for label in FIGURES if any(label in sweep["figures"] for sweep in sweeps.values())]
+    lines = ["| figure | " + " | ".join(sweeps) + " |", "|---" * (1 + len(sweeps)) + "|"]
+    for label in labels:
+        cells = []
+        for sweep in sweeps.values():
+            figure = sweep["figures"].get(label)
+            scale = 1 if "codes" in label else 100
+            cells.append("" if figure is None else
+                         f"{scale * figure['mean']:.1f} [{scale * figure['min']:.1f}, {scale * figure['max']:.1f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
