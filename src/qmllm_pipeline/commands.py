@@ -244,6 +244,11 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
+def _short_commit(rev: str) -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", rev], capture_output=True, text=True)
+    return done.stdout.strip() or rev
+
+
 @main.group()
 def seeds() -> None:
     """Results over seeds: run the default chain once per seed as DVC experiments, then aggregate.
@@ -278,19 +283,24 @@ def seeds_run(seed_text, settings, label) -> None:
 @seeds.command("aggregate")
 @click.option("--seeds", "seed_text", default=None, help="Comma list of seeds to keep (default: every seed run).")
 @click.option("--label", default=None, help="Aggregate a lever's sweep instead of the default's.")
+@click.option("--rev", default="HEAD", show_default=True,
+              help="The commit the sweep ran on (an earlier one, when later commits did not touch the chain).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("metrics/seeds.json"),
               show_default=True)
-def seeds_aggregate(seed_text, label, out) -> None:
+def seeds_aggregate(seed_text, label, rev, out) -> None:
     """Write the seed experiments' headline figures, aggregated, to metrics/seeds.json."""
     import json as json_module
 
     from qmllm_pipeline.seeds import aggregate, collect
 
-    runs = collect(_seed_list(seed_text) if seed_text else None, label)
+    try:
+        runs = collect(_seed_list(seed_text) if seed_text else None, label, rev)
+    except subprocess.CalledProcessError as error:
+        _fail(f"dvc exp show --rev {rev} failed: {(error.stderr or '').strip()}")
     if not runs:
-        _fail(f"no seed experiments{f' labelled {label}' if label else ''} of this commit in `dvc exp show` "
+        _fail(f"no seed experiments{f' labelled {label}' if label else ''} of commit {rev} in `dvc exp show` "
               "(run `qmllm seeds run` first)")
-    summary = aggregate(runs)
+    summary = {"commit": _short_commit(rev), **aggregate(runs)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json_module.dumps(summary, indent=2) + "\n")
     click.echo(f"wrote {out}: {len(summary['figures'])} figures over seeds {summary['seeds']}")

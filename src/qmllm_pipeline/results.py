@@ -123,8 +123,9 @@ def results_markdown(metrics: dict[str, dict]) -> str:
              ""]
     if metrics.get("seeds", {}).get("figures"):
         seeds = metrics["seeds"]
+        at = f" at commit {seeds['commit']}" if seeds.get("commit") else ""
         lines += ["## Over seeds", "",
-                  f"The default configuration run once per seed ({', '.join(map(str, seeds['seeds']))}: "
+                  f"The default configuration run once per seed ({', '.join(map(str, seeds['seeds']))}{at}: "
                   "`qmllm seeds run`, then `qmllm seeds aggregate`). A claim about the method holds only if it holds "
                   "in every seed. Gains are in points of attack success rate.", ""]
         lines += seeds_table(seeds)

@@ -132,10 +132,11 @@ def run_seeds(seeds: list[int], settings: tuple[str, ...] = (), label: str | Non
              *overrides)
 
 
-def collect(seeds: list[int] | None = None, label: str | None = None) -> dict[int, dict[str, dict]]:
-    """The metrics of this commit's seed experiments with `label` (None: the default's), by seed (the newest
-    experiment per seed)."""
-    show = json.loads(_dvc("exp", "show", "--json").stdout)
+def collect(seeds: list[int] | None = None, label: str | None = None,
+            rev: str = "HEAD") -> dict[int, dict[str, dict]]:
+    """The metrics of the seed experiments with `label` (None: the default's) run on commit `rev`, by seed (the
+    newest experiment per seed)."""
+    show = json.loads(_dvc("exp", "show", "--json", "--rev", rev).stdout)
     runs = {}
     for experiment in experiments(show):
         name = experiment["name"] or ""
