@@ -107,3 +107,21 @@ def test_image_replay_puts_a_dialog_image_behind_the_replayed_instructions(world
     # the same instructions and the same answers, only with the image in front
     assert [labels[-3:] for _, labels, _ in text_only[dialogs:]] == [labels[-3:] for _, labels, _ in
                                                                       with_images[dialogs:]]
+
+
+def test_replay_repeats_meets_the_share_the_corpus_caps(world, foundation, smoke_params):
+    from qmllm_pipeline.pipelines.finetune.nodes import dialog_examples
+
+    params = {**smoke_params["finetune"]["data"], "text_replay_fraction": 0.9, "image_replay_fraction": 0.0}
+    args = (world["dialogs"], world["text_corpus"], foundation["tokenizer"])
+    corpus = world["text_corpus"]
+    instructions = int(((corpus["split"] == "train") & corpus["kind"].isin(["benign", "harmful"])).sum())
+    dialogs = len(world["dialogs"])
+    wanted = round(dialogs * 0.9 / 0.1)
+    assert wanted > instructions  # the corpus caps the share without repeats
+    capped = dialog_examples(*args, {**params, "replay_repeats": False}, 0)
+    repeated = dialog_examples(*args, {**params, "replay_repeats": True}, 0)
+    assert len(capped) == dialogs + instructions
+    assert len(repeated) == dialogs + wanted
+    # the repeats cover every instruction the capped replay has, and nothing else
+    assert {tuple(ids) for ids, _, _ in repeated[dialogs:]} == {tuple(ids) for ids, _, _ in capped[dialogs:]}

@@ -29,13 +29,23 @@ def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, tokenizer,
                     seed: int) -> list[Example]:
     """Image dialogs (feature row = dialog row) plus replay of the training instructions: text only (row -1),
     or, for a share `image_replay_fraction` of them, behind a random dialog image (the request the model
-    must still answer or refuse with an image in the context). `params`: finetune.data."""
+    must still answer or refuse with an image in the context). `params`: finetune.data.
+
+    Replay is `text_replay_fraction` of the sequences when the corpus has enough instructions; otherwise each
+    instruction appears once (the share is capped), unless `replay_repeats`, which repeats the whole corpus
+    (then a draw of the rest) until the share is met."""
     examples = [(*encode_chat(tokenizer, chat_messages(turns), params["max_length"]), row)
                 for row, turns in enumerate(dialogs["conversations"])]
     train = text_corpus[(text_corpus["split"] == "train") & text_corpus["kind"].isin(["benign", "harmful"])]
     fraction = params["text_replay_fraction"]
-    n_replay = min(len(train), round(len(examples) * fraction / (1 - fraction)))
-    replay = train.sample(n=n_replay, random_state=seed)
+    wanted = round(len(examples) * fraction / (1 - fraction))
+    if params["replay_repeats"] and wanted > len(train):
+        copies, rest = divmod(wanted, len(train))
+        replay = pd.concat([train] * copies + [train.sample(n=rest, random_state=seed)])
+    else:
+        replay = train.sample(n=min(len(train), wanted), random_state=seed)
+    logger.info("stage-2 data: %d dialogs and %d replayed instructions (%.1f%% of the sequences; %s asked for)",
+                len(examples), len(replay), 100 * len(replay) / (len(examples) + len(replay)), f"{fraction:.0%}")
     rows = np.full(len(replay), -1)
     if params["image_replay_fraction"] > 0:  # no draw otherwise: the text-only replay stays as it was
         rng = np.random.default_rng(seed)
