@@ -181,3 +181,48 @@ def test_model_directory_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text('{"vision_width": 16, "llm_width": 24, "image_token_id": 2}')
     with pytest.raises(FileNotFoundError, match="no 'llm' reference"):
         QMLLM.from_pretrained(tmp_path)
+
+
+def test_answer_kl_aligns_answers_read_behind_an_image_with_the_teacher_reading_text():
+    from qmllm_pipeline.models.stages import answer_kl
+
+    model = _model(quantized=True).eval()
+    teacher = _llm().eval()
+    # the same request and answer, once behind an image (id 2) and once as text only
+    ids, labels = [[3, 2, 5, 6, 7, 8], [3, 9, 4]], [[-100, -100, -100, -100, 7, 8], [-100, 9, 4]]
+    text_ids = [[t for t in row if t != 2] for row in ids]
+    text_labels = [[lab for lab, t in zip(row_labels, row, strict=True) if t != 2]
+                   for row_labels, row in zip(labels, ids, strict=True)]
+    text_only = model.splice(text_ids, text_labels, None)
+    same = model.llm(inputs_embeds=text_only["inputs_embeds"], attention_mask=text_only["attention_mask"]).logits
+    # a student that is the teacher, reading the same text: no divergence
+    assert answer_kl(same, text_only["labels"], model.llm, text_ids, text_labels).item() == pytest.approx(0, abs=1e-6)
+    # behind an image, against another LLM: a positive divergence that trains the student
+    batch = model.splice(ids, labels, torch.randn(1, 16, 24))
+    logits = model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]).logits
+    kl = answer_kl(logits, batch["labels"], teacher, text_ids, text_labels)
+    assert kl.item() > 0 and kl.requires_grad
+    kl.backward()
+    assert model.llm.lm_head.weight.grad.abs().sum() > 0 and all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(ValueError, match="answer tokens"):
+        answer_kl(logits, batch["labels"], teacher, [[3, 5, 6, 7, 8], [3, 9]], [[-100, -100, -100, 7, 8], [-100, 9]])
+
+
+def test_finetune_distils_the_replayed_answers_only_when_asked():
+    from qmllm_pipeline.models.stages import finetune
+    from qmllm_pipeline.models.training import TrainingConfig
+    from qmllm_pipeline.tracking import StepLogger
+
+    cls_features, patch_features = torch.randn(3, 16), torch.randn(3, 16, 16)
+    dialogs = [([3, 2, 5, 7], [-100, -100, -100, 7], row) for row in range(3)]
+    replay = [([3, 9, 4], [-100, 9, 4], -1), ([3, 2, 6, 8, 4], [-100, -100, -100, 8, 4], 1)]
+    training = TrainingConfig(steps=4, batch_size=4, lr=1e-3, warmup_steps=1, grad_clip=1.0)
+    histories = {}
+    for weight in (0.0, 1.0):
+        model, logger = _model(quantized=True), StepLogger("t", every=1)
+        finetune(model, cls_features, patch_features, dialogs + replay, training, 0, logger, teacher=_llm(),
+                 distill_weight=weight)
+        histories[weight] = logger.history
+    assert set(histories[0.0]) == {"loss", "lr"}
+    assert {"lm", "distill", "loss"} <= set(histories[1.0])
+    assert any(value > 0 for _, value in histories[1.0]["distill"])

@@ -113,6 +113,16 @@ def headline_table(metrics: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+REPRODUCIBILITY = [
+    "**What reproduces where.** On one machine a run is bit-reproducible: the same commit, seed and machine give",
+    "the same datasets, weights, responses and every figure but the timings (a seed experiment rerun of the",
+    "committed run matched it in every non-timing metric). Across machines only the inputs are identical: the",
+    "world's data (numpy, integer rendering) and the shipped foundation set (files in git). Everything trained",
+    "from there on (stage 1, stage 2, the safety map's codes, the attacks) differs in torch's last floating-point",
+    "bits from machine to machine, which training grows like a change of seed: across machines, a trained figure",
+    "reproduces only within its seed spread above, and a claim holds only if it holds in every seed.", ""]
+
+
 def results_markdown(metrics: dict[str, dict]) -> str:
     """Every headline figure of the metrics files, one section per pipeline."""
     lines = ["# Results", "",
@@ -132,6 +142,7 @@ def results_markdown(metrics: dict[str, dict]) -> str:
         lines += ["", "The sections below are one run: the workspace's, at the `seed` of conf/base/parameters.yml.", ""]
     else:
         lines += ["One run of one configuration: a figure below is one draw, not a claim about the method.", ""]
+    lines += REPRODUCIBILITY
     if "foundation" in metrics:
         clip, llm = metrics["foundation"]["clip"], metrics["foundation"]["llm"]
         toxic_items = _toxic_items(metrics, clip["images"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qmllm_pipeline.constants import IMAGE_TOKEN
+from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.qmllm import QMLLM
 from qmllm_pipeline.models.tokenizer import encode_chat
@@ -97,12 +97,24 @@ def pretrain(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
 
 def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Tensor, examples: list[Example],
              training: TrainingConfig, seed: int, step_logger: StepLogger | None = None,
-             checkpoint: TrainingCheckpoint | None = None) -> QMLLM:
-    """Stage 2: train the LLM on dialogs (image rows >= 0) and text-only replay (row -1)."""
+             checkpoint: TrainingCheckpoint | None = None, teacher: torch.nn.Module | None = None,
+             distill_weight: float = 0.0) -> QMLLM:
+    """Stage 2: train the LLM on dialogs (image rows >= 0) and text-only replay (row -1).
+
+    The first `len(cls_features)` examples are the dialogs (example i reads feature row i); the rest replay
+    training instructions, as text or behind a dialog image. With a `teacher` (the foundation LLM, frozen) and
+    `distill_weight` > 0, each replayed instruction in a batch also pays `distill_weight` times the KL
+    divergence from the teacher's next-token distributions over the answer, the teacher reading the
+    instruction as text: an image in the context should not change how the model answers or refuses a
+    request. No labels are needed beyond the replayed answer the tokens are read along."""
     for frozen in (model.mm_projector, model.cls_quantizer, model.patch_quantizer):
         if frozen is not None:
             frozen.requires_grad_(False).eval()
     model.llm.requires_grad_(True)
+    distill = teacher is not None and distill_weight > 0
+    if distill:
+        teacher.requires_grad_(False).eval()
+    n_dialogs = len(cls_features)
 
     def step(generator: torch.Generator) -> dict[str, torch.Tensor]:
         picks = torch.randint(len(examples), (training.batch_size,), generator=generator).tolist()
@@ -112,12 +124,50 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
             with torch.no_grad():
                 image_tokens = model.encode_features(cls_features[rows].float(),
                                                      patch_features[rows].float()).image_tokens
-        loss = model([examples[i][0] for i in picks], [examples[i][1] for i in picks], image_tokens).loss
-        return {"loss": loss}
+        ids, labels = [examples[i][0] for i in picks], [examples[i][1] for i in picks]
+        if not distill:
+            return {"loss": model(ids, labels, image_tokens).loss}
+        batch = model.splice(ids, labels, image_tokens)
+        out = model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                        labels=batch["labels"])
+        replayed = [k for k, i in enumerate(picks) if i >= n_dialogs]
+        if not replayed:
+            kl = out.loss.new_zeros(())
+        else:
+            kl = answer_kl(out.logits[replayed], batch["labels"][replayed], teacher,
+                           [[t for t in ids[k] if t != model.image_token_id] for k in replayed],
+                           [[t for t, i in zip(labels[k], ids[k], strict=True) if i != model.image_token_id]
+                            for k in replayed])
+        return {"lm": out.loss, "distill": kl, "loss": out.loss + distill_weight * kl}
 
     train_loop({"llm": model.llm}, step, training, seed, step_logger, checkpoint,
                desc=f"finetune {model.config.variant}")
     return model
+
+
+def answer_kl(student_logits: torch.Tensor, student_labels: torch.Tensor, teacher: torch.nn.Module,
+              teacher_ids: list[list[int]], teacher_labels: list[list[int]]) -> torch.Tensor:
+    """Mean KL(teacher || student) over the answer tokens (labels != IGNORE_INDEX), position by position.
+
+    Student and teacher read different prefixes (the student's may hold image tokens), so each side's
+    answer positions are gathered by its own labels: sequence by sequence they are the same tokens in the
+    same order. Sequences are right-padded; `student_logits` (B, T, V) are a causal LM's for its labels."""
+    longest = max(len(t) for t in teacher_ids)
+    input_ids = torch.zeros((len(teacher_ids), longest), dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    target = torch.full_like(input_ids, IGNORE_INDEX)
+    for k, (row_ids, row_labels) in enumerate(zip(teacher_ids, teacher_labels, strict=True)):
+        input_ids[k, :len(row_ids)] = torch.tensor(row_ids)
+        mask[k, :len(row_ids)] = 1
+        target[k, :len(row_labels)] = torch.tensor(row_labels)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=mask).logits
+    student = student_logits[:, :-1][student_labels[:, 1:] != IGNORE_INDEX]
+    taught = teacher_logits[:, :-1][target[:, 1:] != IGNORE_INDEX]
+    if student.shape != taught.shape:
+        raise ValueError(f"{student.shape[0]} student answer tokens against {taught.shape[0]} for the teacher")
+    return F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(taught.float(), -1), log_target=True,
+                    reduction="batchmean")
 
 
 @torch.no_grad()

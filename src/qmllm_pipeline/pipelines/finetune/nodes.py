@@ -73,7 +73,7 @@ def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, dialog_featu
     step_logger = StepLogger(f"{config.variant}/finetune", every=params["log_every"])
     started = time.perf_counter()
     finetune(model, dialog_features["cls"], dialog_features["patches"], dialog_examples, training, seed, step_logger,
-             checkpoint)
+             checkpoint, teacher=llm, distill_weight=params["distill_weight"])
     seconds = time.perf_counter() - started
     _, final_loss = loss_ends([v for _, v in step_logger.history["loss"]])
     summary = {"variant": config.variant, "seconds": round(seconds, 1), "steps": training.steps,
