@@ -5,7 +5,7 @@ import json
 import pytest
 
 from qmllm_pipeline.results import load_metrics, results_markdown
-from qmllm_pipeline.seeds import FIGURES, aggregate, experiments
+from qmllm_pipeline.seeds import FIGURES, aggregate, experiments, select
 from qmllm_pipeline.stats import difference, rate, wilson
 
 
@@ -33,6 +33,7 @@ def test_a_difference_is_called_one_only_when_its_interval_excludes_zero():
 def _show(seed_metrics: dict[int, float]) -> list:
     """A `dvc exp show --json` answer with one experiment per seed (the shape DVC 3 prints)."""
     revs = [{"rev": f"abc{seed}", "name": f"seed-{seed}-1234567", "data": {
+        "rev": f"abc{seed}", "timestamp": "2026-12-01T02:18:00",
         "params": {"conf/base/parameters.yml": {"data": {"seed": seed, "threads": 2}}},
         "metrics": {"metrics/finetune.json": {"data": {"qmllm": {"safety": {
             "heldout_harmful_refused_with_neutral_image": value}}}},
@@ -88,3 +89,19 @@ def test_two_sweeps_compare_figure_by_figure():
     assert "| figure | seeds | seeds_replay |" in table
     row = "| qmllm refuses held-out harmful requests, neutral image | 85.0 [80.0, 90.0] | 98.0 [96.0, 100.0] |"
     assert row in table
+
+
+def test_a_stopped_or_running_experiment_is_not_a_seed():
+    """DVC lists an experiment that is still running, or was stopped, without a commit of its own and with the
+    workspace's metrics: it must not stand for its seed (a stopped seed 2 once showed seed 0's figures)."""
+    show = _show({0: 0.9, 1: 0.8, 2: 0.7})
+    stopped = json.loads(json.dumps(show[1]["experiments"][0]))
+    stopped["revs"][0].update(rev="def0", name="seed-2-1234567")
+    stopped["revs"][0]["data"].update(rev="workspace", timestamp=None)
+    show[1]["experiments"].insert(0, stopped)  # listed first, as DVC listed it
+    found = experiments(show)
+    assert [e["finished"] for e in found] == [False, True, True, True]
+    runs = select(found)
+    assert sorted(runs) == [0, 1, 2]
+    assert runs[2]["finetune"]["qmllm"]["safety"]["heldout_harmful_refused_with_neutral_image"] == 0.7
+    assert select(found, seeds=[1]).keys() == {1} and select(found, label="replay") == {}

@@ -68,14 +68,17 @@ def lookup(tree: dict, dotted: str):
 
 
 def experiments(show: list) -> list[dict]:
-    """Flatten `dvc exp show --json`: one {name, rev, params, metrics} per experiment (params and metrics by
-    file, as DVC read them), for every baseline commit listed."""
+    """Flatten `dvc exp show --json`: one {name, rev, finished, params, metrics} per experiment (params and
+    metrics by file, as DVC read them), for every baseline commit listed. An experiment still running, or one
+    that was stopped, has no commit of its own yet (`finished` False): DVC shows the workspace's metrics for it."""
     found = []
     for baseline in show:
         for group in baseline.get("experiments") or []:
             for revision in group.get("revs") or []:
                 data = revision.get("data") or {}
+                finished = data.get("rev") == revision.get("rev") and data.get("timestamp") is not None
                 found.append({"name": revision.get("name") or revision.get("rev"), "rev": revision.get("rev"),
+                              "finished": finished,
                               "params": {path: (entry or {}).get("data", {}) for path, entry in
                                          (data.get("params") or {}).items()},
                               "metrics": {Path(path).stem: (entry or {}).get("data", {}) for path, entry in
@@ -134,16 +137,20 @@ def run_seeds(seeds: list[int], settings: tuple[str, ...] = (), label: str | Non
 
 def collect(seeds: list[int] | None = None, label: str | None = None,
             rev: str = "HEAD") -> dict[int, dict[str, dict]]:
-    """The metrics of the seed experiments with `label` (None: the default's) run on commit `rev`, by seed (the
-    newest experiment per seed)."""
-    show = json.loads(_dvc("exp", "show", "--json", "--rev", rev).stdout)
+    """The metrics of the finished seed experiments with `label` (None: the default's) run on commit `rev`, by
+    seed."""
+    return select(experiments(json.loads(_dvc("exp", "show", "--json", "--rev", rev).stdout)), seeds, label)
+
+
+def select(found: list[dict], seeds: list[int] | None = None, label: str | None = None) -> dict[int, dict[str, dict]]:
+    """Metrics by seed of the finished seed experiments with `label` among `found` (`experiments(...)`); the
+    first listed per seed (DVC lists the newest first)."""
     runs = {}
-    for experiment in experiments(show):
+    for experiment in found:
         name = experiment["name"] or ""
         seed = lookup(experiment["params"].get(PARAMS_FILE, {}), "seed")
-        if not name.startswith(EXPERIMENT_PREFIX) or seed is None or (seeds and seed not in seeds):
-            continue
-        if label_of(name) != label:
+        if not experiment["finished"] or not name.startswith(EXPERIMENT_PREFIX) or seed is None \
+                or (seeds and seed not in seeds) or label_of(name) != label:
             continue
         runs.setdefault(int(seed), experiment["metrics"])
     return runs
