@@ -80,7 +80,8 @@ def seeds_table(seeds: dict, labels: list[str] | None = None) -> list[str]:
 
 SEED_HEADLINE = ("qmllm refuses held-out harmful requests, neutral image",
                  "baseline refuses held-out harmful requests, neutral image", "qmllm jailbreak ASR, clean image",
-                 "qmllm: most any attacker adds over clean, eps16", "qmllm: most any attacker adds over clean, eps64",
+                 "qmllm: most any attacker adds over clean, eps16", "qmllm: most any attacker adds over clean, eps32",
+                 "qmllm: most any attacker adds over clean, eps64",
                  "baseline white-box ASR, eps64", "safety-map DSR, single toxic object",
                  "SafeCLIP DSR, single toxic object", "qmllm colour", "qmllm object naming")
 
