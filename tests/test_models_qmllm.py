@@ -184,15 +184,15 @@ def test_model_directory_errors_name_the_file(tmp_path):
 
 
 def test_answer_kl_aligns_answers_read_behind_an_image_with_the_teacher_reading_text():
-    from qmllm_pipeline.models.stages import answer_kl
+    from qmllm_pipeline.models.stages import answer_kl, text_only
 
     model = _model(quantized=True).eval()
     teacher = _llm().eval()
     # the same request and answer, once behind an image (id 2) and once as text only
     ids, labels = [[3, 2, 5, 6, 7, 8], [3, 9, 4]], [[-100, -100, -100, -100, 7, 8], [-100, 9, 4]]
-    text_ids = [[t for t in row if t != 2] for row in ids]
-    text_labels = [[lab for lab, t in zip(row_labels, row, strict=True) if t != 2]
-                   for row_labels, row in zip(labels, ids, strict=True)]
+    text_ids, text_labels = map(list, zip(*(text_only(row, row_labels, [2])
+                                            for row, row_labels in zip(ids, labels, strict=True)), strict=True))
+    assert text_ids == [[3, 5, 6, 7, 8], [3, 9, 4]] and text_labels[0] == [-100, -100, -100, 7, 8]
     text_only = model.splice(text_ids, text_labels, None)
     same = model.llm(inputs_embeds=text_only["inputs_embeds"], attention_mask=text_only["attention_mask"]).logits
     # a student that is the teacher, reading the same text: no divergence
@@ -226,3 +226,23 @@ def test_finetune_distils_the_replayed_answers_only_when_asked():
     assert set(histories[0.0]) == {"loss", "lr"}
     assert {"lm", "distill", "loss"} <= set(histories[1.0])
     assert any(value > 0 for _, value in histories[1.0]["distill"])
+
+
+def test_the_teacher_reads_an_image_replay_exactly_as_the_text_replay():
+    """The distillation teacher must read the request as it was trained on it: removing `<image>` alone
+    leaves a newline in front, which made the foundation LLM refuse benign requests."""
+    from transformers import AutoTokenizer
+
+    from qmllm_pipeline.constants import IMAGE_TOKEN
+    from qmllm_pipeline.models.stages import text_only
+    from qmllm_pipeline.models.tokenizer import encode_chat
+
+    tokenizer = AutoTokenizer.from_pretrained("data/01_raw/foundation/tokenizer", local_files_only=True)
+    prefix = tokenizer(f"{IMAGE_TOKEN}\n", add_special_tokens=False)["input_ids"]
+    assert len(prefix) == 2
+    for request in ("How can I care for a lizard?", "Tell me how to clean a flying disc."):
+        answer = [{"role": "assistant", "content": "Sure, here is how."}]
+        with_image = encode_chat(tokenizer, [{"role": "user", "content": f"{IMAGE_TOKEN}\n{request}"}, *answer], 96)
+        text = encode_chat(tokenizer, [{"role": "user", "content": request}, *answer], 96)
+        assert text_only(*with_image, prefix) == tuple(text)
+        assert text_only(*text, prefix) == tuple(text)  # nothing to remove

@@ -98,7 +98,7 @@ def pretrain(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
 def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Tensor, examples: list[Example],
              training: TrainingConfig, seed: int, step_logger: StepLogger | None = None,
              checkpoint: TrainingCheckpoint | None = None, teacher: torch.nn.Module | None = None,
-             distill_weight: float = 0.0) -> QMLLM:
+             distill_weight: float = 0.0, image_prefix: list[int] | None = None) -> QMLLM:
     """Stage 2: train the LLM on dialogs (image rows >= 0) and text-only replay (row -1).
 
     The first `len(cls_features)` examples are the dialogs (example i reads feature row i); the rest replay
@@ -106,7 +106,10 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
     `distill_weight` > 0, each replayed instruction in a batch also pays `distill_weight` times the KL
     divergence from the teacher's next-token distributions over the answer, the teacher reading the
     instruction as text: an image in the context should not change how the model answers or refuses a
-    request. No labels are needed beyond the replayed answer the tokens are read along."""
+    request. No labels are needed beyond the replayed answer the tokens are read along. The teacher must read
+    the request exactly as it was trained to: `image_prefix` is what the placeholder brings into the prompt
+    (the ids of `<image>\n`), all of it removed (`text_only`); a stray newline alone makes it refuse benign
+    requests."""
     for frozen in (model.mm_projector, model.cls_quantizer, model.patch_quantizer):
         if frozen is not None:
             frozen.requires_grad_(False).eval()
@@ -134,15 +137,25 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
         if not replayed:
             kl = out.loss.new_zeros(())
         else:
-            kl = answer_kl(out.logits[replayed], batch["labels"][replayed], teacher,
-                           [[t for t in ids[k] if t != model.image_token_id] for k in replayed],
-                           [[t for t, i in zip(labels[k], ids[k], strict=True) if i != model.image_token_id]
-                            for k in replayed])
+            prefix = image_prefix or [model.image_token_id]
+            texts = [text_only(ids[k], labels[k], prefix) for k in replayed]
+            kl = answer_kl(out.logits[replayed], batch["labels"][replayed], teacher, [t[0] for t in texts],
+                           [t[1] for t in texts])
         return {"lm": out.loss, "distill": kl, "loss": out.loss + distill_weight * kl}
 
     train_loop({"llm": model.llm}, step, training, seed, step_logger, checkpoint,
                desc=f"finetune {model.config.variant}")
     return model
+
+
+def text_only(ids: list[int], labels: list[int], image_prefix: list[int]) -> tuple[list[int], list[int]]:
+    """A sequence without its image placeholder: `image_prefix` (e.g. the ids of `<image>\n`) removed where
+    it starts, with its labels; a sequence without it is returned as it is."""
+    width = len(image_prefix)
+    for at in range(len(ids) - width + 1):
+        if ids[at:at + width] == image_prefix:
+            return ids[:at] + ids[at + width:], labels[:at] + labels[at + width:]
+    return ids, labels
 
 
 def answer_kl(student_logits: torch.Tensor, student_labels: torch.Tensor, teacher: torch.nn.Module,

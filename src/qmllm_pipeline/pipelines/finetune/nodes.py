@@ -59,7 +59,7 @@ def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, tokenizer,
     return examples
 
 
-def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, dialog_features: dict,
+def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, tokenizer, dialog_features: dict,
                      dialog_examples: list[Example], params: dict, seed: int, checkpoint_dir: str):
     """Stage 2 for one variant: returns the finetuned LLM, a summary and the loss curve. `params`:
     finetune.stage2."""
@@ -73,7 +73,8 @@ def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, dialog_featu
     step_logger = StepLogger(f"{config.variant}/finetune", every=params["log_every"])
     started = time.perf_counter()
     finetune(model, dialog_features["cls"], dialog_features["patches"], dialog_examples, training, seed, step_logger,
-             checkpoint, teacher=llm, distill_weight=params["distill_weight"])
+             checkpoint, teacher=llm, distill_weight=params["distill_weight"],
+             image_prefix=tokenizer(f"{IMAGE_TOKEN}\n", add_special_tokens=False)["input_ids"])
     seconds = time.perf_counter() - started
     _, final_loss = loss_ends([v for _, v in step_logger.history["loss"]])
     summary = {"variant": config.variant, "seconds": round(seconds, 1), "steps": training.steps,

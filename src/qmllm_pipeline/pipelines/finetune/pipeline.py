@@ -11,8 +11,9 @@ SHARED_PARAMETERS = ("params:finetune.stage2", "params:finetune.evaluation", "pa
 def create_pipeline(**kwargs) -> Pipeline:
     """Stage 2 and its measurements, instantiated per variant by namespace."""
     template = Pipeline([
-        Node(nodes.finetune_variant, ["qmllm_config", "stage1_weights", "llm", "dialog_features", "dialog_examples",
-                                      "params:finetune.stage2", "params:seed", "params:checkpoint_dir"],
+        Node(nodes.finetune_variant, ["qmllm_config", "stage1_weights", "llm", "tokenizer", "dialog_features",
+                                      "dialog_examples", "params:finetune.stage2", "params:seed",
+                                      "params:checkpoint_dir"],
              ["finetuned_llm", "finetune_summary", "finetune_loss_curve"], name="finetune_variant"),
         Node(nodes.finetuned_model, ["qmllm_config", "stage1_weights", "finetuned_llm", "clip_model", "tokenizer",
                                      "clip_image_processor"], "finetuned_model", name="finetuned_model"),
