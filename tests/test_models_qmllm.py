@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM
 
+from conftest import PROJECT_ROOT
 from qmllm_pipeline.constants import IGNORE_INDEX
 from qmllm_pipeline.models.projector import build_mm_projector
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig, load_config
@@ -221,11 +222,14 @@ def test_finetune_distils_the_replayed_answers_only_when_asked():
     for weight in (0.0, 1.0):
         model, logger = _model(quantized=True), StepLogger("t", every=1)
         finetune(model, cls_features, patch_features, dialogs + replay, training, 0, logger, teacher=_llm(),
-                 distill_weight=weight)
+                 distill_weight=weight, image_prefix=[2])
         histories[weight] = logger.history
     assert set(histories[0.0]) == {"loss", "lr"}
     assert {"lm", "distill", "loss"} <= set(histories[1.0])
     assert any(value > 0 for _, value in histories[1.0]["distill"])
+    with pytest.raises(ValueError, match="image_prefix"):
+        finetune(_model(quantized=True), cls_features, patch_features, dialogs + replay, training, 0,
+                 teacher=_llm(), distill_weight=1.0)
 
 
 def test_the_teacher_reads_an_image_replay_exactly_as_the_text_replay():
@@ -237,7 +241,7 @@ def test_the_teacher_reads_an_image_replay_exactly_as_the_text_replay():
     from qmllm_pipeline.models.stages import text_only
     from qmllm_pipeline.models.tokenizer import encode_chat
 
-    tokenizer = AutoTokenizer.from_pretrained("data/01_raw/foundation/tokenizer", local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(PROJECT_ROOT / "data/01_raw/foundation/tokenizer", local_files_only=True)
     prefix = tokenizer(f"{IMAGE_TOKEN}\n", add_special_tokens=False)["input_ids"]
     assert len(prefix) == 2
     for request in ("How can I care for a lizard?", "Tell me how to clean a flying disc."):

@@ -116,6 +116,8 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
     model.llm.requires_grad_(True)
     distill = teacher is not None and distill_weight > 0
     if distill:
+        if not image_prefix:
+            raise ValueError("distillation needs image_prefix, the ids `<image>\\n` brings into a prompt")
         teacher.requires_grad_(False).eval()
     n_dialogs = len(cls_features)
 
@@ -137,8 +139,7 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
         if not replayed:
             kl = out.loss.new_zeros(())
         else:
-            prefix = image_prefix or [model.image_token_id]
-            texts = [text_only(ids[k], labels[k], prefix) for k in replayed]
+            texts = [text_only(ids[k], labels[k], image_prefix) for k in replayed]
             kl = answer_kl(out.logits[replayed], batch["labels"][replayed], teacher, [t[0] for t in texts],
                            [t[1] for t in texts])
         return {"lm": out.loss, "distill": kl, "loss": out.loss + distill_weight * kl}
