@@ -1,11 +1,14 @@
-"""Measure the safety map's levers on the trained world: CLS source x lambda_semantic x K x D_map size.
+"""Measure the safety map's levers on the trained world: CLS design x CLS source x lambda_semantic x K x
+D_map size.
 
-Each (source, lambda, K) trains its own stage 1 (about 30 s on 2 cores with the default configuration);
-each D_map size reuses it. Reads what `kedro run` wrote (data, foundation, features) and changes none of
-it: the table is printed and saved to --out. Example, the README's rows:
+Each (design, source, lambda, K) trains its own stage 1 (about 30 s on 2 cores with the default
+configuration) and, on the decoupled path, its CLS head; each D_map size reuses it. Reads what `kedro run`
+wrote (data, foundation, features) and changes none of it: the table is printed and saved to --out.
+Examples:
 
     python notebooks/safety_map_levers.py --cls-source layer --lambda-semantic 1,0.3,0.1,0 \\
         --cls-codes 128 --dmap 50/500
+    python notebooks/safety_map_levers.py --design shared,decoupled,decoupled_cosine --cls-codes 128,512
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ def main() -> None:
     parser.add_argument("--cls-source", type=_list(str), default=["layer"],
                         help="comma list of features.vision_tower.cls_source values: layer, pooled, projected "
                              "(default: layer)")
+    parser.add_argument("--design", type=_list(str), default=["configured"],
+                        help="comma list of CLS designs (experiments/safety_map_levers.py: DESIGNS): configured, "
+                             "shared, decoupled (CLIP's image embedding, CLIP-text object targets), "
+                             "decoupled_cosine (default: configured)")
     parser.add_argument("--lambda-semantic", type=_list(float), default=[1.0],
                         help="comma list of pretrain.stage1.lambda_semantic values (default: 1)")
     parser.add_argument("--cls-codes", type=_list(int), default=[128], help="comma list of K values (default: 128)")
@@ -50,7 +57,8 @@ def main() -> None:
     with KedroSession.create(project_path=PROJECT, env=None if args.env == "base" else args.env) as session:
         context = session.load_context()
         inputs = {name: context.catalog.load(name) for name in INPUTS}
-        table = lever_sweep(inputs, context.params, args.cls_source, args.lambda_semantic, args.cls_codes, args.dmap)
+        table = lever_sweep(inputs, context.params, args.cls_source, args.lambda_semantic, args.cls_codes, args.dmap,
+                            args.design)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     scratch = args.out.with_suffix(".tmp")
     table.to_csv(scratch, index=False)

@@ -57,7 +57,7 @@ def test_pipeline_reports_both_detectors(stages):
     table = stages["safety_map"]
     assert len(table) == report["safety_map"]["codes"] and table["n"].sum() == len(stages["cls_codes"]["dmap"])
     assert isinstance(stages["safety_map_heatmap"], Figure)
-    assert len(stages["tau_trade_off"]) == 7 * 3
+    assert len(stages["tau_trade_off"]) == 7 * 3 * 2   # taus x unseen policies x compared rules
 
 
 def test_lever_sweep_reproduces_the_pipeline_and_varies_k(world, foundation, stages, smoke_params):

@@ -32,7 +32,8 @@ def test_semantic_target_text_decides_whether_the_background_counts(world, found
     name = singles["objects"].map(lambda o: o[0]).value_counts().index[0]
     same_object = singles[singles["objects"].map(lambda o: o[0]) == name].drop_duplicates("background").head(2)
     assert len(same_object) == 2, "the smoke corpus should show one emoji on two backgrounds"
-    targets = {text: caption_semantic_targets(same_object, foundation["tokenizer"], foundation["llm"], text,
+    targets = {text: caption_semantic_targets(same_object, foundation["tokenizer"], foundation["llm"],
+                                              foundation["clip_model"], "llm", text,
                                               smoke_params["features"]["batch_size"])["targets"]
                for text in ("objects", "caption")}
     assert torch.equal(targets["objects"][0], targets["objects"][1])

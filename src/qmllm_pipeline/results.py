@@ -168,6 +168,10 @@ def results_markdown(metrics: dict[str, dict]) -> str:
             [f"qmllm patch codebook (P={codebooks['patch_codes']})", codebooks["patch"]["codes_used"],
              f"{codebooks['patch']['perplexity']:.1f}", f"{qmllm['final']['generative']:.3f}"],
             ["continuous baseline", "", "", f"{baseline['final']['generative']:.3f}"]])
+        head = qmllm.get("cls_head")
+        if head:
+            lines += ["", f"Decoupled CLS path: its head trained {head['steps']} steps of {head['batch_size']} in "
+                      f"{head['seconds']:.0f} s (final L_semantic {head['final'].get('semantic', float('nan')):.3f})."]
         lines.append("")
     if "finetune" in metrics:
         finetune = metrics["finetune"]
@@ -187,16 +191,22 @@ def results_markdown(metrics: dict[str, dict]) -> str:
     if "safety_map" in metrics:
         safety = metrics["safety_map"]
         choice = safety["safety_map"]
+        rule = choice.get("rule", "majority")
+        named = "Algorithm 1" if rule == "majority" else f"The {rule} rule"
         lines += ["## Safety map (`safety_map`): toxic-image detection", "",
-                  f"Algorithm 1 with tau {choice['tau_used']} and unseen codes `{choice['unseen_policy_used']}` "
+                  f"{named} with tau {choice['tau_used']} and unseen codes `{choice['unseen_policy_used']}` "
                   f"(chosen on the validation split: recall {pct(choice['toxic_recall'])} at FPR "
                   f"{pct(choice['neutral_fpr'])}); {choice['codes_seen']} of {choice['codes']} CLS codes reached by "
                   f"D_map, {choice['toxic_codes']} labelled toxic.", ""]
         fields = (("dsr.single", safety["qmllm"]["dsr"]["single"]), ("dsr.distractors", None), ("fpr_neutral", None),
                   ("fpr_hard_negative", None))
+        detectors = {"qmllm": safety["qmllm"], "safeclip": safety["safeclip"]}
+        rules = safety.get("qmllm_rules", {})
+        detectors.update({f"qmllm, {rule} rule (tau {choice['rules'][rule]['tau']})": rates
+                          for rule, rates in rules.items() if rule != choice.get("rule")})
         lines += _table(["detector", "DSR single", "DSR among distractors", "FPR neutral", "FPR hard negatives"],
-                        [[name, *(pct_ci(_get(safety[name], key), safety[name].get("intervals", {}).get(key))
-                                  for key, _ in fields)] for name in ("qmllm", "safeclip")])
+                        [[name, *(pct_ci(_get(rates, key), rates.get("intervals", {}).get(key))
+                                  for key, _ in fields)] for name, rates in detectors.items()])
         if "qmllm_minus_safeclip" in safety:
             lines += ["", "qmllm minus SafeCLIP, with the 95% interval of the difference (* where it excludes 0): "
                       + "; ".join(f"{key} {points_ci(diff)}" for key, diff in safety["qmllm_minus_safeclip"].items())

@@ -1,5 +1,6 @@
-"""The safety map's levers (DESIGN.md section 5): where the CLS comes from, `lambda_semantic`, K and D_map's
-size, each setting measured end to end (features -> stage 1 -> Algorithm 1 -> DSR / FPR) by running the
+"""The safety map's levers (DESIGN.md section 5): the CLS design (shared or decoupled path, its feature, its
+semantic target, its distance), `lambda_semantic`, K and D_map's size, each setting measured end to end
+(features -> stage 1 [+ the CLS head] -> Algorithm 1 and the toxic-share rule -> DSR / FPR) by running the
 pipelines' own nodes under the changed parameters. Run on demand (`python notebooks/safety_map_levers.py
 --help`): a sweep trains one stage 1 per setting."""
 
@@ -11,7 +12,7 @@ import tempfile
 
 import pandas as pd
 
-from qmllm_pipeline.experiments.runs import run_in_memory, with_overrides
+from qmllm_pipeline.experiments.runs import lookup, run_in_memory, with_overrides
 from qmllm_pipeline.pipelines import data, features, pretrain, safety_map
 
 logger = logging.getLogger(__name__)
@@ -20,31 +21,49 @@ logger = logging.getLogger(__name__)
 INPUTS = ("emoji_catalogue", "caption_corpus", "caption_features", "caption_targets", "dmap_validation", "eval_toxic",
           "eval_neutral", "eval_hard_negative", "clip_model", "clip_image_processor", "tokenizer", "llm")
 
+# named CLS designs: parameter overrides on top of the configured run (`--design`)
+DESIGNS: dict[str, dict] = {
+    "configured": {},
+    "shared": {"pretrain.model.cls_path": "shared"},
+    "decoupled": {"pretrain.model.cls_path": "decoupled", "features.vision_tower.cls_source": "projected",
+                  "features.semantic_target_source": "clip_text", "features.semantic_target_text": "objects"},
+    "decoupled_cosine": {"pretrain.model.cls_path": "decoupled", "pretrain.model.cls_distance": "cosine",
+                         "features.vision_tower.cls_source": "projected",
+                         "features.semantic_target_source": "clip_text", "features.semantic_target_text": "objects"},
+}
+FEATURE_KEYS = {"caption_features": ("features.vision_tower",),
+                "caption_targets": ("features.semantic_target_source", "features.semantic_target_text")}
+
 
 def lever_sweep(inputs: dict, params: dict, cls_sources: list[str], lambdas: list[float], cls_codes_options: list[int],
-                dmap_sizes: list[tuple[int, int]]) -> pd.DataFrame:
-    """One row per combination: CLS codes used, codes D_map reached, the chosen tau, qmllm's DSR and FPR.
+                dmap_sizes: list[tuple[int, int]], designs: list[str] = ("configured",)) -> pd.DataFrame:
+    """One row per combination: CLS codes used, codes D_map reached, the chosen tau, qmllm's DSR and FPR under
+    the deployed rule and the toxic-share rule.
 
-    `inputs` holds the catalogue entries of `INPUTS`; `params` the whole parameter tree. D_map sizes are
-    (images per toxic category, neutral images), rendered from D_map's own seed."""
+    `inputs` holds the catalogue entries of `INPUTS`; `params` the whole parameter tree; `designs` names
+    entries of `DESIGNS` (a design's own CLS source wins over `cls_sources`; `lambdas` set the stage-1
+    weight on the shared path and the CLS head's on the decoupled one). D_map sizes are (images per toxic
+    category, neutral images), rendered from D_map's own seed."""
     dmaps = {}
     for per_category, neutral in dmap_sizes:
         sized = with_overrides(params, **{"data.dmap.per_toxic_category": per_category, "data.dmap.neutral": neutral})
         dmaps[(per_category, neutral)] = run_in_memory(data.create_pipeline().only_nodes("render_dmap"),
                                                        {"emoji_catalogue": inputs["emoji_catalogue"]}, sized)["dmap"]
-    configured = params["features"]["vision_tower"]["cls_source"]
     stage1 = pretrain.create_pipeline().only_nodes("tokenized_captions", "qmllm.model_config", "qmllm.pretrain_variant")
     rows = []
-    for source in cls_sources:
-        sourced = with_overrides(params, **{"features.vision_tower.cls_source": source})
-        caption_features = inputs["caption_features"] if source == configured else run_in_memory(
-            features.create_pipeline().only_nodes("extract_caption_features"), inputs, sourced)["caption_features"]
+    settings = dict.fromkeys((design, source if "features.vision_tower.cls_source" not in DESIGNS[design]
+                              else DESIGNS[design]["features.vision_tower.cls_source"])
+                             for design in designs for source in cls_sources)
+    for design, source in settings:
+        sourced = with_overrides(params, **{"features.vision_tower.cls_source": source, **DESIGNS[design]})
+        cached = _features(inputs, params, sourced)
+        decoupled = lookup(sourced, "pretrain.model").get("cls_path") == "decoupled"
+        weight_key = "pretrain.cls_head.lambda_semantic" if decoupled else "pretrain.stage1.lambda_semantic"
         for weight, codes_k in itertools.product(lambdas, cls_codes_options):
             with tempfile.TemporaryDirectory(prefix="levers-") as scratch:   # never resume the real run's checkpoint
-                setting = with_overrides(sourced, **{"pretrain.model.cls_codes": codes_k,
-                                                     "pretrain.stage1.lambda_semantic": weight,
+                setting = with_overrides(sourced, **{"pretrain.model.cls_codes": codes_k, weight_key: weight,
                                                      "checkpoint_dir": scratch})
-                trained = run_in_memory(stage1, {**inputs, "caption_features": caption_features}, setting)
+                trained = run_in_memory(stage1, {**inputs, **cached}, setting)
             summary = trained["qmllm.pretrain_summary"]
             for (per_category, neutral), dmap in dmaps.items():
                 measured = run_in_memory(
@@ -53,13 +72,30 @@ def lever_sweep(inputs: dict, params: dict, cls_sources: list[str], lambdas: lis
                      "qmllm.stage1_weights": trained["qmllm.stage1_weights"]}, setting)
                 rates, table = measured["safety_metrics"], measured["safety_map"]
                 qmllm, choice = rates["qmllm"], rates["safety_map"]
-                row = {"cls_source": source, "lambda_semantic": weight, "cls_codes": codes_k,
+                row = {"design": design, "cls_source": source, "lambda_semantic": weight, "cls_codes": codes_k,
                        "dmap": f"{per_category}/{neutral}",
                        "cls_codes_used": summary["codebooks"]["cls"]["codes_used"],
                        "codes_reached_by_dmap": int(table["seen"].sum()),
                        "tau": choice["tau_used"], "unseen_policy": choice["unseen_policy_used"],
                        "dsr_single": qmllm["dsr"]["single"], "dsr_distractors": qmllm["dsr"]["distractors"],
                        "fpr_neutral": qmllm["fpr_neutral"], "fpr_hard_negative": qmllm["fpr_hard_negative"]}
+                share = rates["qmllm_rules"].get("toxic_share")
+                if share is not None:
+                    row.update(share_dsr_single=share["dsr"]["single"], share_fpr_neutral=share["fpr_neutral"],
+                               share_fpr_hard_negative=share["fpr_hard_negative"])
                 logger.info("levers: %s", row)
                 rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _features(inputs: dict, configured: dict, setting: dict) -> dict:
+    """The cached caption features and semantic targets under `setting`: the trained project's where the
+    parameters they depend on are the configured ones, else extracted anew."""
+    cached = {}
+    for name, keys in FEATURE_KEYS.items():
+        if all(lookup(setting, key) == lookup(configured, key) for key in keys):
+            cached[name] = inputs[name]
+        else:
+            node = "extract_caption_features" if name == "caption_features" else "caption_semantic_targets"
+            cached[name] = run_in_memory(features.create_pipeline().only_nodes(node), inputs, setting)[name]
+    return cached

@@ -5,13 +5,20 @@
     cls_index = argmin ||h_cls - C_cls||^2 ; patch_indices = argmin ||H_v - C_patch||^2
     LLM([C_patch[patch_indices] ; embed(text)])                 # spliced at the <image> token
 
+That is the paper's `shared` CLS path. With `cls_path="decoupled"` the CLS token has its own
+`cls_projector` (h_cls = cls_projector(cls_features)), trained after stage 1 on L_vq_cls + lambda L_semantic
+alone: the safety signal can then read a different feature (CLIP's image embedding) into a codebook of
+the semantic target's width, and nothing the LLM reads depends on it. The LLM reads the patch codes only,
+in both paths.
+
 The continuous `baseline` is the same class with no quantizers: its patch tokens are H_v itself.
 Everything here works on cached features too (`encode_features`), so stage 1 never touches pixels.
 
 A model is described by a `QMLLMConfig` and saved the Hugging Face way: `save_pretrained(dir)` writes
 `config.json` and `stage1.safetensors` (what stage 1 trains: `mm_projector`, `cls_quantizer`,
-`patch_quantizer`); the vision tower, the LLM, the tokenizer and the image processor are referenced by
-path, as LLaVA's config names its `mm_vision_tower`, and `from_pretrained(dir)` loads them from there.
+`patch_quantizer`, and `cls_projector` on the decoupled path); the vision tower, the LLM, the tokenizer and
+the image processor are referenced by path, as LLaVA's config names its `mm_vision_tower`, and
+`from_pretrained(dir)` loads them from there.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,7 +39,8 @@ from qmllm_pipeline.models.quantizer import QuantizerOutput, VectorQuantizer
 from qmllm_pipeline.models.vision import VisionTower
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "stage1.safetensors"
-STAGE1_MODULES = ("mm_projector", "cls_quantizer", "patch_quantizer")
+STAGE1_MODULES = ("mm_projector", "cls_projector", "cls_quantizer", "patch_quantizer")
+CLS_PATHS = ("shared", "decoupled")
 
 
 @dataclass
@@ -56,7 +65,21 @@ class QMLLMConfig:
     commitment: float = 0.25
     dead_code_threshold: float = 1e-3
     kmeans_iters: int = 10
+    cls_path: str = "shared"               # shared: mm_projector reads CLS too (the paper); decoupled: cls_projector
+    cls_vision_width: int | None = None    # width of the CLS feature (decoupled; None: vision_width)
+    cls_width: int | None = None           # width of h_cls and the CLS codes (decoupled; None: llm_width)
+    cls_distance: str = "l2"               # l2 (the paper) or cosine (the released v2 code), CLS codebook only
     references: dict[str, str] = field(default_factory=dict)  # vision_tower, image_processor, tokenizer, llm
+
+    def __post_init__(self):
+        if self.cls_path not in CLS_PATHS:
+            raise ValueError(f"cls_path must be one of {CLS_PATHS}, got {self.cls_path!r}")
+        if self.cls_path == "shared" and (self.cls_vision_width or self.vision_width) != self.vision_width:
+            raise ValueError(f"the shared CLS path reads CLS features through mm_projector, so they need the patch "
+                             f"width {self.vision_width}, not {self.cls_vision_width}; use cls_path 'decoupled'")
+        if self.cls_path == "shared" and (self.cls_width or self.llm_width) != self.llm_width:
+            raise ValueError(f"the shared CLS path puts h_cls in the LLM's width {self.llm_width}, not {self.cls_width}"
+                             " (a semantic target of another width needs cls_path 'decoupled')")
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "QMLLMConfig") -> QMLLMConfig:
@@ -82,7 +105,7 @@ class QMLLMConfig:
 
 @dataclass
 class ImageEncoding:
-    h_cls: torch.Tensor                      # (B, d_h) projected CLS
+    h_cls: torch.Tensor | None               # (B, d_cls) projected CLS (Q-MLLM only)
     patch_hidden: torch.Tensor               # (B, N, d_h) projected patches H_v
     image_tokens: torch.Tensor               # (B, N, d_h) what the LLM reads: quantized or H_v
     cls: QuantizerOutput | None = None       # cls_index is cls.indices
@@ -98,13 +121,24 @@ class QMLLM(nn.Module):
         self.vision_tower = vision_tower
         self.mm_projector = build_mm_projector(config.mm_projector_type, config.vision_width, config.llm_width,
                                                config.mm_projector_layernorm)
-        self.cls_quantizer = self.patch_quantizer = None
+        self.cls_projector = self.cls_quantizer = self.patch_quantizer = None
         if config.quantized:
             common = {"commitment": config.commitment, "update": config.codebook_update,
                       "decay": config.codebook_decay, "dead_code_threshold": config.dead_code_threshold,
                       "kmeans_iters": config.kmeans_iters}
-            self.cls_quantizer = VectorQuantizer(config.cls_codes, config.llm_width, **common)
-            self.patch_quantizer = VectorQuantizer(config.patch_codes, config.llm_width, **common)
+            if config.cls_path == "shared":
+                self.cls_quantizer = VectorQuantizer(config.cls_codes, config.llm_width, **common,
+                                                     distance=config.cls_distance)
+                self.patch_quantizer = VectorQuantizer(config.patch_codes, config.llm_width, **common)
+            else:
+                self.patch_quantizer = VectorQuantizer(config.patch_codes, config.llm_width, **common)
+                with torch.random.fork_rng():  # the CLS head's shape leaves the patch path's random stream alone
+                    width = config.cls_width or config.llm_width
+                    self.cls_projector = build_mm_projector(config.mm_projector_type,
+                                                            config.cls_vision_width or config.vision_width, width,
+                                                            config.mm_projector_layernorm)
+                    self.cls_quantizer = VectorQuantizer(config.cls_codes, width, **common,
+                                                         distance=config.cls_distance)
         self.llm = llm
         self.image_token_id = config.image_token_id
 
@@ -124,7 +158,8 @@ class QMLLM(nn.Module):
         return model.requires_grad_(False).eval()
 
     def stage1_state(self) -> dict[str, torch.Tensor]:
-        """Everything stage 1 trains, as one flat dict: mm_projector.*, cls_quantizer.*, patch_quantizer.*."""
+        """Everything stage 1 trains, as one flat dict: mm_projector.*, cls_quantizer.*, patch_quantizer.* (and
+        cls_projector.* on the decoupled path)."""
         state = {}
         for name in STAGE1_MODULES:
             module = getattr(self, name)
@@ -173,14 +208,21 @@ class QMLLM(nn.Module):
     def quantized(self) -> bool:
         return self.patch_quantizer is not None
 
+    @property
+    def decoupled(self) -> bool:
+        return self.cls_projector is not None
+
     # -- image side -------------------------------------------------------------------------------
     def encode_features(self, cls_features: torch.Tensor, patch_features: torch.Tensor,
-                        straight_through: bool = True) -> ImageEncoding:
+                        straight_through: bool = True, with_cls: bool = True) -> ImageEncoding:
         """`straight_through=False` is the model as deployed: the image tokens are a codebook lookup at the
-        argmin, with no gradient to the features (what a plain gradient attacker meets)."""
-        h_cls = self.mm_projector(cls_features)
+        argmin, with no gradient to the features (what a plain gradient attacker meets). The CLS path runs
+        for Q-MLLM only (the baseline has no safety signal), and not at all with `with_cls=False`."""
+        h_cls = cls = None
+        if with_cls and self.cls_quantizer is not None:
+            h_cls = self.cls_head(cls_features)
+            cls = self.cls_quantizer(h_cls)
         patch_hidden = self.mm_projector(patch_features)
-        cls = self.cls_quantizer(h_cls) if self.cls_quantizer is not None else None
         patches = self.patch_quantizer(patch_hidden) if self.patch_quantizer is not None else None
         if patches is None:
             image_tokens = patch_hidden
@@ -195,10 +237,17 @@ class QMLLM(nn.Module):
             raise ValueError("this QMLLM has no vision tower (built for cached features)")
         return self.encode_features(*self.vision_tower(pixel_values), straight_through=straight_through)
 
+    def cls_head(self, cls_features: torch.Tensor) -> torch.Tensor:
+        """h_cls: the CLS feature through its projector (`mm_projector` shared, or `cls_projector`), on the unit
+        sphere for the cosine distance."""
+        projector = self.cls_projector if self.cls_projector is not None else self.mm_projector
+        h_cls = projector(cls_features)
+        return F.normalize(h_cls, dim=-1) if self.config.cls_distance == "cosine" else h_cls
+
     def cls_index(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The safety check's path only: vision tower, projector on the CLS token, nearest semantic code."""
+        """The safety check's path only: vision tower, the CLS token's projector, nearest semantic code."""
         cls_features, _ = self.vision_tower(pixel_values)
-        return self.cls_quantizer.nearest(self.mm_projector(cls_features))
+        return self.cls_quantizer.nearest(self.cls_head(cls_features))
 
     # -- text side --------------------------------------------------------------------------------
     def splice(self, input_ids: list[list[int]], labels: list[list[int]] | None,

@@ -9,6 +9,9 @@ Two codebook update rules:
 - `gradient`: the paper's rule, L_vq = ||sg[x] - C||^2 + lambda_commit ||x - sg[C]||^2 (collapses here);
 - `ema`: moving-average code updates (VQ-VAE-2), with only the commitment term as a loss (default).
 Both get k-means initialisation from the first batch and dead-code restart.
+
+Two distances: `l2` (the paper) and `cosine` (the released v2 code's CLS codebook): inputs and codes are
+kept on the unit sphere, where the squared-L2 argmin is the cosine argmax, so one lookup serves both.
 """
 
 from __future__ import annotations
@@ -31,10 +34,16 @@ class QuantizerOutput:
 
 class VectorQuantizer(nn.Module):
     def __init__(self, num_codes: int, dim: int, commitment: float = 0.25, update: str = "ema", decay: float = 0.99,
-                 dead_code_threshold: float = 1e-3, kmeans_iters: int = 10, epsilon: float = 1e-5):
+                 dead_code_threshold: float = 1e-3, kmeans_iters: int = 10, epsilon: float = 1e-5,
+                 distance: str = "l2"):
         super().__init__()
         if update not in ("ema", "gradient"):
             raise ValueError(f"update must be 'ema' or 'gradient', got {update!r}")
+        if distance not in ("l2", "cosine"):
+            raise ValueError(f"distance must be 'l2' or 'cosine', got {distance!r}")
+        if distance == "cosine" and update != "ema":
+            raise ValueError("the cosine distance keeps codes on the unit sphere through EMA updates; use update='ema'")
+        self.distance = distance
         self.num_codes, self.dim = num_codes, dim
         self.commitment, self.update, self.decay = commitment, update, decay
         self.dead_code_threshold, self.kmeans_iters, self.epsilon = dead_code_threshold, kmeans_iters, epsilon
@@ -47,8 +56,11 @@ class VectorQuantizer(nn.Module):
     # -- lookup -----------------------------------------------------------------------------------
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """argmin_k ||x - C_k||^2 for each row of `flat` (N, d), as one fused matrix product. ||x||^2 is the
-        same for every k, so it is left out: argmin_k ||C_k||^2 - 2 x.C_k (`qmllm bench`, row 4)."""
+        same for every k, so it is left out: argmin_k ||C_k||^2 - 2 x.C_k (`qmllm bench`, row 4). With the
+        cosine distance the rows are normalised first (the codes already are)."""
         codebook = self.codebook.detach()
+        if self.distance == "cosine":
+            flat = F.normalize(flat, dim=-1)
         return torch.addmm(codebook.pow(2).sum(1), flat, codebook.T, beta=1, alpha=-2).argmin(dim=1)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
@@ -69,7 +81,7 @@ class VectorQuantizer(nn.Module):
             sums = torch.zeros_like(centroids).index_add_(0, assign, flat)
             filled = counts > 0
             centroids[filled] = sums[filled] / counts[filled, None]
-        self.codebook.data.copy_(centroids)
+        self.codebook.data.copy_(self._on_sphere(centroids))
         self.ema_sums.copy_(centroids)
         self.ema_counts.fill_(1.0)
         self.initialized.fill_(True)
@@ -82,7 +94,11 @@ class VectorQuantizer(nn.Module):
         self.ema_sums.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.ema_counts.sum()
         smoothed = (self.ema_counts + self.epsilon) / (total + self.num_codes * self.epsilon) * total  # Laplace
-        self.codebook.data.copy_(self.ema_sums / smoothed[:, None])
+        self.codebook.data.copy_(self._on_sphere(self.ema_sums / smoothed[:, None]))
+
+    def _on_sphere(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes as stored: unit vectors for the cosine distance, unchanged for L2."""
+        return F.normalize(codes, dim=-1) if self.distance == "cosine" else codes
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor, indices: torch.Tensor) -> int:
@@ -104,6 +120,8 @@ class VectorQuantizer(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         flat = x.reshape(-1, self.dim)
+        if self.distance == "cosine":
+            flat = F.normalize(flat, dim=-1)
         if self.training and not bool(self.initialized):
             self.kmeans_init(flat.detach())
         indices = self.nearest(flat.detach())

@@ -2,7 +2,10 @@
 
 Stage 1 (pretrain): vision tower and LLM frozen; train `mm_projector`, `cls_quantizer`, `patch_quantizer`:
     L_pretrain = L_generative + lambda_vq (L_vq_patch + L_vq_cls) + lambda_semantic L_semantic
-The continuous baseline trains its projector with L_generative alone.
+The continuous baseline trains its projector with L_generative alone. On the decoupled CLS path, stage 1
+drops the two CLS terms and `train_cls_head` then trains `cls_projector` and `cls_quantizer` on
+    L_cls = lambda_vq L_vq_cls + lambda_semantic L_semantic
+from the cached CLS features alone (no LLM in the loop, so it affords far more samples).
 
 Stage 2 (finetune): projector and codebooks frozen; the LLM learns from dialogs with the LM loss on the
 assistant's tokens only, mixed with text-only replay so that its safety behaviour survives.
@@ -44,11 +47,16 @@ def stage1_losses(model: QMLLM, cls_features: torch.Tensor, patch_features: torc
     """One stage-1 batch: the examples' caption loss given their (cached) image features, plus for Q-MLLM
     both VQ losses and L_semantic against the targets of the same feature rows. `loss` is the total."""
     rows = torch.tensor([example[2] for example in examples])
-    encoding = model.encode_features(cls_features[rows].float(), patch_features[rows].float())
+    encoding = model.encode_features(cls_features[rows].float(), patch_features[rows].float(),
+                                     with_cls=not model.decoupled)
     generative = model([e[0] for e in examples], [e[1] for e in examples], encoding.image_tokens).loss
     losses = {"generative": generative}
     total = generative
-    if model.quantized:
+    if model.quantized and encoding.cls is None:  # decoupled: the CLS head trains apart
+        losses["vq_patch"] = encoding.patches.loss
+        total = total + lambda_vq * encoding.patches.loss
+        losses["patch_indices"] = encoding.patches.indices
+    elif model.quantized:
         losses.update(vq_patch=encoding.patches.loss, vq_cls=encoding.cls.loss)
         total = total + lambda_vq * (encoding.patches.loss + encoding.cls.loss)
         if semantic_targets is not None and lambda_semantic > 0:
@@ -68,21 +76,23 @@ def pretrain(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
     `usage_every` steps the codebooks' usage and perplexity over those steps are logged."""
     model.llm.requires_grad_(False)
     trainable = {"mm_projector": model.mm_projector}
+    quantizers = {}
     if model.quantized:
-        trainable.update(cls_quantizer=model.cls_quantizer, patch_quantizer=model.patch_quantizer)
-    seen = {"cls": [], "patch": []}
+        quantizers = {"patch": model.patch_quantizer} if model.decoupled else {"cls": model.cls_quantizer,
+                                                                               "patch": model.patch_quantizer}
+        trainable.update({f"{name}_quantizer": quantizer for name, quantizer in quantizers.items()})
+    seen = {name: [] for name in quantizers}
     steps_done = [0]
 
     def step(generator: torch.Generator) -> dict[str, torch.Tensor]:
         picks = torch.randint(len(examples), (training.batch_size,), generator=generator).tolist()
         losses = stage1_losses(model, cls_features, patch_features, [examples[i] for i in picks],
                                semantic_targets, lambda_vq, lambda_semantic)
-        if model.quantized:
-            seen["cls"].append(losses.pop("cls_indices").flatten())
-            seen["patch"].append(losses.pop("patch_indices").flatten())
+        for name in quantizers:
+            seen[name].append(losses.pop(f"{name}_indices").flatten())
         steps_done[0] += 1
-        if model.quantized and steps_done[0] % usage_every == 0:  # codebook health over the last steps
-            for name, quantizer in (("cls", model.cls_quantizer), ("patch", model.patch_quantizer)):
+        if quantizers and steps_done[0] % usage_every == 0:  # codebook health over the last steps
+            for name, quantizer in quantizers.items():
                 stats = quantizer.usage_stats(torch.cat(seen[name]))
                 losses[f"{name}_codes_used"] = torch.tensor(float(stats["codes_used"]))
                 losses[f"{name}_perplexity"] = torch.tensor(stats["perplexity"])
@@ -92,6 +102,46 @@ def pretrain(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
 
     train_loop(trainable, step, training, seed, step_logger, checkpoint,
                desc=f"pretrain {model.config.variant}")
+    return model
+
+
+def cls_head_losses(model: QMLLM, cls_features: torch.Tensor, semantic_targets: torch.Tensor,
+                    lambda_vq: float = 1.0, lambda_semantic: float = 1.0) -> dict[str, torch.Tensor]:
+    """One batch of the decoupled CLS head: L_vq_cls and L_semantic (MSE from the code to the target, on the
+    unit sphere for the cosine distance); `loss` is the total."""
+    encoding = model.cls_quantizer(model.cls_head(cls_features.float()))
+    targets = semantic_targets.float()
+    if model.config.cls_distance == "cosine":
+        targets = F.normalize(targets, dim=-1)
+    semantic = F.mse_loss(encoding.quantized, targets)
+    return {"vq_cls": encoding.loss, "semantic": semantic, "cls_indices": encoding.indices,
+            "loss": lambda_vq * encoding.loss + lambda_semantic * semantic}
+
+
+def train_cls_head(model: QMLLM, cls_features: torch.Tensor, semantic_targets: torch.Tensor,
+                   training: TrainingConfig, seed: int, lambda_vq: float = 1.0, lambda_semantic: float = 1.0,
+                   usage_every: int = 100, step_logger: StepLogger | None = None,
+                   checkpoint: TrainingCheckpoint | None = None) -> QMLLM:
+    """The decoupled CLS path: `cls_projector` and `cls_quantizer` on cached CLS features and their semantic
+    targets (row i with row i), nothing else in the loop; everything the LLM reads stays as it is."""
+    if not model.decoupled:
+        raise ValueError("train_cls_head trains the decoupled CLS path; this model shares mm_projector")
+    seen = []
+
+    def step(generator: torch.Generator) -> dict[str, torch.Tensor]:
+        rows = torch.randint(len(cls_features), (training.batch_size,), generator=generator)
+        losses = cls_head_losses(model, cls_features[rows], semantic_targets[rows], lambda_vq, lambda_semantic)
+        seen.append(losses.pop("cls_indices"))
+        if len(seen) == usage_every:
+            stats = model.cls_quantizer.usage_stats(torch.cat(seen))
+            losses["cls_codes_used"] = torch.tensor(float(stats["codes_used"]))
+            losses["cls_perplexity"] = torch.tensor(stats["perplexity"])
+            seen.clear()
+        losses["loss"] = losses.pop("loss")
+        return losses
+
+    train_loop({"cls_projector": model.cls_projector, "cls_quantizer": model.cls_quantizer}, step, training, seed,
+               step_logger, checkpoint, desc=f"CLS head {model.config.variant}")
     return model
 
 
@@ -110,7 +160,7 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
     the request exactly as it was trained to: `image_prefix` is what the placeholder brings into the prompt
     (the ids of `<image>\n`), all of it removed (`text_only`); a stray newline alone makes it refuse benign
     requests."""
-    for frozen in (model.mm_projector, model.cls_quantizer, model.patch_quantizer):
+    for frozen in (model.mm_projector, model.cls_projector, model.cls_quantizer, model.patch_quantizer):
         if frozen is not None:
             frozen.requires_grad_(False).eval()
     model.llm.requires_grad_(True)

@@ -10,11 +10,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from qmllm_pipeline.models.clip import png_pixel_values
+from qmllm_pipeline.models.clip import png_pixel_values, text_embeddings
 from qmllm_pipeline.models.vision import VisionTower
 from qmllm_pipeline.world.scenes import scene_texts
 
 logger = logging.getLogger(__name__)
+SEMANTIC_TARGET_SOURCES = ("llm", "clip_text")
 
 
 @torch.no_grad()
@@ -30,11 +31,6 @@ def _extract(images: pd.Series, clip_model, clip_image_processor, params: dict, 
         cls_chunks.append(cls_features.to(dtype))
         patch_chunks.append(patch_features.to(dtype))
     features = {"cls": torch.cat(cls_chunks), "patches": torch.cat(patch_chunks)}
-    if features["cls"].shape[-1] != features["patches"].shape[-1]:
-        raise ValueError(f"features.vision_tower.cls_source {params['vision_tower']['cls_source']!r} gives CLS width "
-                         f"{features['cls'].shape[-1]} "
-                         f"but patches have {features['patches'].shape[-1]}: mm_projector is shared by both, so "
-                         "this source needs projection_dim == the vision hidden size")
     logger.info("%s features: cls %s, patches %s in %.1f s", name, tuple(features["cls"].shape),
                 tuple(features["patches"].shape), time.perf_counter() - started)
     return features
@@ -53,16 +49,24 @@ def extract_dialog_features(dialogs: pd.DataFrame, clip_model, clip_image_proces
 
 
 @torch.no_grad()
-def caption_semantic_targets(caption_corpus: pd.DataFrame, tokenizer, llm, text_side: str,
+def caption_semantic_targets(caption_corpus: pd.DataFrame, tokenizer, llm, clip_model, source: str, text_side: str,
                              batch_size: int) -> dict[str, torch.Tensor]:
-    """H_caption for L_semantic: the frozen LLM's last hidden states averaged over the tokens of the text
-    `text_side` names (the whole caption, or its object phrase only). Stored raw; whether to standardise
-    them is a stage-1 parameter."""
+    """The L_semantic targets of the caption corpus, one row per image, from the text `text_side` names (the
+    whole caption, or its object phrase only). `source` says whose representation: `llm`, the frozen LLM's last
+    hidden states averaged over the text's tokens (the paper's H_caption); `clip_text`, CLIP's text embedding
+    of it (a semantic space made for matching images). Stored raw; whether to standardise them is a stage-1
+    parameter."""
+    if source not in SEMANTIC_TARGET_SOURCES:
+        raise ValueError(f"features.semantic_target_source must be one of {SEMANTIC_TARGET_SOURCES}, got {source!r}")
     captions = scene_texts(caption_corpus, text_side)
     unique = sorted(set(captions))
     vectors = []
-    for start in tqdm(range(0, len(unique), batch_size), desc="caption targets", mininterval=2):
+    for start in tqdm(range(0, len(unique), batch_size), desc=f"semantic targets ({source})", mininterval=2):
         chunk = unique[start:start + batch_size]
+        if source == "clip_text":
+            vectors.append(text_embeddings(clip_model, tokenizer, chunk,
+                                           clip_model.config.text_config.max_position_embeddings))
+            continue
         encoded = tokenizer(chunk, add_special_tokens=False, padding=True, return_tensors="pt")
         hidden = llm(**encoded, output_hidden_states=True).hidden_states[-1]
         mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)

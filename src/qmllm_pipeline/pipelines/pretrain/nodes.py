@@ -13,22 +13,33 @@ import torch
 from qmllm_pipeline.constants import IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
-from qmllm_pipeline.models.stages import Example, caption_examples, code_indices, pretrain
+from qmllm_pipeline.models.stages import Example, caption_examples, code_indices, pretrain, train_cls_head
 from qmllm_pipeline.models.training import TrainingConfig, loss_curve_figure, seed_everything
 from qmllm_pipeline.tracking import StepLogger, log_summary_metrics
 
 logger = logging.getLogger(__name__)
 
 
-def model_config(tokenizer, llm, caption_features: dict, model: dict, vision_tower: dict, variant: dict) -> dict:
+def model_config(tokenizer, llm, caption_features: dict, caption_targets: dict, model: dict, vision_tower: dict,
+                 variant: dict) -> dict:
     """The variant's `QMLLMConfig`: the architecture in `pretrain.model`, the vision tower's settings
-    (`features.vision_tower`), and the widths and `<image>` id of the models it sits between."""
+    (`features.vision_tower`), and the widths and `<image>` id of the models it sits between (the CLS
+    feature's and the semantic target's widths size the CLS path)."""
     config = QMLLMConfig(
-        vision_width=int(caption_features["cls"].shape[-1]), llm_width=llm.config.hidden_size,
+        vision_width=int(caption_features["patches"].shape[-1]), llm_width=llm.config.hidden_size,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), variant=variant["name"],
         quantized=variant["quantized"], mm_vision_select_layer=vision_tower["select_layer"],
-        cls_source=vision_tower["cls_source"], mm_patch_pool=vision_tower["patch_pool"], **model)
+        cls_source=vision_tower["cls_source"], mm_patch_pool=vision_tower["patch_pool"],
+        **model, **_cls_widths(caption_features, caption_targets, variant["quantized"]))
     return config.to_dict()
+
+
+def _cls_widths(caption_features: dict, caption_targets: dict, quantized: bool) -> dict:
+    """The CLS feature's and the semantic target's widths, for Q-MLLM (the baseline has no CLS path)."""
+    if not quantized:
+        return {}
+    return {"cls_vision_width": int(caption_features["cls"].shape[-1]),
+            "cls_width": int(caption_targets["targets"].shape[-1])}
 
 
 def tokenized_captions(caption_corpus: pd.DataFrame, tokenizer, instruction: str, max_length: int) -> list[Example]:
@@ -45,14 +56,17 @@ def semantic_targets(targets: dict[str, torch.Tensor], standardize: bool) -> tor
 
 
 def pretrain_variant(qmllm_config: dict, caption_features: dict, caption_examples: list[Example],
-                     caption_targets: dict, llm, params: dict, seed: int,
+                     caption_targets: dict, llm, params: dict, cls_head: dict, seed: int,
                      checkpoint_dir: str) -> tuple[dict, dict, object]:
-    """Stage 1 for one variant; returns its weights (projector and codebooks), a summary and the loss curve.
-    `params`: pretrain.stage1 (loss weights, schedule, logging)."""
+    """Stage 1 for one variant, then on the decoupled CLS path its CLS head; returns its weights (projectors
+    and codebooks), a summary and the loss curve. `params`: pretrain.stage1 (loss weights, schedule,
+    logging); `cls_head`: pretrain.cls_head (the decoupled head's own losses and schedule)."""
     config = QMLLMConfig.from_dict(qmllm_config)
     seed_everything(seed)
     model = QMLLM(config, llm)
-    targets = semantic_targets(caption_targets, params["standardize_semantic_target"]) if config.quantized else None
+    targets = None
+    if config.quantized and not model.decoupled:
+        targets = semantic_targets(caption_targets, params["standardize_semantic_target"])
     training = TrainingConfig(**params["training"])
     checkpoint = TrainingCheckpoint(Path(checkpoint_dir) / f"{config.variant}_pretrain",
                                     {"config": qmllm_config, "params": params, "seed": seed,
@@ -66,6 +80,9 @@ def pretrain_variant(qmllm_config: dict, caption_features: dict, caption_example
                "steps": training.steps,
                "final": {k: float(np.mean([v for _, v in points[-20:]]))
                          for k, points in step_logger.history.items() if points and k != "lr"}}
+    if config.quantized and model.decoupled:
+        summary["cls_head"] = _train_cls_head(model, caption_features["cls"], caption_targets, cls_head, seed,
+                                              checkpoint_dir)
     if config.quantized:
         cls_index, patch_indices = code_indices(model, caption_features["cls"], caption_features["patches"])
         summary["codebooks"] = {"cls": model.cls_quantizer.usage_stats(cls_index),
@@ -76,6 +93,23 @@ def pretrain_variant(qmllm_config: dict, caption_features: dict, caption_example
     curves = {k: v for k, v in step_logger.history.items() if k in ("generative", "vq_patch", "vq_cls", "semantic")}
     figure = loss_curve_figure(curves, f"stage 1 ({config.variant})")
     return model.stage1_state(), summary, figure
+
+
+def _train_cls_head(model: QMLLM, cls_features: torch.Tensor, caption_targets: dict, params: dict, seed: int,
+                    checkpoint_dir: str) -> dict:
+    """The decoupled CLS path's own training (after stage 1, so it cannot touch what the LLM reads)."""
+    training = TrainingConfig(**params["training"])
+    targets = semantic_targets(caption_targets, params["standardize_semantic_target"])
+    checkpoint = TrainingCheckpoint(Path(checkpoint_dir) / f"{model.config.variant}_cls_head",
+                                    {"config": model.config.to_dict(), "params": params, "seed": seed})
+    step_logger = StepLogger(f"{model.config.variant}/cls_head", every=params["log_every"])
+    started = time.perf_counter()
+    train_cls_head(model, cls_features, targets, training, seed, params["lambda_vq"], params["lambda_semantic"],
+                   params["usage_every"], step_logger, checkpoint)
+    return {"seconds": round(time.perf_counter() - started, 1), "steps": training.steps,
+            "batch_size": training.batch_size,
+            "final": {k: float(np.mean([v for _, v in points[-20:]]))
+                      for k, points in step_logger.history.items() if points and k != "lr"}}
 
 
 def pretrain_report(qmllm_summary: dict, baseline_summary: dict) -> dict:

@@ -4,18 +4,19 @@ from qmllm_pipeline.constants import VARIANTS
 from qmllm_pipeline.pipelines.pretrain import nodes
 
 SHARED = ["caption_features", "caption_targets", "caption_examples", "tokenizer", "llm"]
-SHARED_PARAMETERS = ("params:pretrain.model", "params:features.vision_tower", "params:pretrain.stage1", "params:seed",
-                     "params:checkpoint_dir")
+SHARED_PARAMETERS = ("params:pretrain.model", "params:features.vision_tower", "params:pretrain.stage1",
+                     "params:pretrain.cls_head", "params:seed", "params:checkpoint_dir")
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     """The model config and stage 1, instantiated per variant by namespace (outputs `qmllm.*`, `baseline.*`)."""
     template = Pipeline([
-        Node(nodes.model_config, ["tokenizer", "llm", "caption_features", "params:pretrain.model",
+        Node(nodes.model_config, ["tokenizer", "llm", "caption_features", "caption_targets", "params:pretrain.model",
                                   "params:features.vision_tower", "params:variant"], "qmllm_config",
              name="model_config"),
         Node(nodes.pretrain_variant, ["qmllm_config", "caption_features", "caption_examples", "caption_targets",
-                                      "llm", "params:pretrain.stage1", "params:seed", "params:checkpoint_dir"],
+                                      "llm", "params:pretrain.stage1", "params:pretrain.cls_head", "params:seed",
+                                      "params:checkpoint_dir"],
              ["stage1_weights", "pretrain_summary", "pretrain_loss_curve"], name="pretrain_variant"),
     ])
     variants = [

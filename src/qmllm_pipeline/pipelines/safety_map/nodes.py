@@ -17,7 +17,13 @@ from qmllm_pipeline.models.clip import decode_images, png_pixel_values  # noqa: 
 from qmllm_pipeline.models.guarded import GuardedQMLLM  # noqa: E402
 from qmllm_pipeline.models.qmllm import QMLLM  # noqa: E402
 from qmllm_pipeline.models.safeclip import SafeCLIPFilter  # noqa: E402
-from qmllm_pipeline.models.safety_map import build_safety_map, recommend, tau_trade_off, verdicts  # noqa: E402
+from qmllm_pipeline.models.safety_map import (  # noqa: E402
+    build_safety_map,
+    recommend,
+    relabel,
+    tau_trade_off,
+    verdicts,
+)
 from qmllm_pipeline.scoring import detection_rates  # noqa: E402
 from qmllm_pipeline.stats import difference  # noqa: E402
 from qmllm_pipeline.tracking import log_summary_metrics  # noqa: E402
@@ -45,19 +51,24 @@ def cls_codes(model: QMLLM, clip_image_processor, **splits: pd.DataFrame) -> dic
 
 
 def fit_safety_map(codes: dict, dmap: pd.DataFrame, dmap_validation: pd.DataFrame, params: dict):
-    """The tau / unseen-policy trade-off on the validation split, the recommended setting, and the map.
-    `params`: safety_map."""
+    """The rule / tau / unseen-policy trade-off on the validation split, each rule's recommended setting, and
+    the map under the deployed rule. `params`: safety_map."""
+    rules = tuple(dict.fromkeys([params["decision_rule"], *params["compared_rules"]]))
     trade_off = tau_trade_off(codes["dmap"], list(dmap["category"]), codes["dmap_validation"],
                               dmap_validation["toxic"].to_numpy(), codes["codebook"], list(CATEGORIES),
-                              params["tau_candidates"], params["unseen_policies"])
-    choice = recommend(trade_off, params["max_validation_fpr"])
+                              params["tau_candidates"], params["unseen_policies"], rules)
+    per_rule = {rule: recommend(trade_off[trade_off["rule"] == rule], params["max_validation_fpr"]) for rule in rules}
+    rule = params["decision_rule"]
+    choice = per_rule[rule]
     tau = choice["tau"] if params["tau"] == "auto" else float(params["tau"])
     policy = choice["unseen_policy"] if params["unseen_policy"] == "auto" else params["unseen_policy"]
-    table = build_safety_map(codes["dmap"], list(dmap["category"]), codes["codebook"], list(CATEGORIES), tau, policy)
-    logger.info("safety map: tau %.2f, unseen %s, %d codes seen, %d toxic; validation recall %.3f at FPR %.3f",
-                tau, policy, int(table["seen"].sum()), int((table["label"] != NEUTRAL).sum()),
+    table = build_safety_map(codes["dmap"], list(dmap["category"]), codes["codebook"], list(CATEGORIES), tau, policy,
+                             rule)
+    logger.info("safety map (%s): tau %.2f, unseen %s, %d codes seen, %d toxic; validation recall %.3f at FPR %.3f",
+                rule, tau, policy, int(table["seen"].sum()), int((table["label"] != NEUTRAL).sum()),
                 choice["toxic_recall"], choice["neutral_fpr"])
-    return table, trade_off, {**choice, "tau_used": tau, "unseen_policy_used": policy}
+    return table, trade_off, {**choice, "rule": rule, "tau_used": tau, "unseen_policy_used": policy,
+                              "rules": per_rule}
 
 
 def qmllm_refusals(safety_map: pd.DataFrame, codes: dict) -> np.ndarray:
@@ -83,11 +94,20 @@ def evaluate_detectors(codes: dict, safety_map: pd.DataFrame, choice: dict, safe
               "safety_map": {**choice, "codes_seen": int(safety_map["seen"].sum()),
                              "toxic_codes": int((safety_map["label"] != NEUTRAL).sum()),
                              "codes": len(safety_map)}}
+    # every compared decision rule at its own validation-chosen setting, on the same codes (the deployed one
+    # is `qmllm`)
+    report["qmllm_rules"] = {
+        rule: detection_rates(qmllm_refusals(relabel(safety_map, codes["codebook"], setting["tau"],
+                                                     setting["unseen_policy"], rule), codes), *splits)
+        for rule, setting in choice["rules"].items()}
     # qmllm - SafeCLIP with its 95% interval: a difference only when `significant`
     report["qmllm_minus_safeclip"] = {
         name: difference(report["qmllm"]["intervals"][name], report["safeclip"]["intervals"][name])
         for name in ("dsr.single", "dsr.distractors", "fpr_neutral", "fpr_hard_negative")}
     log_summary_metrics({k: v for k, v in report.items()}, prefix="safety_map")
+    for rule, rates in report["qmllm_rules"].items():
+        logger.info("qmllm, %s rule: DSR single %.3f; FPR neutral %.3f, hard negatives %.3f", rule,
+                    rates["dsr"]["single"], rates["fpr_neutral"], rates["fpr_hard_negative"])
     for system in ("qmllm", "safeclip"):
         logger.info("%s: DSR single %.3f, distractors %.3f; FPR neutral %.3f, hard negatives %.3f", system,
                     report[system]["dsr"]["single"], report[system]["dsr"]["distractors"],
