@@ -8,7 +8,7 @@ Examples:
 
     python notebooks/safety_map_levers.py --cls-source layer --lambda-semantic 1,0.3,0.1,0 \\
         --cls-codes 128 --dmap 50/500
-    python notebooks/safety_map_levers.py --design shared,decoupled,decoupled_cosine --cls-codes 128,512
+    python notebooks/safety_map_levers.py --design decoupled,decoupled_cosine --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--cls-codes", type=_list(int), default=[128], help="comma list of K values (default: 128)")
     parser.add_argument("--dmap", type=_list(_dmap_size), default=[(50, 500)],
                         help="comma list of D_map sizes, images per toxic category/neutral images (default: 50/500)")
+    parser.add_argument("--seeds", type=_list(int), default=None,
+                        help="comma list of seeds, each a full sweep (default: the configured seed)")
     parser.add_argument("--out", type=Path, default=PROJECT / "data/08_reporting/safety_map_levers.csv",
                         help="CSV written (via a temporary file) with one row per setting")
     args = parser.parse_args()
@@ -52,13 +54,18 @@ def main() -> None:
     from kedro.framework.startup import bootstrap_project
 
     bootstrap_project(PROJECT)
+    import pandas as pd
+
+    from qmllm_pipeline.experiments.runs import with_overrides
     from qmllm_pipeline.experiments.safety_map_levers import INPUTS, lever_sweep
 
     with KedroSession.create(project_path=PROJECT, env=None if args.env == "base" else args.env) as session:
         context = session.load_context()
         inputs = {name: context.catalog.load(name) for name in INPUTS}
-        table = lever_sweep(inputs, context.params, args.cls_source, args.lambda_semantic, args.cls_codes, args.dmap,
-                            args.design)
+        seeds = args.seeds or [context.params["seed"]]
+        table = pd.concat([lever_sweep(inputs, with_overrides(context.params, seed=seed), args.cls_source,
+                                       args.lambda_semantic, args.cls_codes, args.dmap, args.design).assign(seed=seed)
+                           for seed in seeds], ignore_index=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     scratch = args.out.with_suffix(".tmp")
     table.to_csv(scratch, index=False)
