@@ -27,10 +27,8 @@ DESIGNS: dict[str, dict] = {
     "shared": {"pretrain.model.cls_path": "shared"},
     "decoupled": {"pretrain.model.cls_path": "decoupled", "features.vision_tower.cls_source": "projected",
                   "features.semantic_target_source": "clip_text", "features.semantic_target_text": "objects"},
-    "decoupled_cosine": {"pretrain.model.cls_path": "decoupled", "pretrain.model.cls_distance": "cosine",
-                         "features.vision_tower.cls_source": "projected",
-                         "features.semantic_target_source": "clip_text", "features.semantic_target_text": "objects"},
 }
+DESIGNS["decoupled_cosine"] = {**DESIGNS["decoupled"], "pretrain.model.cls_distance": "cosine"}
 FEATURE_KEYS = {"caption_features": ("features.vision_tower",),
                 "caption_targets": ("features.semantic_target_source", "features.semantic_target_text")}
 
@@ -51,8 +49,7 @@ def lever_sweep(inputs: dict, params: dict, cls_sources: list[str], lambdas: lis
                                                        {"emoji_catalogue": inputs["emoji_catalogue"]}, sized)["dmap"]
     stage1 = pretrain.create_pipeline().only_nodes("tokenized_captions", "qmllm.model_config", "qmllm.pretrain_variant")
     rows = []
-    settings = dict.fromkeys((design, source if "features.vision_tower.cls_source" not in DESIGNS[design]
-                              else DESIGNS[design]["features.vision_tower.cls_source"])
+    settings = dict.fromkeys((design, DESIGNS[design].get("features.vision_tower.cls_source", source))
                              for design in designs for source in cls_sources)
     for design, source in settings:
         sourced = with_overrides(params, **{"features.vision_tower.cls_source": source, **DESIGNS[design]})

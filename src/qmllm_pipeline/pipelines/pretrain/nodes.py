@@ -78,8 +78,7 @@ def pretrain_variant(qmllm_config: dict, caption_features: dict, caption_example
     seconds = time.perf_counter() - started
     summary = {"variant": config.variant, "quantized": config.quantized, "seconds": round(seconds, 1),
                "steps": training.steps,
-               "final": {k: float(np.mean([v for _, v in points[-20:]]))
-                         for k, points in step_logger.history.items() if points and k != "lr"}}
+               "final": _final_losses(step_logger)}
     if config.quantized and model.decoupled:
         summary["cls_head"] = _train_cls_head(model, caption_features["cls"], caption_targets, cls_head, seed,
                                               checkpoint_dir)
@@ -108,8 +107,13 @@ def _train_cls_head(model: QMLLM, cls_features: torch.Tensor, caption_targets: d
                    params["usage_every"], step_logger, checkpoint)
     return {"seconds": round(time.perf_counter() - started, 1), "steps": training.steps,
             "batch_size": training.batch_size,
-            "final": {k: float(np.mean([v for _, v in points[-20:]]))
-                      for k, points in step_logger.history.items() if points and k != "lr"}}
+            "final": _final_losses(step_logger)}
+
+
+def _final_losses(step_logger: StepLogger, window: int = 20) -> dict[str, float]:
+    """Each logged series' mean over its last `window` points (the learning rate left out)."""
+    return {k: float(np.mean([v for _, v in points[-window:]]))
+            for k, points in step_logger.history.items() if points and k != "lr"}
 
 
 def pretrain_report(qmllm_summary: dict, baseline_summary: dict) -> dict:
