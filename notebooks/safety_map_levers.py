@@ -32,15 +32,18 @@ def _dmap_size(text: str) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="base", help="Kedro environment to read (default: base)")
-    parser.add_argument("--cls-source", type=_list(str), default=["layer"],
-                        help="comma list of features.vision_tower.cls_source values: layer, pooled, projected "
-                             "(default: layer)")
+    parser.add_argument("--cls-source", type=_list(str), default=None,
+                        help="comma list of CLS features the safety map reads: layer, pooled, projected "
+                             "(features.vision_tower.cls_source on the shared path, features.cls_head.cls_source "
+                             "on the decoupled one; default: each design's configured one)")
     parser.add_argument("--design", type=_list(str), default=["configured"],
                         help="comma list of CLS designs (experiments/safety_map_levers.py: DESIGNS): configured, "
-                             "shared, decoupled (CLIP's image embedding, CLIP-text object targets), "
-                             "decoupled_cosine (default: configured)")
+                             "shared, decoupled (a CLS head on features.cls_head beside the paper's stage 1), "
+                             "decoupled_cosine, decoupled_patch_only (stage 1 without the CLS terms) "
+                             "(default: configured)")
     parser.add_argument("--lambda-semantic", type=_list(float), default=[1.0],
-                        help="comma list of pretrain.stage1.lambda_semantic values (default: 1)")
+                        help="comma list of L_semantic weights (pretrain.stage1.lambda_semantic on the shared path, "
+                             "pretrain.cls_head.lambda_semantic on the decoupled one; default: 1)")
     parser.add_argument("--cls-codes", type=_list(int), default=[128], help="comma list of K values (default: 128)")
     parser.add_argument("--dmap", type=_list(_dmap_size), default=[(50, 500)],
                         help="comma list of D_map sizes, images per toxic category/neutral images (default: 50/500)")

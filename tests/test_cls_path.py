@@ -137,12 +137,12 @@ def test_the_toxic_share_rule_counts_a_code_split_between_toxic_categories():
 
 
 def test_the_decoupled_path_runs_through_the_pipelines(world, foundation, smoke_params):
-    """features (CLIP's image embedding, CLIP-text object targets) -> stage 1 + the CLS head -> Algorithm 1."""
-    params = with_overrides(smoke_params, **{"pretrain.model.cls_path": "decoupled",
-                                             "pretrain.model.cls_distance": "cosine",
-                                             "features.vision_tower.cls_source": "projected",
-                                             "features.semantic_target_source": "clip_text",
-                                             "features.semantic_target_text": "objects"})
+    """features (CLIP's image embedding, CLIP-text object targets for the head) -> the paper's stage 1 + the
+    CLS head -> Algorithm 1; everything the LLM reads is the shared path's, bit for bit."""
+    head = {"pretrain.model.cls_distance": "cosine", "features.cls_head.cls_source": "projected",
+            "features.cls_head.semantic_target_source": "clip_text",
+            "features.cls_head.semantic_target_text": "objects"}
+    params = with_overrides(smoke_params, **{"pretrain.model.cls_path": "decoupled", **head})
     inputs = {name: world[name] for name in ("caption_corpus", "dialogs", "dmap", "dmap_validation", "eval_toxic",
                                               "eval_neutral", "eval_hard_negative", "emoji_catalogue")}
     inputs.update({name: foundation[name] for name in ("tokenizer", "clip_model", "clip_image_processor", "llm")})
@@ -150,13 +150,28 @@ def test_the_decoupled_path_runs_through_the_pipelines(world, foundation, smoke_
              + safety_map.create_pipeline().to_outputs("safety_metrics"))
     out = run_in_memory(chain, inputs, params)
     clip = foundation["clip_model"]
-    assert out["caption_targets"]["targets"].shape[-1] == clip.config.projection_dim
-    assert out["qmllm.qmllm_config"]["cls_path"] == "decoupled"
+    assert out["caption_targets"]["head_targets"].shape[-1] == clip.config.projection_dim
+    assert out["caption_targets"]["targets"].shape[-1] == foundation["llm"].config.hidden_size
+    config = out["qmllm.qmllm_config"]
+    assert (config["cls_path"], config["cls_source"], config["cls_distance"]) == ("decoupled", "projected", "cosine")
     assert any(k.startswith("cls_projector.") for k in out["qmllm.stage1_weights"])
     assert not any(k.startswith("cls_") for k in out["baseline.stage1_weights"])
-    head = out["pretrain_metrics"]["qmllm"]["cls_head"]
-    assert head["steps"] == params["pretrain"]["cls_head"]["training"]["steps"]
-    assert {"vq_cls", "semantic"} <= set(head["final"]) and "semantic" not in out["pretrain_metrics"]["qmllm"]["final"]
+    summary = out["pretrain_metrics"]["qmllm"]
+    assert summary["cls_head"]["steps"] == params["pretrain"]["cls_head"]["training"]["steps"]
+    assert {"vq_cls", "semantic"} <= set(summary["cls_head"]["final"]) and "semantic" in summary["final"]
     report = out["safety_metrics"]
     assert set(report["qmllm_rules"]) == {"majority", "toxic_share"}
     assert report["qmllm_rules"]["majority"] == report["qmllm"]   # the deployed rule is the majority vote
+
+    stage1 = pretrain_pipeline.create_pipeline().only_nodes("tokenized_captions", "qmllm.model_config",
+                                                            "qmllm.pretrain_variant")
+    cached = {name: out[name] for name in ("caption_features", "caption_targets")}
+    shared = run_in_memory(stage1, {**inputs, **cached}, with_overrides(smoke_params,
+                                                                        **{"pretrain.model.cls_path": "shared"}))
+    patch_only = run_in_memory(stage1, {**inputs, **cached}, with_overrides(params, **{
+        "pretrain.cls_head.stage1": "patch_only"}))
+    weights = out["qmllm.stage1_weights"]
+    llm_side = [k for k in weights if k.startswith(("mm_projector.", "patch_quantizer."))]
+    assert llm_side and all(torch.equal(weights[k], shared["qmllm.stage1_weights"][k]) for k in llm_side)
+    assert not all(torch.equal(weights[k], patch_only["qmllm.stage1_weights"][k]) for k in llm_side)
+    assert "semantic" not in patch_only["qmllm.pretrain_summary"]["final"]

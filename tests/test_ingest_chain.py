@@ -45,6 +45,7 @@ def _llava_fixture(root):
 def test_ingest_then_features_and_pretrain_run_on_its_output(tmp_path, foundation, smoke_params):
     params = with_overrides(smoke_params, ingest=_llava_fixture(tmp_path), checkpoint_dir=str(tmp_path / "ckpt"))
     params["features"]["semantic_target_text"] = "caption"  # real captions name no structured objects
+    params["features"]["cls_head"]["semantic_target_text"] = "caption"
     ingested = run_in_memory(ingest.create_pipeline(), {}, params)
     for name in ("caption_corpus", "dialogs", "dmap", "dmap_validation", "eval_toxic", "eval_neutral"):
         check_table(ingested[name], name)

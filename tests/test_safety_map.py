@@ -69,8 +69,9 @@ def test_lever_sweep_reproduces_the_pipeline_and_varies_k(world, foundation, sta
     inputs.update({name: stages[name] for name in ("caption_features", "caption_targets")})
     configured = smoke_params["pretrain"]["model"]["cls_codes"]
     dmap = smoke_params["data"]["dmap"]
-    table = lever_sweep(inputs, smoke_params, [smoke_params["features"]["vision_tower"]["cls_source"]],
-                        [smoke_params["pretrain"]["stage1"]["lambda_semantic"]], [configured, 2 * configured],
+    assert smoke_params["pretrain"]["model"]["cls_path"] == "decoupled"   # the default: the CLS head's weight
+    table = lever_sweep(inputs, smoke_params, None,
+                        [smoke_params["pretrain"]["cls_head"]["lambda_semantic"]], [configured, 2 * configured],
                         [(dmap["per_toxic_category"], dmap["neutral"])])
     assert list(table["cls_codes"]) == [configured, 2 * configured]
     row = table.iloc[0]

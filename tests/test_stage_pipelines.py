@@ -6,7 +6,7 @@ from transformers import LlamaForCausalLM
 
 from qmllm_pipeline.datasets import SafetensorsDataset
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
-from qmllm_pipeline.pipelines.features.nodes import caption_semantic_targets
+from qmllm_pipeline.pipelines.features.nodes import semantic_target_vectors
 
 
 def test_feature_cache_shapes(stages, world, foundation, smoke_params):
@@ -17,8 +17,14 @@ def test_feature_cache_shapes(stages, world, foundation, smoke_params):
     assert caption["cls"].shape == (len(world["caption_corpus"]), vision.hidden_size)
     assert caption["patches"].shape == (len(world["caption_corpus"]), patches, vision.hidden_size)
     assert stages["dialog_features"]["cls"].shape[0] == len(world["dialogs"])
+    head = smoke_params["features"]["cls_head"]
+    assert head["cls_source"] == "projected" and caption["head_cls"].shape == (
+        len(world["caption_corpus"]), foundation["clip_model"].config.projection_dim)
+    assert not torch.equal(caption["head_cls"], caption["cls"])   # the image embedding, not the layer's token 0
     targets = stages["caption_targets"]["targets"]
     assert targets.shape == (len(world["caption_corpus"]), foundation["llm"].config.hidden_size)
+    assert stages["caption_targets"]["head_targets"].shape == (len(world["caption_corpus"]),
+                                                               foundation["clip_model"].config.projection_dim)
     same_caption = world["caption_corpus"]["caption"].duplicated(keep=False).to_numpy()
     if same_caption.any():  # identical captions share their target
         first, *rest = [i for i, c in enumerate(world["caption_corpus"]["caption"])
@@ -32,9 +38,9 @@ def test_semantic_target_text_decides_whether_the_background_counts(world, found
     name = singles["objects"].map(lambda o: o[0]).value_counts().index[0]
     same_object = singles[singles["objects"].map(lambda o: o[0]) == name].drop_duplicates("background").head(2)
     assert len(same_object) == 2, "the smoke corpus should show one emoji on two backgrounds"
-    targets = {text: caption_semantic_targets(same_object, foundation["tokenizer"], foundation["llm"],
-                                              foundation["clip_model"], "llm", text,
-                                              smoke_params["features"]["batch_size"])["targets"]
+    targets = {text: semantic_target_vectors(same_object, foundation["tokenizer"], foundation["llm"],
+                                             foundation["clip_model"], "llm", text,
+                                             smoke_params["features"]["batch_size"])
                for text in ("objects", "caption")}
     assert torch.equal(targets["objects"][0], targets["objects"][1])
     assert not torch.allclose(targets["caption"][0], targets["caption"][1])

@@ -25,23 +25,36 @@ INPUTS = ("emoji_catalogue", "caption_corpus", "caption_features", "caption_targ
 DESIGNS: dict[str, dict] = {
     "configured": {},
     "shared": {"pretrain.model.cls_path": "shared"},
-    "decoupled": {"pretrain.model.cls_path": "decoupled", "features.vision_tower.cls_source": "projected",
-                  "features.semantic_target_source": "clip_text", "features.semantic_target_text": "objects"},
+    "decoupled": {"pretrain.model.cls_path": "decoupled"},
 }
 DESIGNS["decoupled_cosine"] = {**DESIGNS["decoupled"], "pretrain.model.cls_distance": "cosine"}
-FEATURE_KEYS = {"caption_features": ("features.vision_tower",),
-                "caption_targets": ("features.semantic_target_source", "features.semantic_target_text")}
+DESIGNS["decoupled_patch_only"] = {**DESIGNS["decoupled"], "pretrain.cls_head.stage1": "patch_only"}
+FEATURE_KEYS = {"caption_features": ("features.vision_tower", "features.cls_head.cls_source"),
+                "caption_targets": ("features.semantic_target_source", "features.semantic_target_text",
+                                    "features.cls_head.semantic_target_source",
+                                    "features.cls_head.semantic_target_text")}
 
 
-def lever_sweep(inputs: dict, params: dict, cls_sources: list[str], lambdas: list[float], cls_codes_options: list[int],
-                dmap_sizes: list[tuple[int, int]], designs: list[str] = ("configured",)) -> pd.DataFrame:
+def _decoupled(params: dict) -> bool:
+    return lookup(params, "pretrain.model").get("cls_path") == "decoupled"
+
+
+def _source_key(params: dict) -> str:
+    """Where the CLS feature the safety map reads is set: the CLS head's on the decoupled path."""
+    return "features.cls_head.cls_source" if _decoupled(params) else "features.vision_tower.cls_source"
+
+
+def lever_sweep(inputs: dict, params: dict, cls_sources: list[str] | None, lambdas: list[float],
+                cls_codes_options: list[int], dmap_sizes: list[tuple[int, int]],
+                designs: list[str] = ("configured",)) -> pd.DataFrame:
     """One row per combination: CLS codes used, codes D_map reached, the chosen tau, qmllm's DSR and FPR under
     the deployed rule and the toxic-share rule.
 
     `inputs` holds the catalogue entries of `INPUTS`; `params` the whole parameter tree; `designs` names
-    entries of `DESIGNS` (a design's own CLS source wins over `cls_sources`; `lambdas` set the stage-1
-    weight on the shared path and the CLS head's on the decoupled one). D_map sizes are (images per toxic
-    category, neutral images), rendered from D_map's own seed."""
+    entries of `DESIGNS`; `cls_sources` set the CLS feature the safety map reads (stage 1's on the shared
+    path, the CLS head's on the decoupled one; None: each design's configured one) and `lambdas` the weight
+    of L_semantic there. D_map sizes are (images per toxic category, neutral images), rendered from D_map's
+    own seed."""
     dmaps = {}
     for per_category, neutral in dmap_sizes:
         sized = with_overrides(params, **{"data.dmap.per_toxic_category": per_category, "data.dmap.neutral": neutral})
@@ -49,13 +62,13 @@ def lever_sweep(inputs: dict, params: dict, cls_sources: list[str], lambdas: lis
                                                        {"emoji_catalogue": inputs["emoji_catalogue"]}, sized)["dmap"]
     stage1 = pretrain.create_pipeline().only_nodes("tokenized_captions", "qmllm.model_config", "qmllm.pretrain_variant")
     rows = []
-    settings = dict.fromkeys((design, DESIGNS[design].get("features.vision_tower.cls_source", source))
-                             for design in designs for source in cls_sources)
+    designed = {design: with_overrides(params, **DESIGNS[design]) for design in designs}
+    settings = [(design, source) for design in designs
+                for source in cls_sources or [lookup(designed[design], _source_key(designed[design]))]]
     for design, source in settings:
-        sourced = with_overrides(params, **{"features.vision_tower.cls_source": source, **DESIGNS[design]})
+        sourced = with_overrides(designed[design], **{_source_key(designed[design]): source})
         cached = _features(inputs, params, sourced)
-        decoupled = lookup(sourced, "pretrain.model").get("cls_path") == "decoupled"
-        weight_key = "pretrain.cls_head.lambda_semantic" if decoupled else "pretrain.stage1.lambda_semantic"
+        weight_key = "pretrain.cls_head.lambda_semantic" if _decoupled(sourced) else "pretrain.stage1.lambda_semantic"
         for weight, codes_k in itertools.product(lambdas, cls_codes_options):
             with tempfile.TemporaryDirectory(prefix="levers-") as scratch:   # never resume the real run's checkpoint
                 setting = with_overrides(sourced, **{"pretrain.model.cls_codes": codes_k, weight_key: weight,

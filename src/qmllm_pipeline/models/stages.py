@@ -2,10 +2,12 @@
 
 Stage 1 (pretrain): vision tower and LLM frozen; train `mm_projector`, `cls_quantizer`, `patch_quantizer`:
     L_pretrain = L_generative + lambda_vq (L_vq_patch + L_vq_cls) + lambda_semantic L_semantic
-The continuous baseline trains its projector with L_generative alone. On the decoupled CLS path, stage 1
-drops the two CLS terms and `train_cls_head` then trains `cls_projector` and `cls_quantizer` on
+The continuous baseline trains its projector with L_generative alone. On the decoupled CLS path,
+`train_cls_head` trains `cls_projector` and `cls_quantizer` after stage 1 on
     L_cls = lambda_vq L_vq_cls + lambda_semantic L_semantic
-from the cached CLS features alone (no LLM in the loop, so it affords far more samples).
+from the cached CLS features alone (no LLM in the loop, so it affords far more samples). Stage 1 itself
+either stays the paper's (`paper_stage1_config`: its CLS codebook on `mm_projector` trains and is then
+dropped, so the LLM reads the shared path's codes bit for bit) or drops the two CLS terms (`patch_only`).
 
 Stage 2 (finetune): projector and codebooks frozen; the LLM learns from dialogs with the LM loss on the
 assistant's tokens only, mixed with text-only replay so that its safety behaviour survives.
@@ -13,17 +15,35 @@ assistant's tokens only, mixed with text-only replay so that its safety behaviou
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
-from qmllm_pipeline.models.qmllm import QMLLM
+from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.models.tokenizer import encode_chat
 from qmllm_pipeline.models.training import TrainingConfig, train_loop
 from qmllm_pipeline.tracking import StepLogger
 
 Example = tuple[list[int], list[int], int]  # token ids, labels, feature row (-1: no image)
+STAGE1_WITH_HEAD = ("paper", "patch_only")  # a decoupled model's stage 1: the paper's, or without the CLS terms
+
+
+def paper_stage1_config(config: QMLLMConfig) -> QMLLMConfig:
+    """The shared-path config a decoupled model's stage 1 trains under when it keeps the paper's CLS terms:
+    the same projector and patch codebook, the CLS codebook on `mm_projector` (L2, the LLM's width). Its CLS
+    codebook is a training-only regulariser; `with_stage1_patch_path` keeps the rest."""
+    return dataclasses.replace(config, cls_path="shared", cls_vision_width=None, cls_width=None, cls_distance="l2")
+
+
+def with_stage1_patch_path(model: QMLLM, stage1_model: QMLLM) -> QMLLM:
+    """`model` (decoupled, its CLS head untrained) with the trained `mm_projector` and `patch_quantizer` of
+    `stage1_model`: everything the LLM reads."""
+    model.mm_projector.load_state_dict(stage1_model.mm_projector.state_dict())
+    model.patch_quantizer.load_state_dict(stage1_model.patch_quantizer.state_dict())
+    return model
 
 
 def caption_examples(captions: list[str], tokenizer, instruction: str, max_length: int) -> list[Example]:
@@ -177,8 +197,8 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
         image_tokens = None
         if rows:
             with torch.no_grad():
-                image_tokens = model.encode_features(cls_features[rows].float(),
-                                                     patch_features[rows].float()).image_tokens
+                image_tokens = model.encode_features(cls_features[rows].float(), patch_features[rows].float(),
+                                                     with_cls=False).image_tokens
         ids, labels = [examples[i][0] for i in picks], [examples[i][1] for i in picks]
         if not distill:
             return {"loss": model(ids, labels, image_tokens).loss}

@@ -57,14 +57,27 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pixel_values (B, 3, H, W) -> cls_features (B, d_v), patch_features (B, N, d_v), N = num_patches."""
+        cls_features, patches = self.features(pixel_values, (self.cls_source,))
+        return cls_features[self.cls_source], patches
+
+    def features(self, pixel_values: torch.Tensor, cls_sources: tuple[str, ...]
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One pass of the tower, the CLS token taken from each of `cls_sources` (the paper's layer token for
+        stage 1, CLIP's image embedding for a decoupled CLS head), and the patch features."""
+        unknown = set(cls_sources) - {"layer", "pooled", "projected"}
+        if unknown or ("projected" in cls_sources and self.visual_projection is None):
+            raise ValueError(f"cls sources {sorted(cls_sources)}: each must be 'layer', 'pooled' or 'projected' "
+                             "('projected' needs CLIP's visual_projection)")
         outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True)
         hidden = outputs.hidden_states[self.select_layer]
-        if self.cls_source == "layer":
-            cls_features = hidden[:, 0]
-        elif self.cls_source == "pooled":
-            cls_features = outputs.pooler_output
-        else:
-            cls_features = self.visual_projection(outputs.pooler_output)
+        cls_features = {}
+        for source in cls_sources:
+            if source == "layer":
+                cls_features[source] = hidden[:, 0]
+            elif source == "pooled":
+                cls_features[source] = outputs.pooler_output
+            else:
+                cls_features[source] = self.visual_projection(outputs.pooler_output)
         return cls_features, self._pool(hidden[:, 1:])
 
     def _pool(self, patches: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,9 @@
 """Nodes of the `features` pipeline: run the frozen vision tower once and cache its outputs, and the
-frozen LLM's caption representations (the L_semantic targets), so stage 1 never touches pixels."""
+L_semantic targets of the captions, so stage 1 never touches pixels.
+
+Two CLS features and two targets are cached: `cls` / `targets` are the paper's (stage 1's CLS terms on the
+shared projector), `head_cls` / `head_targets` what a decoupled CLS head reads and is trained towards
+(`features.cls_head`). Both come from the same pass of the tower; the extra cost is a few seconds."""
 
 from __future__ import annotations
 
@@ -21,47 +25,63 @@ SEMANTIC_TARGET_SOURCES = ("llm", "clip_text")
 @torch.no_grad()
 def _extract(images: pd.Series, clip_model, clip_image_processor, params: dict, name: str) -> dict[str, torch.Tensor]:
     tower = VisionTower.from_clip(clip_model, **params["vision_tower"]).eval()
+    sources = tuple(dict.fromkeys((params["vision_tower"]["cls_source"], params["cls_head"]["cls_source"])))
     dtype = getattr(torch, params["dtype"])
     started = time.perf_counter()
-    cls_chunks, patch_chunks = [], []
+    chunks = {"cls": [], "head_cls": [], "patches": []}
     batch = params["batch_size"]
     for start in tqdm(range(0, len(images), batch), desc=f"features {name}", unit="batch", mininterval=2):
         pixels = png_pixel_values(images.iloc[start:start + batch], clip_image_processor)
-        cls_features, patch_features = tower(pixels)
-        cls_chunks.append(cls_features.to(dtype))
-        patch_chunks.append(patch_features.to(dtype))
-    features = {"cls": torch.cat(cls_chunks), "patches": torch.cat(patch_chunks)}
-    logger.info("%s features: cls %s, patches %s in %.1f s", name, tuple(features["cls"].shape),
-                tuple(features["patches"].shape), time.perf_counter() - started)
+        cls_features, patch_features = tower.features(pixels, sources)
+        chunks["cls"].append(cls_features[params["vision_tower"]["cls_source"]].to(dtype))
+        chunks["head_cls"].append(cls_features[params["cls_head"]["cls_source"]].to(dtype))
+        chunks["patches"].append(patch_features.to(dtype))
+    features = {key: torch.cat(parts) for key, parts in chunks.items()}
+    logger.info("%s features: cls %s, head_cls %s, patches %s in %.1f s", name, tuple(features["cls"].shape),
+                tuple(features["head_cls"].shape), tuple(features["patches"].shape), time.perf_counter() - started)
     return features
 
 
 def extract_caption_features(caption_corpus: pd.DataFrame, clip_model, clip_image_processor,
                              params: dict) -> dict[str, torch.Tensor]:
-    """CLS and patch features of every caption-corpus image, rows in corpus order."""
+    """CLS (the paper's and the CLS head's) and patch features of every caption-corpus image, in corpus order."""
     return _extract(caption_corpus["image"], clip_model, clip_image_processor, params, "caption_corpus")
 
 
 def extract_dialog_features(dialogs: pd.DataFrame, clip_model, clip_image_processor,
                             params: dict) -> dict[str, torch.Tensor]:
-    """CLS and patch features of every dialog image, rows in dialog order."""
+    """CLS (the paper's and the CLS head's) and patch features of every dialog image, in dialog order."""
     return _extract(dialogs["image"], clip_model, clip_image_processor, params, "dialogs")
 
 
-@torch.no_grad()
 def caption_semantic_targets(caption_corpus: pd.DataFrame, tokenizer, llm, clip_model, source: str, text_side: str,
-                             batch_size: int) -> dict[str, torch.Tensor]:
-    """The L_semantic targets of the caption corpus, one row per image, from the text `text_side` names (the
-    whole caption, or its object phrase only). `source` says whose representation: `llm`, the frozen LLM's last
-    hidden states averaged over the text's tokens (the paper's H_caption); `clip_text`, CLIP's text embedding
-    of it (a semantic space made for matching images). Stored raw; whether to standardise them is a stage-1
+                             cls_head: dict, batch_size: int) -> dict[str, torch.Tensor]:
+    """The L_semantic targets of the caption corpus, one row per image: `targets` from `source` / `text_side`
+    (stage 1's, the paper's H_caption by default), `head_targets` from `cls_head`'s `semantic_target_source` /
+    `semantic_target_text` (a decoupled CLS head's). Stored raw; whether to standardise them is a training
     parameter."""
+    targets = {"targets": semantic_target_vectors(caption_corpus, tokenizer, llm, clip_model, source, text_side,
+                                                  batch_size)}
+    head = (cls_head["semantic_target_source"], cls_head["semantic_target_text"])
+    targets["head_targets"] = (targets["targets"] if head == (source, text_side) else
+                               semantic_target_vectors(caption_corpus, tokenizer, llm, clip_model, *head, batch_size))
+    return targets
+
+
+@torch.no_grad()
+def semantic_target_vectors(caption_corpus: pd.DataFrame, tokenizer, llm, clip_model, source: str, text_side: str,
+                            batch_size: int) -> torch.Tensor:
+    """One target per caption-corpus row, from the text `text_side` names (the whole caption, or its object
+    phrase only). `source` says whose representation: `llm`, the frozen LLM's last hidden states averaged over
+    the text's tokens (the paper's H_caption); `clip_text`, CLIP's text embedding of it (a semantic space made
+    for matching images)."""
     if source not in SEMANTIC_TARGET_SOURCES:
-        raise ValueError(f"features.semantic_target_source must be one of {SEMANTIC_TARGET_SOURCES}, got {source!r}")
+        raise ValueError(f"semantic_target_source must be one of {SEMANTIC_TARGET_SOURCES}, got {source!r}")
     captions = scene_texts(caption_corpus, text_side)
     unique = sorted(set(captions))
     vectors = []
-    for start in tqdm(range(0, len(unique), batch_size), desc=f"semantic targets ({source})", mininterval=2):
+    for start in tqdm(range(0, len(unique), batch_size), desc=f"semantic targets ({source}, {text_side})",
+                      mininterval=2):
         chunk = unique[start:start + batch_size]
         if source == "clip_text":
             vectors.append(text_embeddings(clip_model, tokenizer, chunk,
@@ -72,4 +92,4 @@ def caption_semantic_targets(caption_corpus: pd.DataFrame, tokenizer, llm, clip_
         mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         vectors.append((hidden * mask).sum(1) / mask.sum(1))
     by_caption = dict(zip(unique, torch.cat(vectors), strict=True))
-    return {"targets": torch.stack([by_caption[c] for c in captions]).float()}
+    return torch.stack([by_caption[c] for c in captions]).float()

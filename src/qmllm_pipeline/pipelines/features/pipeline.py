@@ -11,6 +11,7 @@ def create_pipeline(**kwargs) -> Pipeline:
              "dialog_features", name="extract_dialog_features"),
         Node(nodes.caption_semantic_targets, ["caption_corpus", "tokenizer", "llm", "clip_model",
                                               "params:features.semantic_target_source",
-                                              "params:features.semantic_target_text", "params:features.batch_size"],
+                                              "params:features.semantic_target_text", "params:features.cls_head",
+                                              "params:features.batch_size"],
              "caption_targets", name="caption_semantic_targets"),
     ])

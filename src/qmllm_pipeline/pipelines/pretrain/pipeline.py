@@ -4,7 +4,8 @@ from qmllm_pipeline.constants import VARIANTS
 from qmllm_pipeline.pipelines.pretrain import nodes
 
 SHARED = ["caption_features", "caption_targets", "caption_examples", "tokenizer", "llm"]
-SHARED_PARAMETERS = ("params:pretrain.model", "params:features.vision_tower", "params:pretrain.stage1",
+SHARED_PARAMETERS = ("params:pretrain.model", "params:features.vision_tower", "params:features.cls_head",
+                     "params:pretrain.stage1",
                      "params:pretrain.cls_head", "params:seed", "params:checkpoint_dir")
 
 
@@ -12,7 +13,8 @@ def create_pipeline(**kwargs) -> Pipeline:
     """The model config and stage 1, instantiated per variant by namespace (outputs `qmllm.*`, `baseline.*`)."""
     template = Pipeline([
         Node(nodes.model_config, ["tokenizer", "llm", "caption_features", "caption_targets", "params:pretrain.model",
-                                  "params:features.vision_tower", "params:variant"], "qmllm_config",
+                                  "params:features.vision_tower", "params:features.cls_head", "params:variant"],
+             "qmllm_config",
              name="model_config"),
         Node(nodes.pretrain_variant, ["qmllm_config", "caption_features", "caption_examples", "caption_targets",
                                       "llm", "params:pretrain.stage1", "params:pretrain.cls_head", "params:seed",
