@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM
 
 from qmllm_pipeline.experiments.runs import run_in_memory, with_overrides
+from qmllm_pipeline.experiments.safety_signal_limits import knn_toxic_share, signal_limits, validation_threshold
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.models.quantizer import VectorQuantizer
 from qmllm_pipeline.models.safety_map import build_safety_map, relabel, tau_trade_off
@@ -175,3 +176,35 @@ def test_the_decoupled_path_runs_through_the_pipelines(world, foundation, smoke_
     assert llm_side and all(torch.equal(weights[k], shared["qmllm.stage1_weights"][k]) for k in llm_side)
     assert not all(torch.equal(weights[k], patch_only["qmllm.stage1_weights"][k]) for k in llm_side)
     assert "semantic" not in patch_only["qmllm.pretrain_summary"]["final"]
+
+
+def test_knn_toxic_share_and_the_validation_threshold_on_hand_counted_points():
+    reference = torch.tensor([[0.0, 0.0], [0.1, 0.0], [1.0, 0.0], [5.0, 5.0]])
+    toxic = np.array([True, True, False, False])
+    query = torch.tensor([[0.05, 0.0], [4.0, 4.0]])
+    assert knn_toxic_share(query, reference, toxic, 1, "l2").tolist() == [1.0, 0.0]
+    assert knn_toxic_share(query, reference, toxic, 3, "l2").tolist() == pytest.approx([2 / 3, 1 / 3])
+    # cosine: the direction only; (4, 4) points where (5, 5) does
+    assert knn_toxic_share(torch.tensor([[4.0, 4.0]]), reference[2:], toxic[2:], 1, "cosine").tolist() == [0.0]
+    scores = np.array([0.9, 0.6, 0.2, 0.6, 0.1, 0.0])
+    labels = np.array([True, True, True, False, False, False])
+    assert validation_threshold(scores, labels, 0.0) == {"threshold": 0.9, "toxic_recall": pytest.approx(1 / 3),
+                                                         "neutral_fpr": 0.0}
+    # one neutral of three may pass: at 0.2 every toxic score is refused and only the neutral 0.6 with them
+    assert validation_threshold(scores, labels, 0.34) == {"threshold": 0.2, "toxic_recall": 1.0,
+                                                          "neutral_fpr": pytest.approx(1 / 3)}
+    assert validation_threshold(scores, labels, -1.0)["threshold"] == float("inf")   # nothing fits: refuse none
+
+
+def test_signal_limits_reads_the_deployed_rules_and_both_knn_views(world, foundation, stages, smoke_params):
+    model = QMLLM.assemble(stages["qmllm.qmllm_config"], stages["qmllm.stage1_weights"],
+                           clip_model=foundation["clip_model"])
+    splits = {name: world[name] for name in ("dmap", "dmap_validation", "eval_toxic", "eval_neutral",
+                                              "eval_hard_negative")}
+    table = signal_limits(model, foundation["clip_image_processor"], splits, stages["safety_metrics"], [1, 3],
+                          smoke_params["safety_map"]["max_validation_fpr"])
+    assert list(table["detector"]) == ["codes, majority", "codes, toxic_share"] + ["kNN, h_cls"] * 2 + [
+        "kNN, CLS feature"] * 2
+    deployed = table.iloc[0]
+    assert deployed["dsr_single"] == stages["safety_metrics"]["qmllm"]["dsr"]["single"]
+    assert (table["validation_fpr"] <= smoke_params["safety_map"]["max_validation_fpr"] + 1e-9).iloc[2:].all()

@@ -1,0 +1,53 @@
+"""What limits the safety map: the trained CLS path read as codes (Algorithm 1, the toxic-share rule) and as
+k-nearest D_map images in the head's continuous output and in its input feature, each thresholded on
+D_map's validation split at the same FPR budget, each measured on the held-out scenes
+(experiments/safety_signal_limits.py says how to read it).
+
+Reads what `kedro run` wrote (the qmllm model, D_map, the evaluation splits, metrics/safety_map.json) and
+changes none of it: the table is printed and saved to --out. About half a minute on 2 cores. Example:
+
+    python notebooks/safety_signal_limits.py --k 1,5,15
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="base", help="Kedro environment to read (default: base)")
+    parser.add_argument("--k", type=lambda text: [int(v) for v in text.split(",")], default=[1, 5, 15],
+                        help="comma list of neighbour counts for the kNN detectors (default: 1,5,15)")
+    parser.add_argument("--out", type=Path, default=PROJECT / "data/08_reporting/safety_signal_limits.csv",
+                        help="CSV written (via a temporary file) with one row per detector")
+    args = parser.parse_args()
+
+    from kedro.framework.session import KedroSession  # imported here: --help stays quick and quiet
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(PROJECT)
+    from qmllm_pipeline.experiments.safety_signal_limits import EVALUATION, signal_limits
+    from qmllm_pipeline.models.qmllm import QMLLM
+
+    with KedroSession.create(project_path=PROJECT, env=None if args.env == "base" else args.env) as session:
+        context = session.load_context()
+        load = context.catalog.load
+        model = QMLLM.assemble(load("qmllm.qmllm_config"), load("qmllm.stage1_weights"), clip_model=load("clip_model"))
+        splits = {name: load(name) for name in ("dmap", "dmap_validation", *EVALUATION)}
+        table = signal_limits(model, load("clip_image_processor"), splits, load("safety_metrics"), args.k,
+                              context.params["safety_map"]["max_validation_fpr"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = args.out.with_suffix(".tmp")
+    table.to_csv(scratch, index=False)
+    os.replace(scratch, args.out)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
