@@ -7,6 +7,7 @@ from matplotlib.figure import Figure
 
 from qmllm_pipeline.experiments.safety_map_levers import lever_sweep
 from qmllm_pipeline.models.safety_map import build_safety_map, recommend, tau_trade_off, verdicts
+from qmllm_pipeline.pipelines.safety_map.nodes import equal_fpr_threshold
 
 CATEGORIES = ["weapon", "drugs", "neutral"]
 # code 0: 3 weapon + 1 neutral (p=.75); code 1: 2 drugs + 2 neutral (p=.5, tie -> first max: drugs);
@@ -46,6 +47,15 @@ def test_tau_trade_off_and_recommendation():
                     "within_fpr_budget": True}
 
 
+def test_equal_fpr_threshold_refuses_at_most_the_allowed_share_of_neutral_scores():
+    scores = np.array([0.9, 0.8, 0.8, 0.5, 0.1])
+    assert equal_fpr_threshold(scores, 0.0) == 0.9          # refuse above the highest: none
+    assert equal_fpr_threshold(scores, 0.2) == 0.8          # one may pass, but 0.8 twice: only 0.9 refused
+    assert (scores > equal_fpr_threshold(scores, 0.2)).sum() == 1
+    assert (scores > equal_fpr_threshold(scores, 0.6)).sum() == 3
+    assert equal_fpr_threshold(scores, 1.0) == -np.inf
+
+
 def test_pipeline_reports_both_detectors(stages):
     report = stages["safety_metrics"]
     for system in ("qmllm", "safeclip"):
@@ -54,6 +64,10 @@ def test_pipeline_reports_both_detectors(stages):
             "weapon", "alcohol", "tobacco", "blood", "insulting_gesture", "drugs"}
         for value in (report[system]["fpr_neutral"], report[system]["fpr_hard_negative"]):
             assert 0.0 <= value <= 1.0
+    matched = report["safeclip_at_qmllm_fpr"]   # SafeCLIP at qmllm's neutral FPR: never above it
+    assert matched["fpr_neutral"] <= report["qmllm"]["fpr_neutral"] + 1e-9
+    assert report["qmllm_minus_safeclip_at_equal_fpr"]["dsr.single"]["value"] == pytest.approx(
+        report["qmllm"]["dsr"]["single"] - matched["dsr"]["single"])
     table = stages["safety_map"]
     assert len(table) == report["safety_map"]["codes"] and table["n"].sum() == len(stages["cls_codes"]["dmap"])
     assert isinstance(stages["safety_map_heatmap"], Figure)

@@ -201,6 +201,9 @@ def results_markdown(metrics: dict[str, dict]) -> str:
         fields = (("dsr.single", safety["qmllm"]["dsr"]["single"]), ("dsr.distractors", None), ("fpr_neutral", None),
                   ("fpr_hard_negative", None))
         detectors = {"qmllm": safety["qmllm"], "safeclip": safety["safeclip"]}
+        if "safeclip_at_qmllm_fpr" in safety:
+            matched = safety["safeclip_at_qmllm_fpr"]
+            detectors[f"safeclip at qmllm's neutral FPR (threshold {matched['threshold']:.3f})"] = matched
         rules = safety.get("qmllm_rules", {})
         detectors.update({f"qmllm, {rule} rule (tau {choice['rules'][rule]['tau']})": rates
                           for rule, rates in rules.items() if rule != choice.get("rule")})
@@ -211,6 +214,11 @@ def results_markdown(metrics: dict[str, dict]) -> str:
             lines += ["", "qmllm minus SafeCLIP, with the 95% interval of the difference (* where it excludes 0): "
                       + "; ".join(f"{key} {points_ci(diff)}" for key, diff in safety["qmllm_minus_safeclip"].items())
                       + "."]
+        if "qmllm_minus_safeclip_at_equal_fpr" in safety:
+            lines += ["", "At equal neutral FPR (SafeCLIP's threshold set so that it refuses no larger a share of the "
+                      "held-out neutral scenes than qmllm): "
+                      + "; ".join(f"{key} {points_ci(diff)}"
+                                  for key, diff in safety["qmllm_minus_safeclip_at_equal_fpr"].items()) + "."]
         categories = sorted(safety["qmllm"]["dsr_per_category"]["single"])
         lines += ["", "DSR per category (single object):", ""]
         lines += _table(["detector", *categories], [[name, *(pct(safety[name]["dsr_per_category"]["single"][c])

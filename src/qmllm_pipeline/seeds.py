@@ -56,6 +56,10 @@ FIGURES: dict[str, tuple[str, str]] = {
     "SafeCLIP FPR, neutral": ("safety_map", "safeclip.fpr_neutral"),
     "safety-map DSR gain over SafeCLIP, single toxic object": ("safety_map",
                                                                "qmllm_minus_safeclip.dsr.single.value"),
+    "SafeCLIP DSR at the safety map's neutral FPR, single toxic object": ("safety_map",
+                                                                         "safeclip_at_qmllm_fpr.dsr.single"),
+    "safety-map DSR gain over SafeCLIP at equal neutral FPR, single toxic object": (
+        "safety_map", "qmllm_minus_safeclip_at_equal_fpr.dsr.single.value"),
     "qmllm jailbreak ASR, clean image": ("evaluate", "jailbreak_clean.qmllm.asr"),
     "baseline jailbreak ASR, clean image": ("evaluate", "jailbreak_clean.baseline.asr"),
     **{f"qmllm: most any attacker adds over clean, {b}": ("evaluate", f"qmllm_attack_gain_over_clean.{b}")

@@ -89,8 +89,9 @@ def evaluate_detectors(codes: dict, safety_map: pd.DataFrame, choice: dict, safe
     safety map and the SafeCLIP-style filter."""
     splits = (eval_toxic, eval_neutral, eval_hard_negative)
     images = decode_images(pd.concat([split["image"] for split in splits]), desc=None)
+    _, confidence = safeclip.scores(images)
     report = {"qmllm": detection_rates(qmllm_refusals(safety_map, codes), *splits),
-              "safeclip": detection_rates(safeclip.refused(images), *splits),
+              "safeclip": detection_rates(confidence > safeclip.threshold, *splits),
               "safety_map": {**choice, "codes_seen": int(safety_map["seen"].sum()),
                              "toxic_codes": int((safety_map["label"] != NEUTRAL).sum()),
                              "codes": len(safety_map)}}
@@ -100,19 +101,39 @@ def evaluate_detectors(codes: dict, safety_map: pd.DataFrame, choice: dict, safe
         rule: detection_rates(qmllm_refusals(relabel(safety_map, codes["codebook"], setting["tau"],
                                                      setting["unseen_policy"], rule), codes), *splits)
         for rule, setting in choice["rules"].items()}
-    # qmllm - SafeCLIP with its 95% interval: a difference only when `significant`
-    report["qmllm_minus_safeclip"] = {
-        name: difference(report["qmllm"]["intervals"][name], report["safeclip"]["intervals"][name])
-        for name in ("dsr.single", "dsr.distractors", "fpr_neutral", "fpr_hard_negative")}
+    # qmllm - SafeCLIP with its 95% interval: a difference only when `significant`; at SafeCLIP's own
+    # threshold, and at the threshold that gives it qmllm's neutral FPR (equal-FPR comparison)
+    neutral = slice(len(eval_toxic), len(eval_toxic) + len(eval_neutral))
+    matched = equal_fpr_threshold(confidence[neutral], report["qmllm"]["fpr_neutral"])
+    report["safeclip_at_qmllm_fpr"] = {**detection_rates(confidence > matched, *splits), "threshold": matched}
+    for name, safeclip_rates in (("qmllm_minus_safeclip", report["safeclip"]),
+                                 ("qmllm_minus_safeclip_at_equal_fpr", report["safeclip_at_qmllm_fpr"])):
+        report[name] = {key: difference(report["qmllm"]["intervals"][key], safeclip_rates["intervals"][key])
+                        for key in ("dsr.single", "dsr.distractors", "fpr_neutral", "fpr_hard_negative")}
     log_summary_metrics({k: v for k, v in report.items()}, prefix="safety_map")
     for rule, rates in report["qmllm_rules"].items():
         logger.info("qmllm, %s rule: DSR single %.3f; FPR neutral %.3f, hard negatives %.3f", rule,
                     rates["dsr"]["single"], rates["fpr_neutral"], rates["fpr_hard_negative"])
+    logger.info("SafeCLIP at qmllm's neutral FPR (threshold %.3f): DSR single %.3f, distractors %.3f; FPR neutral "
+                "%.3f, hard negatives %.3f", matched, report["safeclip_at_qmllm_fpr"]["dsr"]["single"],
+                report["safeclip_at_qmllm_fpr"]["dsr"]["distractors"], report["safeclip_at_qmllm_fpr"]["fpr_neutral"],
+                report["safeclip_at_qmllm_fpr"]["fpr_hard_negative"])
     for system in ("qmllm", "safeclip"):
         logger.info("%s: DSR single %.3f, distractors %.3f; FPR neutral %.3f, hard negatives %.3f", system,
                     report[system]["dsr"]["single"], report[system]["dsr"]["distractors"],
                     report[system]["fpr_neutral"], report[system]["fpr_hard_negative"])
     return report
+
+
+def equal_fpr_threshold(neutral_confidence: np.ndarray, fpr: float) -> float:
+    """The lowest confidence threshold (refuse above it) at which a score-based filter refuses at most a share
+    `fpr` of these neutral images: the filter at another detector's neutral FPR, so that their DSRs compare
+    at equal cost. Only neutral images decide it (no toxic label is read)."""
+    ordered = np.sort(np.asarray(neutral_confidence, dtype=float))[::-1]
+    allowed = int(np.floor(fpr * len(ordered) + 1e-9))   # neutral images it may refuse
+    if allowed >= len(ordered):
+        return -np.inf
+    return float(ordered[allowed])   # refuse strictly above the (allowed + 1)-th highest neutral score
 
 
 def guarded_manifest(safety_map: pd.DataFrame) -> dict:
