@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from conftest import PROJECT_ROOT
 from qmllm_pipeline.results import load_metrics, results_markdown
-from qmllm_pipeline.seeds import FIGURES, aggregate, experiments, select
+from qmllm_pipeline.seeds import FIGURES, aggregate, experiments, lookup, select
 from qmllm_pipeline.stats import difference, rate, wilson
 
 
@@ -105,3 +106,13 @@ def test_a_stopped_or_running_experiment_is_not_a_seed():
     assert sorted(runs) == [0, 1, 2]
     assert runs[2]["finetune"]["qmllm"]["safety"]["heldout_harmful_refused_with_neutral_image"] == 0.7
     assert select(found, seeds=[1]).keys() == {1} and select(found, label="replay") == {}
+
+
+def test_every_headline_figure_resolves_in_the_committed_metrics():
+    """A figure whose path leads nowhere is silently left out of the aggregate: each must resolve (interval
+    keys such as `dsr.single` hold dots of their own)."""
+    assert lookup({"a": {"dsr.single": {"value": 0.5}}}, "a.dsr.single.value") == 0.5
+    assert lookup({"a": {"dsr": {"single": 1}}}, "a.dsr.single") == 1 and lookup({"a": 1}, "a.b") is None
+    metrics = load_metrics(PROJECT_ROOT / "metrics")
+    missing = [label for label, (stem, key) in FIGURES.items() if lookup(metrics.get(stem, {}), key) is None]
+    assert not missing

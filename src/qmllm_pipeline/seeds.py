@@ -72,11 +72,20 @@ FIGURES: dict[str, tuple[str, str]] = {
 
 
 def lookup(tree: dict, dotted: str):
-    for key in dotted.split("."):
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
+    """`tree[a][b]...` for the path `a.b...`; a key that itself holds dots (the interval keys, `dsr.single`)
+    matches as a whole. None where the path leads nowhere."""
+    if not dotted:
+        return tree
+    if not isinstance(tree, dict):
+        return None
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):   # the longest key present first
+        key = ".".join(parts[:cut])
+        if key in tree:
+            found = lookup(tree[key], ".".join(parts[cut:]))
+            if found is not None:
+                return found
+    return None
 
 
 def experiments(show: list) -> list[dict]:
