@@ -140,7 +140,8 @@ def test_the_toxic_share_rule_counts_a_code_split_between_toxic_categories():
 def test_the_decoupled_path_runs_through_the_pipelines(world, foundation, smoke_params):
     """features (CLIP's image embedding, CLIP-text object targets for the head) -> the paper's stage 1 + the
     CLS head -> Algorithm 1; everything the LLM reads is the shared path's, bit for bit."""
-    head = {"pretrain.model.cls_distance": "cosine", "features.cls_head.cls_source": "projected",
+    head = {"pretrain.model.cls_distance": "cosine", "pretrain.model.cls_codes": 32,   # the head's K only
+            "features.cls_head.cls_source": "projected",
             "features.cls_head.semantic_target_source": "clip_text",
             "features.cls_head.semantic_target_text": "objects"}
     params = with_overrides(smoke_params, **{"pretrain.model.cls_path": "decoupled", **head})

@@ -47,8 +47,9 @@ def _source_key(params: dict) -> str:
 def lever_sweep(inputs: dict, params: dict, cls_sources: list[str] | None, lambdas: list[float],
                 cls_codes_options: list[int], dmap_sizes: list[tuple[int, int]],
                 designs: list[str] = ("configured",)) -> pd.DataFrame:
-    """One row per combination: CLS codes used, codes D_map reached, the chosen tau, qmllm's DSR and FPR under
-    the deployed rule and the toxic-share rule.
+    """One row per combination: CLS codes used, codes D_map reached, the chosen tau with its recall and FPR on
+    the validation split (what a choice between settings may read), qmllm's held-out DSR and FPR under the
+    deployed rule and the toxic-share rule.
 
     `inputs` holds the catalogue entries of `INPUTS`; `params` the whole parameter tree; `designs` names
     entries of `DESIGNS`; `cls_sources` set the CLS feature the safety map reads (stage 1's on the shared
@@ -87,6 +88,7 @@ def lever_sweep(inputs: dict, params: dict, cls_sources: list[str] | None, lambd
                        "cls_codes_used": summary["codebooks"]["cls"]["codes_used"],
                        "codes_reached_by_dmap": int(table["seen"].sum()),
                        "tau": choice["tau_used"], "unseen_policy": choice["unseen_policy_used"],
+                       "validation_recall": choice["toxic_recall"], "validation_fpr": choice["neutral_fpr"],
                        "dsr_single": qmllm["dsr"]["single"], "dsr_distractors": qmllm["dsr"]["distractors"],
                        "fpr_neutral": qmllm["fpr_neutral"], "fpr_hard_negative": qmllm["fpr_hard_negative"]}
                 share = rates["qmllm_rules"].get("toxic_share")

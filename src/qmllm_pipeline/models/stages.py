@@ -31,11 +31,13 @@ Example = tuple[list[int], list[int], int]  # token ids, labels, feature row (-1
 STAGE1_WITH_HEAD = ("paper", "patch_only")  # a decoupled model's stage 1: the paper's, or without the CLS terms
 
 
-def paper_stage1_config(config: QMLLMConfig) -> QMLLMConfig:
+def paper_stage1_config(config: QMLLMConfig, cls_codes: int) -> QMLLMConfig:
     """The shared-path config a decoupled model's stage 1 trains under when it keeps the paper's CLS terms:
-    the same projector and patch codebook, the CLS codebook on `mm_projector` (L2, the LLM's width). Its CLS
-    codebook is a training-only regulariser; `with_stage1_patch_path` keeps the rest."""
-    return dataclasses.replace(config, cls_path="shared", cls_vision_width=None, cls_width=None, cls_distance="l2")
+    the same projector and patch codebook, a CLS codebook of `cls_codes` on `mm_projector` (L2, the LLM's
+    width). That codebook is a training-only regulariser, so its size is a stage-1 setting, not the head's
+    K; `with_stage1_patch_path` keeps the rest."""
+    return dataclasses.replace(config, cls_path="shared", cls_vision_width=None, cls_width=None, cls_distance="l2",
+                               cls_codes=cls_codes)
 
 
 def with_stage1_patch_path(model: QMLLM, stage1_model: QMLLM) -> QMLLM:

@@ -74,14 +74,15 @@ def pretrain_variant(qmllm_config: dict, caption_features: dict, caption_example
     logging); `cls_head`: pretrain.cls_head (the decoupled head's own stage 1, losses and schedule).
 
     On the decoupled path with `cls_head.stage1: paper`, stage 1 is the shared path's, bit for bit: a
-    training-only CLS codebook on `mm_projector` learns the paper's CLS terms and is dropped afterwards, so
-    the LLM reads exactly the codes the paper's stage 1 gives it; `patch_only` drops the CLS terms."""
+    training-only CLS codebook on `mm_projector` (`cls_head.stage1_cls_codes` codes) learns the paper's CLS
+    terms and is dropped afterwards, so the LLM reads exactly the codes the paper's stage 1 gives it, whatever
+    the head's K; `patch_only` drops the CLS terms."""
     config = QMLLMConfig.from_dict(qmllm_config)
     seed_everything(seed)
     paper_stage1 = config.quantized and config.cls_path == "decoupled" and cls_head["stage1"] == "paper"
     if cls_head["stage1"] not in STAGE1_WITH_HEAD:
         raise ValueError(f"pretrain.cls_head.stage1 must be one of {STAGE1_WITH_HEAD}, got {cls_head['stage1']!r}")
-    stage1_config = paper_stage1_config(config) if paper_stage1 else config
+    stage1_config = paper_stage1_config(config, cls_head["stage1_cls_codes"]) if paper_stage1 else config
     model = QMLLM(stage1_config, llm)
     targets = None
     if model.quantized and not model.decoupled:
