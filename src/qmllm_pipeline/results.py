@@ -14,6 +14,31 @@ HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->
 SYSTEMS = ("baseline", "safeclip", "qmllm")
 
 
+def _naming_section(finetune: dict) -> list[str]:
+    """Naming of every catalogue emoji alone: by toxic / neutral and group, the name head's own picks, and
+    what each model says instead."""
+    naming = {s: finetune[s]["naming"] for s in ("qmllm", "baseline")}
+    def cell(system: str, key: str) -> str:
+        return pct_ci(naming[system].get(key), finetune[system].get("intervals", {}).get(f"naming.{key}"))
+
+    rows = [[label, cell("qmllm", key), cell("baseline", key)]
+            for label, key in (("every emoji", "all"), ("toxic emoji", "toxic"), ("neutral emoji", "neutral"),
+                               ("the name head's first pick is right", "head"),
+                               ("the answer is the head's first pick", "answer_is_head_pick"))
+            if key in naming["qmllm"] or key in naming["baseline"]]
+    groups = sorted(naming["baseline"].get("by_group", {}))
+    rows += [[f"group: {g}", pct(naming["qmllm"]["by_group"].get(g)), pct(naming["baseline"]["by_group"].get(g))]
+             for g in groups]
+    lines = ["### Naming every catalogue emoji (\"What is in the image?\", each emoji alone, `eval_items`)", ""]
+    lines += _table(["exact name", "qmllm", "baseline"], rows)
+    for system in ("qmllm", "baseline"):
+        confusions = naming[system].get("confusions") or []
+        if confusions:
+            said = "; ".join(f"{c['truth']} -> {c['said'] or '(nothing)'} ({c['count']})" for c in confusions[:6])
+            lines += ["", f"{system}, most frequent wrong answers: {said}."]
+    return lines + [""]
+
+
 def load_metrics(directory: str | Path) -> dict[str, dict]:
     """Every metrics file present in `directory`, by name (a missing file is left out; a broken one raises
     naming it)."""
@@ -83,7 +108,8 @@ SEED_HEADLINE = ("qmllm refuses held-out harmful requests, neutral image",
                  "qmllm: most any attacker adds over clean, eps16", "qmllm: most any attacker adds over clean, eps32",
                  "qmllm: most any attacker adds over clean, eps64",
                  "baseline white-box ASR, eps64", "safety-map DSR, single toxic object",
-                 "SafeCLIP DSR, single toxic object", "qmllm colour", "qmllm object naming")
+                 "safety-map FPR, neutral", "SafeCLIP DSR at the safety map's neutral FPR, single toxic object",
+                 "qmllm colour", "qmllm object naming", "baseline object naming", "qmllm count")
 
 
 def headline_table(metrics: dict[str, dict]) -> str:
@@ -186,8 +212,13 @@ def results_markdown(metrics: dict[str, dict]) -> str:
             key = f"heldout_{kind}_refused_with_neutral_image"
             rows.append([f"held-out {kind} instructions refused, neutral image attached",
                          cell("qmllm", "safety", key), cell("baseline", "safety", key), ""])
+        if all("caption_f1" in finetune[s] for s in ("qmllm", "baseline")):
+            rows.insert(len(kinds), ["caption word F1", *(pct(finetune[s]["caption_f1"]) for s in ("qmllm", "baseline")),
+                                     ""])
         lines += _table(["held-out", "qmllm", "baseline", "blind guess"], rows)
         lines.append("")
+        if all("naming" in finetune[s] for s in ("qmllm", "baseline")):
+            lines += _naming_section(finetune)
     if "safety_map" in metrics:
         safety = metrics["safety_map"]
         choice = safety["safety_map"]

@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qmllm_pipeline.world.catalogue import TOXIC_CATEGORIES
+
 PARAMS_FILE = "conf/base/parameters.yml"
 EXPERIMENT_PREFIX = "seed-"
 
@@ -46,6 +48,9 @@ FIGURES: dict[str, tuple[str, str]] = {
     "patch codes used": ("pretrain", "qmllm.codebooks.patch.codes_used"),
     "safety-map DSR, single toxic object": ("safety_map", "qmllm.dsr.single"),
     "safety-map DSR, toxic among distractors": ("safety_map", "qmllm.dsr.distractors"),
+    **{f"safety-map DSR, single {category.replace('_', ' ')}": ("safety_map",
+                                                                  f"qmllm.dsr_per_category.single.{category}")
+       for category in TOXIC_CATEGORIES},
     "safety-map FPR, neutral": ("safety_map", "qmllm.fpr_neutral"),
     "safety-map FPR, hard negatives": ("safety_map", "qmllm.fpr_hard_negative"),
     "safety-map, toxic-share rule: DSR, single toxic object": ("safety_map", "qmllm_rules.toxic_share.dsr.single"),
