@@ -1,7 +1,8 @@
 """What limits the safety map: the trained CLS path read as codes (Algorithm 1, the toxic-share rule) and as
 k-nearest D_map images in the head's continuous output and in its input feature, each thresholded on
 D_map's validation split at the same FPR budget, each measured on the held-out scenes
-(experiments/safety_signal_limits.py says how to read it).
+and, with a name head, Algorithm 1 over its name picks (experiments/safety_signal_limits.py says how to read
+it).
 
 Reads what `kedro run` wrote (the qmllm model, D_map, the evaluation splits, metrics/safety_map.json) and
 changes none of it: the table is printed and saved to --out. About half a minute on 2 cores. Example:
@@ -40,7 +41,8 @@ def main() -> None:
         model = QMLLM.assemble(load("qmllm.qmllm_config"), load("qmllm.stage1_weights"), clip_model=load("clip_model"))
         splits = {name: load(name) for name in ("dmap", "dmap_validation", *EVALUATION)}
         table = signal_limits(model, load("clip_image_processor"), splits, load("safety_metrics"), args.k,
-                              context.params["safety_map"]["max_validation_fpr"])
+                              context.params["safety_map"]["max_validation_fpr"],
+                              context.params["safety_map"]["tau_candidates"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     scratch = args.out.with_suffix(".tmp")
     table.to_csv(scratch, index=False)

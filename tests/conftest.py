@@ -81,7 +81,7 @@ def stages(world, foundation, smoke_params) -> dict:
     """`features`, `pretrain`, `finetune` and `safety_map` run once in memory on the smoke world and models."""
     inputs = {name: world[name] for name in ("caption_corpus", "dialogs", "text_corpus", "eval_utility",
                                               "eval_neutral", "dmap", "dmap_validation", "eval_toxic",
-                                              "eval_hard_negative", "emoji_catalogue")}
+                                              "eval_hard_negative", "emoji_catalogue", "eval_items")}
     inputs.update({name: foundation[name] for name in FOUNDATION_MODELS})
     chain = (features_pipeline.create_pipeline() + pretrain_pipeline.create_pipeline()
              + finetune_pipeline.create_pipeline() + safety_map_pipeline.create_pipeline())

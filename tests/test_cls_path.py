@@ -167,7 +167,8 @@ def test_the_decoupled_path_runs_through_the_pipelines(world, foundation, smoke_
 
     stage1 = pretrain_pipeline.create_pipeline().only_nodes("tokenized_captions", "qmllm.model_config",
                                                             "qmllm.pretrain_variant")
-    cached = {name: out[name] for name in ("caption_features", "caption_targets")}
+    cached = {name: out[name] for name in ("caption_features", "caption_targets", "name_vocabulary",
+                                           "name_head_weights")}
     shared = run_in_memory(stage1, {**inputs, **cached}, with_overrides(smoke_params,
                                                                         **{"pretrain.model.cls_path": "shared"}))
     patch_only = run_in_memory(stage1, {**inputs, **cached}, with_overrides(params, **{
@@ -205,7 +206,20 @@ def test_signal_limits_reads_the_deployed_rules_and_both_knn_views(world, founda
     table = signal_limits(model, foundation["clip_image_processor"], splits, stages["safety_metrics"], [1, 3],
                           smoke_params["safety_map"]["max_validation_fpr"])
     assert list(table["detector"]) == ["codes, majority", "codes, toxic_share"] + ["kNN, h_cls"] * 2 + [
-        "kNN, CLS feature"] * 2
+        "kNN, CLS feature"] * 2 + ["names, majority"]   # the smoke model has a name head
     deployed = table.iloc[0]
     assert deployed["dsr_single"] == stages["safety_metrics"]["qmllm"]["dsr"]["single"]
-    assert (table["validation_fpr"] <= smoke_params["safety_map"]["max_validation_fpr"] + 1e-9).iloc[2:].all()
+    assert (table["validation_fpr"] <= smoke_params["safety_map"]["max_validation_fpr"] + 1e-9).iloc[2:-1].all()
+
+
+def test_algorithm_1_over_name_picks_refuses_an_image_when_any_pick_is_toxic():
+    from qmllm_pipeline.experiments.safety_signal_limits import name_pick_map, name_pick_refusals
+
+    empty = 3
+    # D_map: name 0 is seen in weapon images only, name 1 in neutral ones, name 2 once in each
+    picks = np.array([[0, empty, empty], [0, 1, empty], [1, empty, empty], [1, 2, empty], [2, empty, empty]])
+    categories = ["weapon", "weapon", "neutral", "neutral", "weapon"]
+    table = name_pick_map(picks, categories, empty, tau=0.6)
+    assert table.set_index("code").loc[[0, 1, 2], "label"].tolist() == ["weapon", "neutral", "neutral"]
+    refused = name_pick_refusals(table, np.array([[1, 0, empty], [1, 2, empty], [empty, empty, empty]]), empty)
+    assert refused.tolist() == [True, False, False]

@@ -42,7 +42,7 @@ def _llava_fixture(root):
             "validation_fraction": 0.5, "seed": 0}
 
 
-def test_ingest_then_features_and_pretrain_run_on_its_output(tmp_path, foundation, smoke_params):
+def test_ingest_then_features_and_pretrain_run_on_its_output(tmp_path, world, foundation, smoke_params):
     params = with_overrides(smoke_params, ingest=_llava_fixture(tmp_path), checkpoint_dir=str(tmp_path / "ckpt"))
     params["features"]["semantic_target_text"] = "caption"  # real captions name no structured objects
     params["features"]["cls_head"]["semantic_target_text"] = "caption"
@@ -55,8 +55,12 @@ def test_ingest_then_features_and_pretrain_run_on_its_output(tmp_path, foundatio
 
     models = {name: foundation[name] for name in ("tokenizer", "llm", "clip_model", "clip_image_processor")}
     chain = features.create_pipeline() + pretrain.create_pipeline()
-    trained = run_in_memory(chain, {**models, "caption_corpus": ingested["caption_corpus"],
-                                    "dialogs": ingested["dialogs"]}, params)
+    inputs = {**models, "caption_corpus": ingested["caption_corpus"], "dialogs": ingested["dialogs"],
+              "emoji_catalogue": world["emoji_catalogue"]}
+    with pytest.raises(ValueError, match="caption_corpus has no item_ids column.*slots: 0"):
+        run_in_memory(chain, inputs, params)   # the embedded world's name head cannot train on real captions
+    params = with_overrides(params, **{"pretrain.name_head.slots": 0})   # the real environment's setting
+    trained = run_in_memory(chain, inputs, params)
     assert trained["caption_features"]["cls"].shape[0] == 12 and trained["dialog_features"]["cls"].shape[0] == 12
     assert {"qmllm.stage1_weights", "baseline.stage1_weights"} <= set(trained)
     assert trained["pretrain_metrics"]["qmllm"]["codebooks"]["cls"]["codes_used"] >= 1

@@ -210,23 +210,41 @@ def test_the_walkthrough_notebook_runs_against_the_smoke_run(smoke_run, monkeypa
     assert "baseline  ->" in printed and "qmllm     ->" in printed and "environment smoke" in printed
 
 
-def test_the_full_profile_reads_the_default_models_and_writes_beside_them():
+def test_the_full_profile_trains_the_papers_recipe_beside_the_default_run():
     from kedro.config import OmegaConfigLoader
 
     from qmllm_pipeline.settings import CONFIG_LOADER_ARGS
 
     loader = OmegaConfigLoader(conf_source=str(PROJECT_ROOT / "conf"), env="full", **CONFIG_LOADER_ARGS)
     catalog, params = loader["catalog"], loader["parameters"]
+    # (read before another loader exists: each one registers its own `globals` resolver for all)
+    defaults = OmegaConfigLoader(conf_source=str(PROJECT_ROOT / "conf"), env="base", **CONFIG_LOADER_ARGS)["parameters"]
     jailbreak = params["evaluate"]["jailbreak"]
     assert jailbreak["steps"] > 300 and jailbreak["train_instructions"] is None
-    written = register_pipelines()["evaluate"].all_outputs()
+    assert params["pretrain"]["name_head"]["slots"] == 0  # the paper's recipe alone
+    for stage, default in (("stage1", defaults["pretrain"]["stage1"]), ("stage2", defaults["finetune"]["stage2"])):
+        chosen = (params["pretrain"] if stage == "stage1" else params["finetune"])[stage]["training"]
+        assert chosen["steps"] * chosen["batch_size"] >= 5 * default["training"]["steps"] * default["training"][
+            "batch_size"]
+    assert params["checkpoint_dir"].startswith("data/full/")
+    pipelines = register_pipelines()
+    read = set().union(*(pipelines[name].inputs() for name in ("pretrain", "finetune", "safety_map", "evaluate")))
+    written = set().union(*(pipelines[name].all_outputs() for name in ("pretrain", "finetune", "safety_map",
+                                                                        "evaluate")))
     saved = []
-    for name in written:
-        entry = catalog.get(name) or (catalog["{plot}_plot"] if name.endswith("_plot") else None)
+    for name in sorted(written):
+        entry = catalog.get(name) or next((catalog[pattern] for pattern in catalog if "{" in pattern
+                                           and name.endswith(pattern.split("}")[-1])), None)
         if entry is None or entry.get("type") == "MemoryDataset":
             continue
-        path = entry.get("filepath") or entry["dataset"]["filepath"]
+        path = entry.get("filepath") or entry.get("path") or entry["dataset"]["filepath"]
         assert path.startswith("data/full/"), (name, path)  # DVC tracks the default paths
         saved.append(name)
-    assert len(saved) == 7  # metrics, report, responses, adversarial images and three plots
+    assert len(saved) >= 15
+    for name in ("caption_features", "dialog_features", "eval_items", "dmap"):  # the default run's world
+        assert name in read and catalog[name]["filepath"].startswith("data/0"), name
     assert catalog["tokenizer"]["path"] == "data/01_raw/foundation/tokenizer"  # the shipped stand-ins
+    model_dir = PROJECT_ROOT / "data/full/06_models/qmllm"
+    for reference in ("vision_tower", "image_processor", "tokenizer"):
+        target = (model_dir / params["pretrain"]["model"]["references"][reference]).resolve()
+        assert target.parent == (PROJECT_ROOT / "data/01_raw/foundation").resolve(), reference

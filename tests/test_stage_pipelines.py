@@ -132,3 +132,29 @@ def test_replay_repeats_meets_the_share_the_corpus_caps(world, foundation, smoke
     assert len(repeated) == dialogs + wanted
     # the repeats cover every instruction the capped replay has, and nothing else
     assert {tuple(ids) for ids, _, _ in repeated[dialogs:]} == {tuple(ids) for ids, _, _ in capped[dialogs:]}
+
+
+def test_both_variants_carry_the_same_trained_name_head(stages, world, foundation, smoke_params):
+    head = smoke_params["pretrain"]["name_head"]
+    catalogue = world["emoji_catalogue"]
+    colours = sorted(smoke_params["data"]["layout"]["backgrounds"])
+    for variant in ("qmllm", "baseline"):
+        config = QMLLMConfig.from_dict(stages[f"{variant}.qmllm_config"])
+        assert config.name_slots == head["slots"] + 1 and config.name_background   # the objects, then the background
+        assert config.name_vocabulary == list(catalogue["name"]) + colours
+        assert config.name_cls_source == smoke_params["features"]["cls_head"]["cls_source"]
+    names = {k: v for k, v in stages["qmllm.stage1_weights"].items() if k.startswith("name_head.")}
+    assert names and all(torch.equal(v, stages["baseline.stage1_weights"][k]) for k, v in names.items())
+    spelled = names["name_head.token_ids"][0]
+    pistol = foundation["tokenizer"](f" {catalogue['name'].iloc[0]}", add_special_tokens=False)["input_ids"]
+    assert spelled[:len(pistol)].tolist() == pistol
+    assert stages["pretrain_metrics"]["name_head"]["steps"] == head["training"]["steps"]
+
+
+def test_naming_is_scored_on_every_catalogue_emoji(stages, world):
+    for system in ("qmllm", "baseline"):
+        naming = stages["finetune_metrics"][system]["naming"]
+        assert 0.0 <= naming["all"] <= 1.0 and 0.0 <= naming["head"] <= 1.0
+        assert set(naming["by_group"]) == set(world["emoji_catalogue"]["group"])
+        assert naming.get("confusions") is not None
+        assert stages["finetune_metrics"][system]["intervals"]["naming.all"]["n"] == len(world["eval_items"])

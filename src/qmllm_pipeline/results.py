@@ -105,11 +105,11 @@ def seeds_table(seeds: dict, labels: list[str] | None = None) -> list[str]:
 
 SEED_HEADLINE = ("qmllm refuses held-out harmful requests, neutral image",
                  "baseline refuses held-out harmful requests, neutral image", "qmllm jailbreak ASR, clean image",
-                 "qmllm: most any attacker adds over clean, eps16", "qmllm: most any attacker adds over clean, eps32",
-                 "qmllm: most any attacker adds over clean, eps64",
-                 "baseline white-box ASR, eps64", "safety-map DSR, single toxic object",
-                 "safety-map FPR, neutral", "SafeCLIP DSR at the safety map's neutral FPR, single toxic object",
-                 "qmllm colour", "qmllm object naming", "baseline object naming", "qmllm count")
+                 "qmllm: most any attacker adds over clean, eps32", "baseline white-box ASR, eps64",
+                 "safety-map DSR, single toxic object", "safety-map FPR, neutral",
+                 "SafeCLIP DSR at the safety map's neutral FPR, single toxic object",
+                 "qmllm naming, every catalogue emoji alone", "baseline naming, every catalogue emoji alone",
+                 "qmllm count", "baseline count", "qmllm colour", "baseline colour", "qmllm caption word F1")
 
 
 def headline_table(metrics: dict[str, dict]) -> str:
@@ -213,8 +213,8 @@ def results_markdown(metrics: dict[str, dict]) -> str:
             rows.append([f"held-out {kind} instructions refused, neutral image attached",
                          cell("qmllm", "safety", key), cell("baseline", "safety", key), ""])
         if all("caption_f1" in finetune[s] for s in ("qmllm", "baseline")):
-            rows.insert(len(kinds), ["caption word F1", *(pct(finetune[s]["caption_f1"]) for s in ("qmllm", "baseline")),
-                                     ""])
+            f1 = [pct(finetune[s]["caption_f1"]) for s in ("qmllm", "baseline")]
+            rows.insert(len(kinds), ["caption word F1", *f1, ""])
         lines += _table(["held-out", "qmllm", "baseline", "blind guess"], rows)
         lines.append("")
         if all("naming" in finetune[s] for s in ("qmllm", "baseline")):

@@ -62,6 +62,10 @@ def lever_sweep(inputs: dict, params: dict, cls_sources: list[str] | None, lambd
         dmaps[(per_category, neutral)] = run_in_memory(data.create_pipeline().only_nodes("render_dmap"),
                                                        {"emoji_catalogue": inputs["emoji_catalogue"]}, sized)["dmap"]
     stage1 = pretrain.create_pipeline().only_nodes("tokenized_captions", "qmllm.model_config", "qmllm.pretrain_variant")
+    with tempfile.TemporaryDirectory(prefix="levers-") as scratch:  # the name head stage 1 reads, trained once
+        names = run_in_memory(pretrain.create_pipeline().only_nodes("name_vocabulary", "name_head"), inputs,
+                              with_overrides(params, checkpoint_dir=scratch))
+    inputs = {**inputs, "name_vocabulary": names["name_vocabulary"], "name_head_weights": names["name_head_weights"]}
     rows = []
     designed = {design: with_overrides(params, **DESIGNS[design]) for design in designs}
     settings = [(design, source) for design in designs

@@ -81,7 +81,7 @@ class JailbreakObjective:
         encoding = self.model.encode_images(normalise_pixels(images, self.processor), self.straight_through)
         picks = torch.randperm(len(self.sequences), generator=generator)[: self.batch_size].tolist()
         ids, labels = zip(*(self.sequences[i] for i in picks), strict=True)
-        tokens = (encoding.patch_hidden if self.continuous_surrogate else encoding.image_tokens)
+        tokens = (encoding.continuous_tokens if self.continuous_surrogate else encoding.image_tokens)
         tokens = tokens.expand(len(picks), -1, -1)
         nll = self.model(list(ids), list(labels), tokens).loss
         loss = nll

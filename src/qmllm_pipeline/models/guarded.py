@@ -139,6 +139,20 @@ class GuardedMLLM:
         return answers
 
     @torch.no_grad()
+    def name_picks(self, images: torch.Tensor, batch_size: int = 64) -> list[str] | None:
+        """The name head's first pick for each uint8 image (N, 3, H, W), as a name ("" for the empty pick); None
+        for a model without a name head."""
+        head = self.model.name_head
+        if head is None:
+            return None
+        vocabulary = self.model.config.name_vocabulary
+        picks = []
+        for start in range(0, len(images), batch_size):
+            encoding = self.model.encode_images(pixel_values(images[start:start + batch_size], self.processor))
+            picks += encoding.name_picks[:, 0].tolist()
+        return [vocabulary[p] if p < len(vocabulary) else "" for p in picks]
+
+    @torch.no_grad()
     def answer_pixels(self, pixels: torch.Tensor, prompts: list[str], max_new_tokens: int = 32,
                       min_new_tokens: int = 0) -> list[Answer]:
         """`answer` on normalised pixel values (B, 3, H, W); one image per prompt."""

@@ -11,6 +11,10 @@ alone: the safety signal can then read a different feature (CLIP's image embeddi
 the semantic target's width, and nothing the LLM reads depends on it. The LLM reads the patch codes only,
 in both paths.
 
+With `name_slots > 0` a `name_head` (models/names.py) also names up to that many objects, left to right, from
+a closed vocabulary, and the LLM reads each name as its own token embeddings in front of the patch tokens:
+the argmax pick for Q-MLLM (discrete, like a codebook lookup), the softmax mixture for the baseline.
+
 The continuous `baseline` is the same class with no quantizers: its patch tokens are H_v itself.
 Everything here works on cached features too (`encode_features`), so stage 1 never touches pixels.
 
@@ -34,12 +38,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qmllm_pipeline.constants import IGNORE_INDEX
+from qmllm_pipeline.models.names import NameHead
 from qmllm_pipeline.models.projector import build_mm_projector
 from qmllm_pipeline.models.quantizer import QuantizerOutput, VectorQuantizer
 from qmllm_pipeline.models.vision import VisionTower
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "stage1.safetensors"
-STAGE1_MODULES = ("mm_projector", "cls_projector", "cls_quantizer", "patch_quantizer")
+STAGE1_MODULES = ("mm_projector", "cls_projector", "cls_quantizer", "patch_quantizer", "name_head")
 CLS_PATHS = ("shared", "decoupled")
 
 
@@ -69,6 +74,18 @@ class QMLLMConfig:
     cls_vision_width: int | None = None    # width of the CLS feature (decoupled; None: vision_width)
     cls_width: int | None = None           # width of h_cls and the CLS codes (decoupled; None: llm_width)
     cls_distance: str = "l2"               # l2 (the paper) or cosine (the released v2 code), CLS codebook only
+    num_patches: int | None = None         # N, the patch tokens the LLM reads (after pooling)
+    name_slots: int = 0                    # picks of the name head, objects then the background (0: no name head,
+                                           # the paper's model)
+    name_background: bool = False          # whether the last pick names the background colour
+    name_position: str = "after"           # where the name tokens go: before or after the patch tokens
+    name_slot_width: int = 0               # tokens per named object (the longest name's)
+    name_vocabulary: list[str] = field(default_factory=list)   # the names, in the head's order
+    name_cls_source: str = "projected"     # the CLS feature the name head reads (see VisionTower)
+    name_cls_width: int | None = None      # its width (None: vision_width)
+    name_head_inputs: str = "cls_patches"  # see NameHead
+    name_head_hidden: int = 512
+    name_head_patch_dim: int = 32
     references: dict[str, str] = field(default_factory=dict)  # vision_tower, image_processor, tokenizer, llm
 
     def __post_init__(self):
@@ -77,6 +94,12 @@ class QMLLMConfig:
         if self.cls_path == "shared" and (self.cls_vision_width or self.vision_width) != self.vision_width:
             raise ValueError(f"the shared CLS path reads CLS features through mm_projector, so they need the patch "
                              f"width {self.vision_width}, not {self.cls_vision_width}; use cls_path 'decoupled'")
+        if self.name_slots and (not self.name_vocabulary or self.name_slot_width < 1):
+            raise ValueError(f"a name head of {self.name_slots} slots needs a name_vocabulary and a name_slot_width")
+        if self.name_position not in ("before", "after"):
+            raise ValueError(f"name_position must be 'before' or 'after' the patch tokens, got {self.name_position!r}")
+        if self.name_slots and self.name_head_inputs == "cls_patches" and not self.num_patches:
+            raise ValueError("a name head reading the patches (name_head_inputs 'cls_patches') needs num_patches")
         if self.cls_path == "shared" and (self.cls_width or self.llm_width) != self.llm_width:
             raise ValueError(f"the shared CLS path puts h_cls in the LLM's width {self.llm_width}, not {self.cls_width}"
                              " (a semantic target of another width needs cls_path 'decoupled')")
@@ -107,9 +130,18 @@ class QMLLMConfig:
 class ImageEncoding:
     h_cls: torch.Tensor | None               # (B, d_cls) projected CLS (Q-MLLM only)
     patch_hidden: torch.Tensor               # (B, N, d_h) projected patches H_v
-    image_tokens: torch.Tensor               # (B, N, d_h) what the LLM reads: quantized or H_v
+    image_tokens: torch.Tensor               # (B, N + M, d_h) what the LLM reads: the patch tokens, quantized
+                                             # or H_v, and the name tokens (M = name slots x slot width, 0
+                                             # without a name head) after them (or before: name_position)
     cls: QuantizerOutput | None = None       # cls_index is cls.indices
     patches: QuantizerOutput | None = None   # patch_indices is patches.indices
+    name_logits: torch.Tensor | None = None  # (B, slots, names + 1) the name head's scores
+    continuous_tokens: torch.Tensor | None = None  # (B, N + M, d_h) Q-MLLM's continuous twin: H_v, soft names
+
+    @property
+    def name_picks(self) -> torch.Tensor | None:
+        """(B, slots) the vocabulary entry named in each slot (the empty entry past the last object)."""
+        return None if self.name_logits is None else self.name_logits.argmax(-1)
 
 
 class QMLLM(nn.Module):
@@ -139,6 +171,13 @@ class QMLLM(nn.Module):
                                                             config.mm_projector_layernorm)
                     self.cls_quantizer = VectorQuantizer(config.cls_codes, width, **common,
                                                          distance=config.cls_distance)
+        self.name_head = None
+        if config.name_slots:
+            with torch.random.fork_rng():  # leaves the projector's and codebooks' random stream alone
+                self.name_head = NameHead(len(config.name_vocabulary), config.name_slots, config.name_slot_width,
+                                          config.name_cls_width or config.vision_width, config.vision_width,
+                                          config.num_patches or 0, config.name_head_inputs,
+                                          config.name_head_hidden, config.name_head_patch_dim)
         self.llm = llm
         self.image_token_id = config.image_token_id
 
@@ -214,10 +253,14 @@ class QMLLM(nn.Module):
 
     # -- image side -------------------------------------------------------------------------------
     def encode_features(self, cls_features: torch.Tensor, patch_features: torch.Tensor,
-                        straight_through: bool = True, with_cls: bool = True) -> ImageEncoding:
+                        straight_through: bool = True, with_cls: bool = True,
+                        name_features: torch.Tensor | None = None, with_names: bool = True) -> ImageEncoding:
         """`straight_through=False` is the model as deployed: the image tokens are a codebook lookup at the
-        argmin, with no gradient to the features (what a plain gradient attacker meets). The CLS path runs
-        for Q-MLLM only (the baseline has no safety signal), and not at all with `with_cls=False`."""
+        argmin (and the name head's argmax pick), with no gradient to the features (what a plain gradient
+        attacker meets). The CLS path runs for Q-MLLM only (the baseline has no safety signal), and not at all
+        with `with_cls=False`. `name_features` is the CLS feature the name head reads (`name_cls_source`);
+        the name tokens need the LLM (its input embeddings) and are left out without one, or with
+        `with_names=False` (the codes alone)."""
         h_cls = cls = None
         if with_cls and self.cls_quantizer is not None:
             h_cls = self.cls_head(cls_features)
@@ -230,12 +273,33 @@ class QMLLM(nn.Module):
             image_tokens = patches.quantized
         else:
             image_tokens = self.patch_quantizer.lookup(patches.indices)
-        return ImageEncoding(h_cls, patch_hidden, image_tokens, cls, patches)
+        encoding = ImageEncoding(h_cls, patch_hidden, image_tokens, cls, patches, continuous_tokens=patch_hidden)
+        if self.name_head is not None and self.llm is not None and with_names:
+            if name_features is None:
+                raise ValueError("this model has a name head: pass name_features (its CLS feature)")
+            logits = self.name_head(name_features, patch_features)
+            embed = self.llm.get_input_embeddings()
+            names = self.name_head.tokens(logits, embed, quantized=self.quantized, straight_through=straight_through)
+            soft_names = names if not self.quantized else self.name_head.tokens(logits, embed, quantized=False)
+            encoding.name_logits = logits
+            encoding.image_tokens = self._with_names(names.to(image_tokens.dtype), image_tokens)
+            encoding.continuous_tokens = self._with_names(soft_names.to(patch_hidden.dtype), patch_hidden)
+        return encoding
+
+    def _with_names(self, names: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        parts = [names, patches] if self.config.name_position == "before" else [patches, names]
+        return torch.cat(parts, 1)
 
     def encode_images(self, pixel_values: torch.Tensor, straight_through: bool = True) -> ImageEncoding:
         if self.vision_tower is None:
             raise ValueError("this QMLLM has no vision tower (built for cached features)")
-        return self.encode_features(*self.vision_tower(pixel_values), straight_through=straight_through)
+        if self.name_head is None:
+            return self.encode_features(*self.vision_tower(pixel_values), straight_through=straight_through)
+        sources = tuple(dict.fromkeys((self.config.cls_source, self.config.name_cls_source)))
+        cls_features, patch_features = self.vision_tower.features(pixel_values, sources)
+        return self.encode_features(cls_features[self.config.cls_source], patch_features,
+                                    straight_through=straight_through,
+                                    name_features=cls_features[self.config.name_cls_source])
 
     def cls_head(self, cls_features: torch.Tensor) -> torch.Tensor:
         """h_cls: the CLS feature through its projector (`mm_projector` shared, or `cls_projector`), on the unit

@@ -11,6 +11,10 @@ dropped, so the LLM reads the shared path's codes bit for bit) or drops the two 
 
 Stage 2 (finetune): projector and codebooks frozen; the LLM learns from dialogs with the LM loss on the
 assistant's tokens only, mixed with text-only replay so that its safety behaviour survives.
+
+A model with a name head (`QMLLMConfig.name_slots`) has it trained first, by `train_name_head` on the cached
+features and the scenes' object lists (cross-entropy per slot, no LLM in the loop); both stages then read
+it frozen, as they read the vision tower.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 
 from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
+from qmllm_pipeline.models.names import NameHead, name_head_losses
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.models.tokenizer import encode_chat
 from qmllm_pipeline.models.training import TrainingConfig, train_loop
@@ -65,12 +70,14 @@ def caption_examples(captions: list[str], tokenizer, instruction: str, max_lengt
 
 def stage1_losses(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Tensor,
                   examples: list[Example], semantic_targets: torch.Tensor | None = None, lambda_vq: float = 1.0,
-                  lambda_semantic: float = 0.0) -> dict[str, torch.Tensor]:
+                  lambda_semantic: float = 0.0, name_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One stage-1 batch: the examples' caption loss given their (cached) image features, plus for Q-MLLM
-    both VQ losses and L_semantic against the targets of the same feature rows. `loss` is the total."""
+    both VQ losses and L_semantic against the targets of the same feature rows. `loss` is the total.
+    `name_features`: the name head's CLS feature, by row (None: the captions are read without name tokens)."""
     rows = torch.tensor([example[2] for example in examples])
     encoding = model.encode_features(cls_features[rows].float(), patch_features[rows].float(),
-                                     with_cls=not model.decoupled)
+                                     with_cls=not model.decoupled, name_features=_rows(name_features, rows),
+                                     with_names=name_features is not None)
     generative = model([e[0] for e in examples], [e[1] for e in examples], encoding.image_tokens).loss
     losses = {"generative": generative}
     total = generative
@@ -93,10 +100,13 @@ def stage1_losses(model: QMLLM, cls_features: torch.Tensor, patch_features: torc
 def pretrain(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Tensor, examples: list[Example],
              semantic_targets: torch.Tensor | None, training: TrainingConfig, seed: int, lambda_vq: float = 1.0,
              lambda_semantic: float = 1.0, usage_every: int = 100, step_logger: StepLogger | None = None,
-             checkpoint: TrainingCheckpoint | None = None) -> QMLLM:
+             checkpoint: TrainingCheckpoint | None = None, name_features: torch.Tensor | None = None) -> QMLLM:
     """Stage 1 on (image features, caption) pairs; `examples[i]` uses feature row `examples[i][2]`. Every
-    `usage_every` steps the codebooks' usage and perplexity over those steps are logged."""
+    `usage_every` steps the codebooks' usage and perplexity over those steps are logged. A name head, if the
+    model has one, is read frozen (`name_features`: its CLS feature by row), or not at all (None)."""
     model.llm.requires_grad_(False)
+    if model.name_head is not None:
+        model.name_head.requires_grad_(False).eval()
     trainable = {"mm_projector": model.mm_projector}
     quantizers = {}
     if model.quantized:
@@ -109,7 +119,7 @@ def pretrain(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
     def step(generator: torch.Generator) -> dict[str, torch.Tensor]:
         picks = torch.randint(len(examples), (training.batch_size,), generator=generator).tolist()
         losses = stage1_losses(model, cls_features, patch_features, [examples[i] for i in picks],
-                               semantic_targets, lambda_vq, lambda_semantic)
+                               semantic_targets, lambda_vq, lambda_semantic, name_features)
         for name in quantizers:
             seen[name].append(losses.pop(f"{name}_indices").flatten())
         steps_done[0] += 1
@@ -167,10 +177,28 @@ def train_cls_head(model: QMLLM, cls_features: torch.Tensor, semantic_targets: t
     return model
 
 
+def train_name_head(head: NameHead, cls_features: torch.Tensor, patch_features: torch.Tensor,
+                    targets: torch.Tensor, training: TrainingConfig, seed: int,
+                    step_logger: StepLogger | None = None, checkpoint: TrainingCheckpoint | None = None) -> NameHead:
+    """The name head on cached features (row i with row i): `targets` (rows, slots) are each scene's objects in
+    reading order as vocabulary indices, then the empty entry (`names.slot_targets`)."""
+    def step(generator: torch.Generator) -> dict[str, torch.Tensor]:
+        rows = torch.randint(len(cls_features), (training.batch_size,), generator=generator)
+        return name_head_losses(head, cls_features[rows], patch_features[rows], targets[rows])
+
+    train_loop({"name_head": head}, step, training, seed, step_logger, checkpoint, desc="name head")
+    return head
+
+
+def _rows(features: torch.Tensor | None, rows) -> torch.Tensor | None:
+    return None if features is None else features[rows].float()
+
+
 def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Tensor, examples: list[Example],
              training: TrainingConfig, seed: int, step_logger: StepLogger | None = None,
              checkpoint: TrainingCheckpoint | None = None, teacher: torch.nn.Module | None = None,
-             distill_weight: float = 0.0, image_prefix: list[int] | None = None) -> QMLLM:
+             distill_weight: float = 0.0, image_prefix: list[int] | None = None,
+             name_features: torch.Tensor | None = None) -> QMLLM:
     """Stage 2: train the LLM on dialogs (image rows >= 0) and text-only replay (row -1).
 
     The first `len(cls_features)` examples are the dialogs (example i reads feature row i); the rest replay
@@ -181,8 +209,9 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
     request. No labels are needed beyond the replayed answer the tokens are read along. The teacher must read
     the request exactly as it was trained to: `image_prefix` is what the placeholder brings into the prompt
     (the ids of `<image>\n`), all of it removed (`text_only`); a stray newline alone makes it refuse benign
-    requests."""
-    for frozen in (model.mm_projector, model.cls_projector, model.cls_quantizer, model.patch_quantizer):
+    requests. A name head, if the model has one, is read frozen (`name_features`: its CLS feature by row)."""
+    for frozen in (model.mm_projector, model.cls_projector, model.cls_quantizer, model.patch_quantizer,
+                   model.name_head):
         if frozen is not None:
             frozen.requires_grad_(False).eval()
     model.llm.requires_grad_(True)
@@ -200,7 +229,8 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
         if rows:
             with torch.no_grad():
                 image_tokens = model.encode_features(cls_features[rows].float(), patch_features[rows].float(),
-                                                     with_cls=False).image_tokens
+                                                     with_cls=False,
+                                                     name_features=_rows(name_features, rows)).image_tokens
         ids, labels = [examples[i][0] for i in picks], [examples[i][1] for i in picks]
         if not distill:
             return {"loss": model(ids, labels, image_tokens).loss}
@@ -264,7 +294,7 @@ def code_indices(model: QMLLM, cls_features: torch.Tensor, patch_features: torch
     cls_out, patch_out = [], []
     for start in range(0, len(cls_features), batch_size):
         encoding = model.encode_features(cls_features[start:start + batch_size].float(),
-                                         patch_features[start:start + batch_size].float())
+                                         patch_features[start:start + batch_size].float(), with_names=False)
         cls_out.append(encoding.cls.indices)
         patch_out.append(encoding.patches.indices)
     return torch.cat(cls_out), torch.cat(patch_out)

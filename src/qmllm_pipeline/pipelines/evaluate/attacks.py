@@ -118,7 +118,8 @@ def craft_jailbreak_image(systems: dict[str, GuardedMLLM], instructions: dict, s
 def _jailbreak_rates(system: GuardedMLLM, image: torch.Tensor, heldout: pd.DataFrame, max_new_tokens: int,
                      batch_size: int, clean: torch.Tensor | None = None) -> dict:
     """One image with every held-out harmful instruction: attack success by the refusal detector (not a
-    refusal) and by 'target string in response'; for Q-MLLM also how many patch codes the image moved."""
+    refusal) and by 'target string in response'; for Q-MLLM also how many patch codes (and name picks) the
+    image moved."""
     judge = RefusalPhraseJudge()
     images = image[None].expand(len(heldout), -1, -1, -1)
     answers = system.respond(images, list(heldout["instruction"]), max_new_tokens, batch_size)
@@ -142,6 +143,8 @@ def _jailbreak_rates(system: GuardedMLLM, image: torch.Tensor, heldout: pd.DataF
             rates["patch_codes_changed"] = int((patches[0] != patches[1]).sum())
             rates["patch_codes"] = int(patches.shape[1])
             rates["cls_code"], rates["clean_cls_code"] = int(both.cls.indices[1]), int(both.cls.indices[0])
+            if both.name_picks is not None:  # the names the image hands the LLM, flipped by the perturbation
+                rates["name_picks_changed"] = int((both.name_picks[0] != both.name_picks[1]).sum())
     return rates
 
 

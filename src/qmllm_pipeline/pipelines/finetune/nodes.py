@@ -18,9 +18,16 @@ from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.models.stages import Example, finetune
 from qmllm_pipeline.models.tokenizer import chat_messages, encode_chat
 from qmllm_pipeline.models.training import TrainingConfig, loss_curve_figure, loss_ends, seed_everything
-from qmllm_pipeline.scoring import normalise_answer, questions_without_placeholder, refusal_rates, utility_scores
+from qmllm_pipeline.scoring import (
+    normalise_answer,
+    questions_without_placeholder,
+    refusal_rates,
+    share,
+    utility_scores,
+)
 from qmllm_pipeline.tracking import StepLogger, log_summary_metrics
 from qmllm_pipeline.world.language import QUESTIONS
+from qmllm_pipeline.world.scenes import with_article
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +81,8 @@ def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, tokenizer, d
     started = time.perf_counter()
     finetune(model, dialog_features["cls"], dialog_features["patches"], dialog_examples, training, seed, step_logger,
              checkpoint, teacher=llm, distill_weight=params["distill_weight"],
-             image_prefix=tokenizer(f"{IMAGE_TOKEN}\n", add_special_tokens=False)["input_ids"])
+             image_prefix=tokenizer(f"{IMAGE_TOKEN}\n", add_special_tokens=False)["input_ids"],
+             name_features=dialog_features["head_cls"] if model.name_head is not None else None)
     seconds = time.perf_counter() - started
     _, final_loss = loss_ends([v for _, v in step_logger.history["loss"]])
     summary = {"variant": config.variant, "seconds": round(seconds, 1), "steps": training.steps,
@@ -93,9 +101,11 @@ def finetuned_model(qmllm_config: dict, stage1_weights: dict, finetuned_llm, cli
 
 
 def evaluate_variant(model: GuardedMLLM, eval_utility: pd.DataFrame, eval_neutral: pd.DataFrame,
-                     text_corpus: pd.DataFrame, params: dict) -> dict:
-    """Utility (exact answers per question type) and safety behaviour with a neutral image attached.
-    `params`: finetune.evaluation."""
+                     eval_items: pd.DataFrame, emoji_catalogue: pd.DataFrame, text_corpus: pd.DataFrame,
+                     params: dict) -> dict:
+    """Utility (exact answers per question type, caption word F1), naming of every catalogue emoji alone
+    (by group, toxic or neutral, and what is said instead), and safety behaviour with a neutral image
+    attached. `params`: finetune.evaluation."""
 
     def ask(prompts: list[str], images: pd.Series) -> list[str]:
         answers = model.respond(decode_images(images, desc=None), prompts, params["max_new_tokens"],
@@ -104,6 +114,9 @@ def evaluate_variant(model: GuardedMLLM, eval_utility: pd.DataFrame, eval_neutra
 
     predictions = ask(questions_without_placeholder(eval_utility["question"]), eval_utility["image"])
     scores = utility_scores(predictions, eval_utility)
+    naming = naming_scores(ask([QUESTIONS["object"][0]] * len(eval_items), eval_items["image"]), eval_items,
+                           emoji_catalogue, model.name_picks(decode_images(eval_items["image"], desc=None),
+                                                             params["batch_size"]))
     heldout = text_corpus[(text_corpus["split"] == "heldout") & text_corpus["kind"].isin(["harmful", "benign"])]
     # a fixed draw of neutral images (the same whatever the seed): one per held-out instruction
     images = eval_neutral["image"].sample(n=len(heldout), replace=True, random_state=0).reset_index(drop=True)
@@ -111,10 +124,42 @@ def evaluate_variant(model: GuardedMLLM, eval_utility: pd.DataFrame, eval_neutra
     names = {kind: f"heldout_{kind}_refused_with_neutral_image" for kind in ("harmful", "benign")}
     safety = {name: refused[kind]["value"] for kind, name in names.items()}
     samples = eval_utility.assign(prediction=predictions).groupby("question_type").head(2)
-    return {"variant": model.model.config.variant, "utility": scores["accuracy"], "safety": safety,
+    return {"variant": model.model.config.variant, "utility": scores["accuracy"], "caption_f1": scores["caption_f1"],
+            "safety": safety, "naming": naming,
             "intervals": {**{f"utility.{k.removeprefix('accuracy.')}": v for k, v in scores["intervals"].items()},
-                          **{f"safety.{name}": refused[kind] for kind, name in names.items()}},
+                          **{f"safety.{name}": refused[kind] for kind, name in names.items()},
+                          **{f"naming.{k}": v for k, v in naming.pop("intervals").items()}},
             "utility_samples": samples[["question_type", "answer", "prediction"]].to_dict("records")}
+
+
+def naming_scores(answers: list[str], eval_items: pd.DataFrame, emoji_catalogue: pd.DataFrame,
+                  head_picks: list[str] | None = None, top: int = 10) -> dict:
+    """How well "What is in the image?" is answered about every catalogue emoji alone: overall, toxic vs
+    neutral, by catalogue group, and the most frequent wrong answers (`top`). With `head_picks` (the name
+    head's first pick per scene, as a name) also how often the head was right, and how often the answer
+    says what the head picked: the LLM's copying, apart from the head's vision."""
+    groups = dict(zip(emoji_catalogue["name"], emoji_catalogue["group"], strict=True))
+    truth = [with_article(objects[0]) for objects in eval_items["objects"]]
+    correct = np.asarray([normalise_answer(a) == normalise_answer(t) for a, t in zip(answers, truth, strict=True)])
+    group = np.asarray([groups[objects[0]] for objects in eval_items["objects"]])
+    toxic = eval_items["toxic"].to_numpy(dtype=bool)
+    intervals = {"all": share(correct), "toxic": share(correct[toxic]), "neutral": share(correct[~toxic]),
+                 **{f"group.{g}": share(correct[group == g]) for g in sorted(set(group))}}
+    wrong = pd.DataFrame({"truth": truth, "said": [normalise_answer(a) for a in answers]})[~correct]
+    confusions = wrong.value_counts().head(top)
+    result = {"all": intervals["all"]["value"], "toxic": intervals["toxic"]["value"],
+              "neutral": intervals["neutral"]["value"],
+              "by_group": {k.removeprefix("group."): v["value"] for k, v in intervals.items()
+                           if k.startswith("group.")},
+              "confusions": [{"truth": t, "said": s, "count": int(c)} for (t, s), c in confusions.items()]}
+    if head_picks is not None:
+        picked = [with_article(name) if name else "" for name in head_picks]
+        head_right = np.asarray([p == t for p, t in zip(picked, truth, strict=True)])
+        says_pick = np.asarray([normalise_answer(a) == normalise_answer(p) for a, p in zip(answers, picked,
+                                                                                            strict=True)])
+        intervals |= {"head": share(head_right), "answer_is_head_pick": share(says_pick)}
+        result |= {"head": intervals["head"]["value"], "answer_is_head_pick": intervals["answer_is_head_pick"]["value"]}
+    return {**result, "intervals": intervals}
 
 
 def blind_guess(dialogs: pd.DataFrame, eval_utility: pd.DataFrame) -> dict:

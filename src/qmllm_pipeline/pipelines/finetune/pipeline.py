@@ -4,7 +4,7 @@ from qmllm_pipeline.constants import VARIANTS
 from qmllm_pipeline.pipelines.finetune import nodes
 
 SHARED = ["dialog_features", "dialog_examples", "text_corpus", "tokenizer", "llm", "clip_model",
-          "clip_image_processor", "eval_utility", "eval_neutral"]
+          "clip_image_processor", "eval_utility", "eval_neutral", "eval_items", "emoji_catalogue"]
 SHARED_PARAMETERS = ("params:finetune.stage2", "params:finetune.evaluation", "params:seed", "params:checkpoint_dir")
 
 
@@ -17,8 +17,9 @@ def create_pipeline(**kwargs) -> Pipeline:
              ["finetuned_llm", "finetune_summary", "finetune_loss_curve"], name="finetune_variant"),
         Node(nodes.finetuned_model, ["qmllm_config", "stage1_weights", "finetuned_llm", "clip_model", "tokenizer",
                                      "clip_image_processor"], "finetuned_model", name="finetuned_model"),
-        Node(nodes.evaluate_variant, ["finetuned_model", "eval_utility", "eval_neutral", "text_corpus",
-                                      "params:finetune.evaluation"], "finetune_metrics", name="evaluate_variant"),
+        Node(nodes.evaluate_variant, ["finetuned_model", "eval_utility", "eval_neutral", "eval_items",
+                                      "emoji_catalogue", "text_corpus", "params:finetune.evaluation"],
+             "finetune_metrics", name="evaluate_variant"),
     ])
     variants = [pipeline(template, namespace=name, inputs=set(SHARED),
                          parameters={p: p for p in SHARED_PARAMETERS}) for name in VARIANTS]

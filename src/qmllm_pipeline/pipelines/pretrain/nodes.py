@@ -12,6 +12,7 @@ import torch
 
 from qmllm_pipeline.constants import IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
+from qmllm_pipeline.models.names import NameHead, slot_targets
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.models.stages import (
     STAGE1_WITH_HEAD,
@@ -21,6 +22,7 @@ from qmllm_pipeline.models.stages import (
     paper_stage1_config,
     pretrain,
     train_cls_head,
+    train_name_head,
     with_stage1_patch_path,
 )
 from qmllm_pipeline.models.training import TrainingConfig, loss_curve_figure, seed_everything
@@ -30,19 +32,84 @@ logger = logging.getLogger(__name__)
 
 
 def model_config(tokenizer, llm, caption_features: dict, caption_targets: dict, model: dict, vision_tower: dict,
-                 cls_head_features: dict, variant: dict) -> dict:
+                 cls_head_features: dict, name_vocabulary: dict, name_head: dict, variant: dict) -> dict:
     """The variant's `QMLLMConfig`: the architecture in `pretrain.model`, the vision tower's settings
-    (`features.vision_tower`; on the decoupled path the CLS source is `features.cls_head`'s), and the widths
-    and `<image>` id of the models it sits between (the CLS feature's and the semantic target's widths size
-    the CLS path)."""
+    (`features.vision_tower`; on the decoupled path the CLS source is `features.cls_head`'s), the name head's
+    (`pretrain.name_head`, reading `features.cls_head`'s CLS feature; `slots: 0` leaves it out), and the
+    widths and `<image>` id of the models it sits between (the CLS feature's and the semantic target's widths
+    size the CLS path)."""
     decoupled = variant["quantized"] and model.get("cls_path", "shared") == "decoupled"
     config = QMLLMConfig(
         vision_width=int(caption_features["patches"].shape[-1]), llm_width=llm.config.hidden_size,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), variant=variant["name"],
         quantized=variant["quantized"], mm_vision_select_layer=vision_tower["select_layer"],
         cls_source=cls_head_features["cls_source"] if decoupled else vision_tower["cls_source"],
-        mm_patch_pool=vision_tower["patch_pool"], **model, **_cls_widths(caption_features, caption_targets, decoupled))
+        mm_patch_pool=vision_tower["patch_pool"], num_patches=int(caption_features["patches"].shape[1]), **model,
+        **_cls_widths(caption_features, caption_targets, decoupled),
+        **_name_head_fields(caption_features, name_vocabulary, name_head, cls_head_features["cls_source"]))
     return config.to_dict()
+
+
+def _name_head_fields(caption_features: dict, vocabulary: dict, params: dict, cls_source: str) -> dict:
+    if not params["slots"]:
+        return {}
+    return {"name_slots": params["slots"] + bool(params["background"]), "name_background": bool(params["background"]),
+            "name_slot_width": vocabulary["slot_width"], "name_position": params["position"],
+            "name_vocabulary": list(vocabulary["names"]), "name_cls_source": cls_source,
+            "name_cls_width": int(caption_features["head_cls"].shape[-1]), "name_head_inputs": params["inputs"],
+            "name_head_hidden": params["hidden"], "name_head_patch_dim": params["patch_dim"]}
+
+
+def name_vocabulary(emoji_catalogue: pd.DataFrame, tokenizer, backgrounds: dict, params: dict) -> dict:
+    """The name head's closed vocabulary: every catalogue name, in catalogue order, then (with a background
+    slot, `params`: pretrain.name_head) the background colours, sorted; each spelled in the LLM's tokens as it
+    follows an article in an answer (' pistol', ' red'), and the widest spelling (a slot's width)."""
+    names = [str(name) for name in emoji_catalogue["name"]]
+    colours = sorted(backgrounds) if params["background"] else []
+    token_ids = [tokenizer(f" {name}", add_special_tokens=False)["input_ids"] for name in names + colours]
+    return {"names": names + colours, "item_ids": [int(i) for i in emoji_catalogue["item_id"]],
+            "backgrounds": colours, "token_ids": token_ids, "slot_width": max(len(ids) for ids in token_ids),
+            "pad_id": int(tokenizer.pad_token_id)}
+
+
+def build_name_head(vocabulary: dict, caption_features: dict, params: dict) -> NameHead:
+    """An untrained name head of the shape `model_config` gives the models (`params`: pretrain.name_head)."""
+    head = NameHead(len(vocabulary["names"]), params["slots"] + bool(params["background"]), vocabulary["slot_width"],
+                    int(caption_features["head_cls"].shape[-1]), int(caption_features["patches"].shape[-1]),
+                    int(caption_features["patches"].shape[1]), params["inputs"], params["hidden"], params["patch_dim"],
+                    params["dropout"])
+    return head.set_vocabulary(vocabulary["token_ids"], vocabulary["pad_id"])
+
+
+def name_head_weights(caption_features: dict, caption_corpus: pd.DataFrame, name_vocabulary: dict, params: dict,
+                      seed: int, checkpoint_dir: str) -> tuple[dict, dict]:
+    """The name head, trained once on the caption corpus's cached features and object lists, for both variants
+    (they read the same names: the quantized one its argmax, the baseline its softmax). `params`:
+    pretrain.name_head; with `slots: 0` there is no head (empty weights)."""
+    if not params["slots"]:
+        return {}, {"slots": 0}
+    if "item_ids" not in caption_corpus.columns:
+        raise ValueError("caption_corpus has no item_ids column: its scenes name no catalogue objects (ingested "
+                         "data), so there is nothing to train the name head on; set pretrain.name_head.slots: 0 "
+                         "(as conf/real/parameters_pretrain.yml does)")
+    seed_everything(seed)
+    head = build_name_head(name_vocabulary, caption_features, params)
+    targets = slot_targets(list(caption_corpus["item_ids"]), name_vocabulary["item_ids"], params["slots"],
+                           list(caption_corpus["background"]) if params["background"] else None,
+                           name_vocabulary["backgrounds"])
+    training = TrainingConfig(**params["training"])
+    checkpoint = TrainingCheckpoint(Path(checkpoint_dir) / "name_head", {"params": params, "seed": seed,
+                                                                         "rows": len(targets)})
+    step_logger = StepLogger("name_head", every=params["log_every"])
+    started = time.perf_counter()
+    train_name_head(head, caption_features["head_cls"], caption_features["patches"], targets, training, seed,
+                    step_logger, checkpoint)
+    summary = {"slots": params["slots"], "background": bool(params["background"]), "inputs": params["inputs"],
+               "names": len(name_vocabulary["names"]),
+               "slot_width": name_vocabulary["slot_width"], "seconds": round(time.perf_counter() - started, 1),
+               "steps": training.steps, "final": _final_losses(step_logger)}
+    logger.info("name head: %.0f s, final %s", summary["seconds"], summary["final"])
+    return {k: v.detach().clone() for k, v in head.state_dict().items()}, summary
 
 
 def _cls_widths(caption_features: dict, caption_targets: dict, decoupled: bool) -> dict:
@@ -67,11 +134,12 @@ def semantic_targets(targets: torch.Tensor, standardize: bool) -> torch.Tensor:
 
 
 def pretrain_variant(qmllm_config: dict, caption_features: dict, caption_examples: list[Example],
-                     caption_targets: dict, llm, params: dict, cls_head: dict, seed: int,
-                     checkpoint_dir: str) -> tuple[dict, dict, object]:
-    """Stage 1 for one variant, then on the decoupled CLS path its CLS head; returns its weights (projectors
-    and codebooks), a summary and the loss curve. `params`: pretrain.stage1 (loss weights, schedule,
-    logging); `cls_head`: pretrain.cls_head (the decoupled head's own stage 1, losses and schedule).
+                     caption_targets: dict, llm, name_head_weights: dict, params: dict, cls_head: dict,
+                     name_head: dict, seed: int, checkpoint_dir: str) -> tuple[dict, dict, object]:
+    """Stage 1 for one variant, then on the decoupled CLS path its CLS head; returns its weights (projectors,
+    codebooks and the name head, read frozen), a summary and the loss curve. `params`: pretrain.stage1 (loss
+    weights, schedule, logging); `cls_head`: pretrain.cls_head (the decoupled head's own stage 1, losses and
+    schedule); `name_head`: pretrain.name_head (whether stage 1's captions are read with the name tokens).
 
     On the decoupled path with `cls_head.stage1: paper`, stage 1 is the shared path's, bit for bit: a
     training-only CLS codebook on `mm_projector` (`cls_head.stage1_cls_codes` codes) learns the paper's CLS
@@ -83,7 +151,8 @@ def pretrain_variant(qmllm_config: dict, caption_features: dict, caption_example
     if cls_head["stage1"] not in STAGE1_WITH_HEAD:
         raise ValueError(f"pretrain.cls_head.stage1 must be one of {STAGE1_WITH_HEAD}, got {cls_head['stage1']!r}")
     stage1_config = paper_stage1_config(config, cls_head["stage1_cls_codes"]) if paper_stage1 else config
-    model = QMLLM(stage1_config, llm)
+    model = _with_name_head(QMLLM(stage1_config, llm), name_head_weights)
+    name_features = caption_features["head_cls"] if model.name_head is not None and name_head["in_stage1"] else None
     targets = None
     if model.quantized and not model.decoupled:
         targets = semantic_targets(caption_targets["targets"], params["standardize_semantic_target"])
@@ -94,14 +163,15 @@ def pretrain_variant(qmllm_config: dict, caption_features: dict, caption_example
     step_logger = StepLogger(f"{config.variant}/pretrain", every=params["log_every"])
     started = time.perf_counter()
     pretrain(model, caption_features["cls"], caption_features["patches"], caption_examples, targets, training, seed,
-             params["lambda_vq"], params["lambda_semantic"], params["usage_every"], step_logger, checkpoint)
+             params["lambda_vq"], params["lambda_semantic"], params["usage_every"], step_logger, checkpoint,
+             name_features)
     seconds = time.perf_counter() - started
     summary = {"variant": config.variant, "quantized": config.quantized, "seconds": round(seconds, 1),
                "steps": training.steps,
                "final": _final_losses(step_logger)}
     cls_features = caption_features["cls"]
     if paper_stage1:  # the deployed model: the stage-1 projector and patch codebook, a CLS head of its own
-        model = with_stage1_patch_path(QMLLM(config, llm), model)
+        model = with_stage1_patch_path(_with_name_head(QMLLM(config, llm), name_head_weights), model)
     if config.quantized and model.decoupled:
         cls_features = caption_features["head_cls"]
         summary["cls_head"] = _train_cls_head(model, cls_features, caption_targets["head_targets"], cls_head, seed,
@@ -116,6 +186,16 @@ def pretrain_variant(qmllm_config: dict, caption_features: dict, caption_example
     curves = {k: v for k, v in step_logger.history.items() if k in ("generative", "vq_patch", "vq_cls", "semantic")}
     figure = loss_curve_figure(curves, f"stage 1 ({config.variant})")
     return model.stage1_state(), summary, figure
+
+
+def _with_name_head(model: QMLLM, weights: dict) -> QMLLM:
+    """`model` with the trained name head loaded (a model without one takes no weights)."""
+    if model.name_head is None:
+        if weights:
+            raise ValueError("name head weights for a model without a name head (pretrain.name_head.slots)")
+        return model
+    model.name_head.load_state_dict(weights)
+    return model
 
 
 def _train_cls_head(model: QMLLM, cls_features: torch.Tensor, head_targets: torch.Tensor, params: dict, seed: int,
@@ -140,9 +220,10 @@ def _final_losses(step_logger: StepLogger, window: int = 20) -> dict[str, float]
             for k, points in step_logger.history.items() if points and k != "lr"}
 
 
-def pretrain_report(qmllm_summary: dict, baseline_summary: dict) -> dict:
-    """Codebook health and final losses of both variants: the pretrain metrics JSON, logged to MLflow."""
-    report = {"qmllm": qmllm_summary, "baseline": baseline_summary}
+def pretrain_report(qmllm_summary: dict, baseline_summary: dict, name_head_summary: dict) -> dict:
+    """Codebook health and final losses of both variants and the name head's training: the pretrain metrics
+    JSON, logged to MLflow."""
+    report = {"qmllm": qmllm_summary, "baseline": baseline_summary, "name_head": name_head_summary}
     log_summary_metrics({k: {kk: vv for kk, vv in v.items() if kk != "variant"} for k, v in report.items()},
                         prefix="pretrain")
     return report

@@ -1,0 +1,151 @@
+"""The name head: up to `slots` object names read off the image and handed to the LLM as its own tokens.
+
+A tiny LLM cannot learn, from the few hundred naming turns a stage-2 run sees, to map hundreds of visual
+codes onto hundreds of names (DESIGN.md section 6: a linear probe trained in batches of 32 needs thousands
+of steps to get there). CLIP, trained contrastively against the object phrases, already separates the
+names. So a small classifier on the cached vision features (`NameHead`) picks, for each slot in reading
+order (left to right), one entry of a closed name vocabulary or "empty", and the LLM reads each pick as the
+name's own token embeddings, `slot_width` of them per slot (padded):
+
+    logits = name_head(cls_features, patch_features)       # (B, slots, names + 1)
+    qmllm:    tokens = embed(token_ids[argmax logits])       # a discrete pick, like any codebook lookup
+    baseline: tokens = softmax(logits) @ embed(token_ids)    # the same table read continuously
+
+so copying, which a language model learns from few examples, is all that is left to learn. The empty
+entry fills the slots past the last object: how many slots are filled is the count. With a background slot
+the head also names the background colour, from the same vocabulary grown by the colour words, after the
+objects (as the captions say it).
+
+For the quantized model the pick is an argmax: no gradient reaches the pixels through it, and an attacker
+must flip whole names (the adaptive attacker's straight-through estimator does that: `straight_through`).
+The continuous baseline reads the softmax mixture, so its name tokens are as open to gradients as its patch
+tokens. The name vocabulary is a closed set (the emoji world's catalogue); the real configuration has none
+and runs without the head (`slots=0`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from tokenizers import AddedToken
+from torch import nn
+
+NAME_HEAD_INPUTS = ("cls", "cls_mean_patch", "cls_patches")
+
+
+class NameHead(nn.Module):
+    def __init__(self, names: int, slots: int, slot_width: int, cls_width: int, patch_width: int,
+                 num_patches: int, inputs: str = "cls_patches", hidden: int = 512, patch_dim: int = 32,
+                 dropout: float = 0.1):
+        """`names` vocabulary entries (the empty pick is entry `names`), `slots` picks per image of at most
+        `slot_width` tokens each. `inputs`: what the classifier reads: `cls` (the CLS feature only),
+        `cls_mean_patch` (with the mean patch feature) or `cls_patches` (with every patch feature, in grid
+        order, so it can tell left from right, each first reduced to `patch_dim` by one shared linear map).
+        `dropout` before the output layer: the head sees each name a few hundred times."""
+        super().__init__()
+        if inputs not in NAME_HEAD_INPUTS:
+            raise ValueError(f"name head inputs must be one of {NAME_HEAD_INPUTS}, got {inputs!r}")
+        self.names, self.slots, self.slot_width, self.inputs = names, slots, slot_width, inputs
+        self.patch_projection = nn.Linear(patch_width, patch_dim) if inputs == "cls_patches" else None
+        width = cls_width + {"cls": 0, "cls_mean_patch": patch_width, "cls_patches": num_patches * patch_dim}[inputs]
+        self.classifier = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout),
+                                        nn.Linear(hidden, slots * (names + 1)))
+        # each entry spelled in the LLM's tokens, padded; set by `set_vocabulary`, saved with the weights
+        self.register_buffer("token_ids", torch.zeros(names + 1, slot_width, dtype=torch.long))
+
+    @property
+    def empty(self) -> int:
+        """The index of the empty pick."""
+        return self.names
+
+    def set_vocabulary(self, token_ids: list[list[int]], pad_id: int) -> NameHead:
+        """The token ids of each name (in vocabulary order), padded with `pad_id`; the empty pick is all pad."""
+        if len(token_ids) != self.names:
+            raise ValueError(f"{len(token_ids)} spelled names for a head of {self.names}")
+        table = torch.full((self.names + 1, self.slot_width), pad_id, dtype=torch.long)
+        for row, ids in enumerate(token_ids):
+            if not 0 < len(ids) <= self.slot_width:
+                raise ValueError(f"name {row} has {len(ids)} tokens; slots hold 1 to {self.slot_width}")
+            table[row, :len(ids)] = torch.tensor(ids)
+        self.token_ids.copy_(table)
+        return self
+
+    def forward(self, cls_features: torch.Tensor, patch_features: torch.Tensor) -> torch.Tensor:
+        """cls_features (B, d_cls), patch_features (B, N, d_v) -> logits (B, slots, names + 1)."""
+        parts = [cls_features]
+        if self.inputs == "cls_mean_patch":
+            parts.append(patch_features.mean(1))
+        elif self.inputs == "cls_patches":
+            parts.append(self.patch_projection(patch_features).flatten(1))
+        return self.classifier(torch.cat(parts, -1)).view(len(cls_features), self.slots, self.names + 1)
+
+    def picks(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, slots) the vocabulary entry of each slot: the argmax."""
+        return logits.argmax(-1)
+
+    def tokens(self, logits: torch.Tensor, embedding: nn.Embedding, quantized: bool,
+               straight_through: bool = False) -> torch.Tensor:
+        """The name tokens the LLM reads, (B, slots * slot_width, d_h), from `embedding` (the LLM's input
+        embeddings, read now: stage 2 trains them). Quantized: the argmax entry's embeddings (with
+        `straight_through`, the softmax's gradient passes as if the pick were soft); continuous: the
+        softmax-weighted mixture of every entry's embeddings."""
+        soft = logits.float().softmax(-1)
+        if quantized:
+            hard = F.one_hot(soft.argmax(-1), self.names + 1).to(soft.dtype)
+            weights = hard + soft - soft.detach() if straight_through else hard
+        else:
+            weights = soft
+        table = embedding(self.token_ids).to(weights.dtype)  # (names + 1, slot_width, d_h)
+        if quantized and not straight_through:  # a plain lookup: exactly the entries' embeddings
+            tokens = table[soft.argmax(-1)]
+        else:
+            tokens = torch.einsum("bsn,nld->bsld", weights, table)
+        return tokens.reshape(len(logits), self.slots * self.slot_width, -1)
+
+
+def slot_targets(item_ids: list[list[int]], vocabulary: list[int], slots: int, backgrounds: list[str] | None = None,
+                 background_names: list[str] = ()) -> torch.Tensor:
+    """(B, slots [+ 1]) training targets: each scene's objects in reading order as indices of `vocabulary` (the
+    names' item ids), then the empty pick; with `backgrounds` (one per scene) one more slot naming it, as
+    index len(vocabulary) + its place in `background_names`. The empty pick is the last entry,
+    len(vocabulary) + len(background_names). Objects past the last slot are dropped."""
+    index = {item: i for i, item in enumerate(vocabulary)}
+    colours = {name: len(vocabulary) + i for i, name in enumerate(background_names)}
+    empty = len(vocabulary) + len(background_names)
+    rows = []
+    for row, items in enumerate(item_ids):
+        picks = [index[int(i)] for i in list(items)[:slots]]
+        picks += [empty] * (slots - len(picks))
+        if backgrounds is not None:
+            picks.append(colours[backgrounds[row]])
+        rows.append(picks)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def name_head_losses(head: NameHead, cls_features: torch.Tensor, patch_features: torch.Tensor,
+                     targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cross-entropy per slot, averaged, and the share of scenes whose every slot is right."""
+    logits = head(cls_features.float(), patch_features.float())
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    exact = (head.picks(logits.detach()) == targets).all(-1).float().mean()
+    return {"loss": loss, "exact": exact}
+
+
+def add_tokens(tokenizer, llm, tokens: list[str]) -> tuple[object, object]:
+    """Copies of `tokenizer` and `llm` with `tokens` added as whole tokens (matched verbatim, leading space
+    included: ' kitchen knife'), the LLM's embeddings resized to the new vocabulary; each new row starts as
+    the mean of the embeddings of the pieces the old tokenizer split it into (tied output rows follow).
+    Tokens the tokenizer already encodes as one token are left alone. Returns (tokenizer, llm)."""
+    tokenizer, llm = copy.deepcopy(tokenizer), copy.deepcopy(llm)
+    pieces = {token: tokenizer(token, add_special_tokens=False)["input_ids"] for token in tokens}
+    new = [token for token, ids in pieces.items() if len(ids) != 1]
+    tokenizer.add_tokens([AddedToken(token, normalized=False, single_word=False) for token in new])
+    old = llm.get_input_embeddings().weight.detach().clone()
+    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        weight = llm.get_input_embeddings().weight
+        for token in new:
+            weight[tokenizer.convert_tokens_to_ids(token)] = old[pieces[token]].mean(0)
+    return tokenizer, llm

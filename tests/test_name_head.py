@@ -1,0 +1,205 @@
+"""The name head (models/names.py): what the LLM reads of it, discrete for Q-MLLM and continuous for the
+baseline; its training targets; and a model that carries one through save/load and the attackers' paths."""
+
+import pytest
+import torch
+
+from qmllm_pipeline.models.names import NameHead, name_head_losses, slot_targets
+from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
+from qmllm_pipeline.models.stages import train_name_head
+from qmllm_pipeline.models.training import TrainingConfig
+from qmllm_pipeline.models.vision import VisionTower
+from test_models_qmllm import _llm, _tiny_clip
+
+PAD = 0
+SPELLED = [[11, 12], [13], [14, 15, 16]]   # three names of 2, 1 and 3 tokens
+
+
+def _head(inputs: str = "cls_patches", slots: int = 2) -> NameHead:
+    torch.manual_seed(0)
+    return NameHead(len(SPELLED), slots, 3, cls_width=8, patch_width=16, num_patches=4, inputs=inputs,
+                    hidden=32, patch_dim=4).set_vocabulary(SPELLED, PAD)
+
+
+def test_slot_targets_follow_reading_order_then_empty():
+    targets = slot_targets([[30], [20, 10], [10, 20, 30, 20]], vocabulary=[10, 20, 30], slots=3)
+    assert targets.tolist() == [[2, 3, 3], [1, 0, 3], [0, 1, 2]]  # 3 is the empty entry; a 4th object is dropped
+
+
+def test_vocabulary_is_padded_and_the_empty_entry_is_all_padding():
+    head = _head()
+    assert head.token_ids.tolist() == [[11, 12, PAD], [13, PAD, PAD], [14, 15, 16], [PAD, PAD, PAD]]
+    assert head.empty == 3
+    with pytest.raises(ValueError, match="slots hold 1 to 3"):
+        NameHead(1, 1, 3, 8, 16, 4).set_vocabulary([[1, 2, 3, 4]], PAD)
+
+
+@pytest.mark.parametrize("inputs", ["cls", "cls_mean_patch", "cls_patches"])
+def test_logits_shape_for_every_input(inputs):
+    logits = _head(inputs)(torch.randn(5, 8), torch.randn(5, 4, 16))
+    assert logits.shape == (5, 2, 4)
+
+
+def test_quantized_tokens_are_the_picked_names_own_embeddings():
+    head, embedding = _head(), torch.nn.Embedding(20, 6)
+    logits = torch.tensor([[[0.0, 5.0, 0.0, 0.0], [0.0, 0.0, 0.0, 9.0]]])   # slot 1: name 1, slot 2: empty
+    tokens = head.tokens(logits, embedding, quantized=True)
+    expected = embedding(torch.tensor([13, PAD, PAD, PAD, PAD, PAD]))
+    assert tokens.shape == (1, 6, 6) and torch.equal(tokens[0], expected)
+
+
+def test_continuous_tokens_mix_every_entry_and_pass_gradients():
+    head, embedding = _head(), torch.nn.Embedding(20, 6)
+    logits = torch.randn(2, 2, 4, requires_grad=True)
+    tokens = head.tokens(logits, embedding, quantized=False)
+    weights = logits.softmax(-1)
+    table = embedding(head.token_ids)
+    assert torch.allclose(tokens[1, 3:6], (weights[1, 1, :, None, None] * table).sum(0), atol=1e-6)
+    tokens.sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_straight_through_reads_the_hard_pick_forward_and_the_softmax_backward():
+    head, embedding = _head(), torch.nn.Embedding(20, 6)
+    logits = torch.randn(2, 2, 4, requires_grad=True)
+    hard = head.tokens(logits.detach(), embedding, quantized=True)
+    straight = head.tokens(logits, embedding, quantized=True, straight_through=True)
+    assert torch.allclose(straight, hard, atol=1e-6)
+    straight.sum().backward()
+    assert logits.grad.abs().sum() > 0
+    plain = torch.randn(2, 2, 4, requires_grad=True)  # as deployed: an argmax, no gradient to the scores
+    deployed = head.tokens(plain, embedding, quantized=True)
+    assert torch.autograd.grad(deployed.sum(), plain, allow_unused=True)[0] is None
+
+
+def test_training_learns_a_separable_naming():
+    torch.manual_seed(0)
+    centres = torch.randn(3, 8) * 3
+    items = torch.randint(0, 3, (512,))
+    cls_features = centres[items] + 0.3 * torch.randn(512, 8)
+    patches = torch.randn(512, 4, 16)
+    targets = slot_targets([[int(i)] for i in items], vocabulary=[0, 1, 2], slots=2)
+    head = _head("cls")
+    with torch.no_grad():
+        before = name_head_losses(head.eval(), cls_features, patches, targets)
+    train_name_head(head, cls_features, patches, targets, TrainingConfig(steps=150, batch_size=64, lr=3e-3), seed=0)
+    with torch.no_grad():
+        after = name_head_losses(head.eval(), cls_features, patches, targets)
+    assert float(after["loss"]) < 0.5 * float(before["loss"]) and float(after["exact"]) > 0.95
+
+
+def _named_config(quantized: bool) -> QMLLMConfig:
+    return QMLLMConfig(vision_width=16, llm_width=24, image_token_id=2, variant="qmllm" if quantized else "baseline",
+                       quantized=quantized, cls_codes=8, patch_codes=32, cls_path="decoupled", cls_source="projected",
+                       cls_vision_width=8, cls_width=8, num_patches=16, name_slots=2, name_slot_width=3,
+                       name_vocabulary=["a", "b", "c"], name_cls_source="projected", name_cls_width=8,
+                       name_head_hidden=32, name_head_patch_dim=4)
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_model_reads_name_tokens_before_the_patch_tokens(quantized, tmp_path):
+    torch.manual_seed(0)
+    clip = _tiny_clip()  # 32 px, patch 8: 16 patches; projection 8
+    model = QMLLM(_named_config(quantized), _llm(), VisionTower.from_clip(clip, cls_source="projected")).eval()
+    model.name_head.set_vocabulary(SPELLED, PAD)
+    pixels = torch.randn(2, 3, 32, 32)
+    encoding = model.encode_images(pixels, straight_through=False)
+    assert encoding.image_tokens.shape == (2, 2 * 3 + 16, 24)
+    assert encoding.name_picks.shape == (2, 2)
+    embed = model.llm.get_input_embeddings()
+    if quantized:  # the name tokens are a lookup of the picked entries' token embeddings
+        expected = embed(model.name_head.token_ids[encoding.name_picks]).reshape(2, 6, 24)
+        assert torch.equal(encoding.image_tokens[:, 16:], expected)   # after the 16 patch tokens (the default)
+        before = QMLLM.assemble({**_named_config(quantized).to_dict(), "name_position": "before"},
+                                model.stage1_state(), model.llm, clip)
+        assert torch.equal(before.encode_images(pixels, straight_through=False).image_tokens,
+                           torch.cat([expected, encoding.image_tokens[:, :16]], 1))
+    assert encoding.continuous_tokens.shape == encoding.image_tokens.shape
+    model.save_pretrained(tmp_path)
+    state = model.stage1_state()
+    assert "name_head.token_ids" in state and state["name_head.token_ids"].tolist()[0] == [11, 12, PAD]
+    reloaded = QMLLM.assemble(_named_config(quantized), state, model.llm, clip)
+    assert torch.equal(reloaded.name_head.token_ids, model.name_head.token_ids)
+
+
+def test_a_name_head_needs_its_vocabulary_and_the_patch_count():
+    with pytest.raises(ValueError, match="name_vocabulary"):
+        QMLLMConfig(vision_width=16, llm_width=24, image_token_id=2, name_slots=2, name_slot_width=3)
+    with pytest.raises(ValueError, match="num_patches"):
+        QMLLMConfig(vision_width=16, llm_width=24, image_token_id=2, name_slots=2, name_slot_width=3,
+                    name_vocabulary=["a"])
+
+
+def _stage1_data(rows: int = 64):
+    generator = torch.Generator().manual_seed(1)
+    cls_features = torch.randn(rows, 8, generator=generator)
+    patches = torch.randn(rows, 16, 16, generator=generator)
+    examples = [([3, 2, 5, 6], [-100, -100, 5, 6], row) for row in range(rows)]
+    return cls_features, patches, examples
+
+
+def test_stage1_without_the_name_tokens_is_the_papers_bit_for_bit():
+    """`pretrain.name_head.in_stage1: false`: the projector and patch codebook train exactly as a model without
+    a name head; with the name tokens in the captions' context they train otherwise."""
+    from qmllm_pipeline.models.stages import pretrain
+
+    cls_features, patches, examples = _stage1_data()
+    training = TrainingConfig(steps=4, batch_size=8, lr=1e-3)
+    plain = {f: v for f, v in _named_config(True).to_dict().items() if not f.startswith("name_")}
+    trained = {}
+    for label, config, names in (("paper", QMLLMConfig(**plain), None),
+                                 ("names beside", _named_config(True), None),
+                                 ("names read", _named_config(True), cls_features)):
+        torch.manual_seed(0)
+        model = QMLLM(config, _llm())
+        if model.name_head is not None:
+            model.name_head.set_vocabulary(SPELLED, PAD)
+        pretrain(model, cls_features, patches, examples, None, training, seed=0, usage_every=2, name_features=names)
+        trained[label] = {k: v for k, v in model.stage1_state().items() if k.startswith(("mm_projector", "patch_"))}
+    assert all(torch.equal(trained["paper"][k], v) for k, v in trained["names beside"].items())
+    assert not all(torch.equal(trained["paper"][k], v) for k, v in trained["names read"].items())
+
+
+def test_naming_scores_count_exact_names_by_group_and_the_heads_picks():
+    import pandas as pd
+
+    from qmllm_pipeline.pipelines.finetune.nodes import naming_scores
+
+    catalogue = pd.DataFrame({"name": ["pistol", "cat", "apple"], "group": ["weapon", "animal", "food"]})
+    items = pd.DataFrame({"objects": [["pistol"], ["cat"], ["cat"], ["apple"]], "toxic": [True, False, False, False]})
+    answers = ["A pistol.", "a dog", "a cat", "an apple"]
+    scores = naming_scores(answers, items, catalogue, head_picks=["pistol", "cat", "cat", "cat"])
+    assert scores["all"] == 0.75 and scores["toxic"] == 1.0 and scores["neutral"] == pytest.approx(2 / 3)
+    assert scores["by_group"] == {"animal": 0.5, "food": 1.0, "weapon": 1.0}
+    assert scores["confusions"] == [{"truth": "a cat", "said": "a dog", "count": 1}]
+    assert scores["head"] == 0.75                  # the head named the apple a cat
+    assert scores["answer_is_head_pick"] == 0.5    # the LLM said what the head picked twice ("a pistol", "a cat")
+    assert scores["intervals"]["all"]["n"] == 4 and "head" not in naming_scores(answers, items, catalogue)
+
+
+def test_add_tokens_makes_each_name_one_token_and_starts_it_at_its_pieces_mean():
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from conftest import PROJECT_ROOT
+    from qmllm_pipeline.models.names import add_tokens
+
+    shipped = PROJECT_ROOT / "data/01_raw/foundation"
+    tokenizer = AutoTokenizer.from_pretrained(shipped / "tokenizer")
+    llm = LlamaForCausalLM.from_pretrained(shipped / "llm")
+    names = [" middle finger", " middle finger light skin", " kitchen knife", " cat"]
+    grown, grown_llm = add_tokens(tokenizer, llm, names)
+    assert len(grown) == len(tokenizer) + 3  # ' cat' is one token already
+    assert grown_llm.get_input_embeddings().weight.shape[0] == len(grown)
+    assert grown.convert_ids_to_tokens(grown("a middle finger light skin and a cat", add_special_tokens=False)[
+        "input_ids"])[:2] == ["a", " middle finger light skin"]   # the longest name wins
+    knife = grown.convert_tokens_to_ids(" kitchen knife")
+    pieces = tokenizer(" kitchen knife", add_special_tokens=False)["input_ids"]
+    old, new = llm.get_input_embeddings().weight, grown_llm.get_input_embeddings().weight
+    assert torch.allclose(new[knife], old[pieces].mean(0)) and torch.equal(new[:len(tokenizer)], old)
+    assert llm.get_input_embeddings().weight.shape[0] == len(tokenizer)  # the originals are untouched
+
+
+def test_slot_targets_name_the_background_last_when_asked():
+    targets = slot_targets([[30], [20, 10]], vocabulary=[10, 20, 30], slots=2, backgrounds=["red", "blue"],
+                           background_names=["blue", "red"])
+    assert targets.tolist() == [[2, 5, 4], [1, 0, 3]]   # names 0-2, colours 3-4, the empty pick 5
