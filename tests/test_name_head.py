@@ -203,3 +203,37 @@ def test_slot_targets_name_the_background_last_when_asked():
     targets = slot_targets([[30], [20, 10]], vocabulary=[10, 20, 30], slots=2, backgrounds=["red", "blue"],
                            background_names=["blue", "red"])
     assert targets.tolist() == [[2, 5, 4], [1, 0, 3]]   # names 0-2, colours 3-4, the empty pick 5
+
+
+@pytest.mark.slow
+def test_the_name_head_sweep_reproduces_the_pipelines_head(world, foundation, stages, smoke_params):
+    """The lever sweep's row for the configured head is the pipeline's head (same node, same seed): its
+    held-out first pick on `eval_items` equals the one finetune scored."""
+    from qmllm_pipeline.experiments.name_head_levers import name_head_sweep
+
+    head = smoke_params["pretrain"]["name_head"]
+    inputs = {name: world[name] for name in ("emoji_catalogue", "caption_corpus", "eval_items", "eval_utility")}
+    inputs.update({name: foundation[name] for name in ("tokenizer", "clip_model", "clip_image_processor")})
+    inputs["caption_features"] = stages["caption_features"]
+    table = name_head_sweep(inputs, smoke_params, [head["inputs"], "cls"], [head["hidden"]],
+                            [head["training"]["steps"]])
+    assert list(table["inputs"]) == [head["inputs"], "cls"]
+    assert table.iloc[0]["eval_items.name_single"] == pytest.approx(
+        stages["finetune_metrics"]["qmllm"]["naming"]["head"])
+    rates = table[[c for c in table if c.startswith(("eval_items.", "eval_utility.")) and not c.endswith(".scenes")]]
+    assert not rates.empty and ((rates >= 0) & (rates <= 1)).all().all()
+
+
+@pytest.mark.slow
+def test_single_token_names_grow_the_vocabulary_and_train_both_stages(world, foundation, stages, smoke_params):
+    from qmllm_pipeline.experiments.single_token_names import INPUTS, single_token_names
+
+    sources = {**world, **foundation, **stages}
+    result = single_token_names({name: sources[name] for name in INPUTS}, smoke_params)
+    multi = sum(len(foundation["tokenizer"](f" {name}", add_special_tokens=False)["input_ids"]) > 1
+                for name in world["emoji_catalogue"]["name"])
+    assert result["tokens_added"] == multi > 0
+    assert result["vocabulary"] == len(foundation["tokenizer"]) + multi
+    assert {"qmllm", "baseline"} <= set(result["finetune"])
+    # every catalogue name is one token now: a slot is as wide as the widest background colour at most
+    assert result["pretrain"]["name_head"]["slot_width"] < stages["pretrain_metrics"]["name_head"]["slot_width"]

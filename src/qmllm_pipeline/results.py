@@ -108,8 +108,7 @@ SEED_HEADLINE = ("qmllm refuses held-out harmful requests, neutral image",
                  "qmllm: most any attacker adds over clean, eps32", "baseline white-box ASR, eps64",
                  "safety-map DSR, single toxic object", "safety-map FPR, neutral",
                  "SafeCLIP DSR at the safety map's neutral FPR, single toxic object",
-                 "qmllm naming, every catalogue emoji alone", "baseline naming, every catalogue emoji alone",
-                 "qmllm count", "baseline count", "qmllm colour", "baseline colour", "qmllm caption word F1")
+                 "qmllm object naming", "qmllm naming, every catalogue emoji alone", "qmllm count", "qmllm colour")
 
 
 def headline_table(metrics: dict[str, dict]) -> str:

@@ -82,6 +82,9 @@ FIGURES: dict[str, tuple[str, str]] = {
        for b in ("eps16", "eps32", "eps64", "unconstrained")},
 }
 
+# Figures a run has only with a name head (`pretrain.name_head.slots` > 0): not an error where it is off.
+NAME_HEAD_FIGURES = frozenset({"name head's first pick right, every catalogue emoji alone"})
+
 
 def lookup(tree: dict, dotted: str):
     """`tree[a][b]...` for the path `a.b...`; a key that itself holds dots (the interval keys, `dsr.single`)
