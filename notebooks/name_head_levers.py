@@ -36,17 +36,13 @@ def main() -> None:
                         help="CSV written (via a temporary file) with one row per setting")
     args = parser.parse_args()
 
-    from kedro.framework.session import KedroSession  # imported here: --help stays quick and quiet
-    from kedro.framework.startup import bootstrap_project
-
-    bootstrap_project(PROJECT)
+    # the project is imported only now: --help stays quick and quiet
     import pandas as pd
 
     from qmllm_pipeline.experiments.name_head_levers import INPUTS, name_head_sweep
-    from qmllm_pipeline.experiments.runs import with_overrides
+    from qmllm_pipeline.experiments.runs import project_context, with_overrides
 
-    with KedroSession.create(project_path=PROJECT, env=None if args.env == "base" else args.env) as session:
-        context = session.load_context()
+    with project_context(PROJECT, args.env) as context:
         params = context.params
         inputs = {name: context.catalog.load(name) for name in INPUTS}
         head = params["pretrain"]["name_head"]

@@ -28,15 +28,12 @@ def main() -> None:
                         help="CSV written (via a temporary file) with one row per detector")
     args = parser.parse_args()
 
-    from kedro.framework.session import KedroSession  # imported here: --help stays quick and quiet
-    from kedro.framework.startup import bootstrap_project
-
-    bootstrap_project(PROJECT)
+    # the project is imported only now: --help stays quick and quiet
+    from qmllm_pipeline.experiments.runs import project_context
     from qmllm_pipeline.experiments.safety_signal_limits import EVALUATION, signal_limits
     from qmllm_pipeline.models.qmllm import QMLLM
 
-    with KedroSession.create(project_path=PROJECT, env=None if args.env == "base" else args.env) as session:
-        context = session.load_context()
+    with project_context(PROJECT, args.env) as context:
         load = context.catalog.load
         model = QMLLM.assemble(load("qmllm.qmllm_config"), load("qmllm.stage1_weights"), clip_model=load("clip_model"))
         splits = {name: load(name) for name in ("dmap", "dmap_validation", *EVALUATION)}

@@ -31,19 +31,15 @@ def main() -> None:
                         help="JSON written (via a temporary file)")
     args = parser.parse_args()
 
-    from kedro.framework.session import KedroSession  # imported here: --help stays quick and quiet
-    from kedro.framework.startup import bootstrap_project
-
-    bootstrap_project(PROJECT)
-    from qmllm_pipeline.experiments.runs import with_overrides
+    # the project is imported only now: --help stays quick and quiet
+    from qmllm_pipeline.experiments.runs import project_context, with_overrides
     from qmllm_pipeline.experiments.single_token_names import INPUTS, single_token_names
 
     overrides = {}
     for setting in args.set:
         key, _, value = setting.partition("=")
         overrides[key] = yaml.safe_load(value)
-    with KedroSession.create(project_path=PROJECT, env=None if args.env == "base" else args.env) as session:
-        context = session.load_context()
+    with project_context(PROJECT, args.env) as context:
         params = with_overrides(context.params, **overrides)
         if args.seed is not None:
             params = with_overrides(params, seed=args.seed)

@@ -248,3 +248,15 @@ def test_the_full_profile_trains_the_papers_recipe_beside_the_default_run():
     for reference in ("vision_tower", "image_processor", "tokenizer"):
         target = (model_dir / params["pretrain"]["model"]["references"][reference]).resolve()
         assert target.parent == (PROJECT_ROOT / "data/01_raw/foundation").resolve(), reference
+
+
+def test_the_experiment_scripts_open_the_project_in_the_environment_asked_for():
+    """`project_context`, the notebooks' one way into a trained run: each environment's parameters overlay
+    base (the smoke profile turns the name head on, base leaves it off)."""
+    from qmllm_pipeline.experiments.runs import project_context
+
+    with project_context(PROJECT_ROOT, "smoke") as smoke:
+        assert smoke.params["pretrain"]["name_head"]["slots"] == 3
+        assert smoke.params["pretrain"]["name_head"]["training"]["steps"] == 20
+    with project_context(PROJECT_ROOT) as base:
+        assert base.params["pretrain"]["name_head"]["slots"] == 0

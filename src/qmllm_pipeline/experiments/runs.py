@@ -4,6 +4,9 @@ What the tests and the sweeps use to run the pipelines' own nodes under other pa
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Pipeline
@@ -46,3 +49,16 @@ def run_in_memory(pipeline: Pipeline, inputs: dict, params: dict | None = None) 
         catalog[name] = KeptMemoryDataset(copy_mode="assign")
     SequentialRunner().run(pipeline, catalog)
     return {name: catalog.load(name) for name in pipeline.all_outputs()}
+
+
+@contextmanager
+def project_context(project: Path, env: str = "base") -> Iterator:
+    """The Kedro context of the project at `project` in environment `env` ("base": no overlay), for the
+    notebooks' experiment scripts: its `catalog` loads the trained run's datasets, `params` its parameters.
+    Kedro is imported here, so a script's `--help` stays quick."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, env=None if env == "base" else env) as session:
+        yield session.load_context()
