@@ -11,7 +11,6 @@ none of it: the table is printed and saved to --out. Example:
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -40,7 +39,7 @@ def main() -> None:
     import pandas as pd
 
     from qmllm_pipeline.experiments.name_head_levers import INPUTS, name_head_sweep
-    from qmllm_pipeline.experiments.runs import project_context, with_overrides
+    from qmllm_pipeline.experiments.runs import project_context, with_overrides, write_table
 
     with project_context(PROJECT, args.env) as context:
         params = context.params
@@ -50,12 +49,7 @@ def main() -> None:
         table = pd.concat([name_head_sweep(inputs, with_overrides(params, seed=seed), args.inputs,
                                            args.hidden or [head["hidden"]], args.steps or [head["training"]["steps"]])
                            .assign(seed=seed) for seed in seeds], ignore_index=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = args.out.with_suffix(".tmp")
-    table.to_csv(scratch, index=False)
-    os.replace(scratch, args.out)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"written to {args.out}")
+    write_table(table, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -56,7 +55,7 @@ def main() -> None:
     # the project is imported only now: --help stays quick and quiet
     import pandas as pd
 
-    from qmllm_pipeline.experiments.runs import project_context, with_overrides
+    from qmllm_pipeline.experiments.runs import project_context, with_overrides, write_table
     from qmllm_pipeline.experiments.safety_map_levers import INPUTS, lever_sweep
 
     with project_context(PROJECT, args.env) as context:
@@ -65,12 +64,7 @@ def main() -> None:
         table = pd.concat([lever_sweep(inputs, with_overrides(context.params, seed=seed), args.cls_source,
                                        args.lambda_semantic, args.cls_codes, args.dmap, args.design).assign(seed=seed)
                            for seed in seeds], ignore_index=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = args.out.with_suffix(".tmp")
-    table.to_csv(scratch, index=False)
-    os.replace(scratch, args.out)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"written to {args.out}")
+    write_table(table, args.out)
 
 
 if __name__ == "__main__":

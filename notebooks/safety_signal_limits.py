@@ -13,7 +13,6 @@ changes none of it: the table is printed and saved to --out. About half a minute
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -29,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     # the project is imported only now: --help stays quick and quiet
-    from qmllm_pipeline.experiments.runs import project_context
+    from qmllm_pipeline.experiments.runs import project_context, write_table
     from qmllm_pipeline.experiments.safety_signal_limits import EVALUATION, signal_limits
     from qmllm_pipeline.models.qmllm import QMLLM
 
@@ -40,12 +39,7 @@ def main() -> None:
         table = signal_limits(model, load("clip_image_processor"), splits, load("safety_metrics"), args.k,
                               context.params["safety_map"]["max_validation_fpr"],
                               context.params["safety_map"]["tau_candidates"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = args.out.with_suffix(".tmp")
-    table.to_csv(scratch, index=False)
-    os.replace(scratch, args.out)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"written to {args.out}")
+    write_table(table, args.out)
 
 
 if __name__ == "__main__":

@@ -260,3 +260,15 @@ def test_the_experiment_scripts_open_the_project_in_the_environment_asked_for():
         assert smoke.params["pretrain"]["name_head"]["training"]["steps"] == 20
     with project_context(PROJECT_ROOT) as base:
         assert base.params["pretrain"]["name_head"]["slots"] == 0
+
+
+def test_a_sweep_table_is_written_whole_or_not_at_all(tmp_path, capsys):
+    from qmllm_pipeline.experiments.runs import write_table
+
+    out = tmp_path / "reports" / "sweep.csv"
+    write_table(pd.DataFrame({"k": [128, 512], "dsr": [0.726, 0.96]}), out)
+    assert pd.read_csv(out).to_dict("list") == {"k": [128, 512], "dsr": [0.726, 0.96]}
+    assert not out.with_suffix(".tmp").exists() and f"written to {out}" in capsys.readouterr().out
+    with pytest.raises(AttributeError):
+        write_table(None, out)   # a failed write leaves the earlier table as it was
+    assert pd.read_csv(out)["k"].tolist() == [128, 512]

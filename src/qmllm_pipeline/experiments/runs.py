@@ -4,6 +4,7 @@ What the tests and the sweeps use to run the pipelines' own nodes under other pa
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,3 +63,14 @@ def project_context(project: Path, env: str = "base") -> Iterator:
     bootstrap_project(project)
     with KedroSession.create(project_path=project, env=None if env == "base" else env) as session:
         yield session.load_context()
+
+
+def write_table(table, out: Path) -> None:
+    """Write a sweep's table (a DataFrame) to the CSV `out` through a temporary file, so an interrupted
+    write never leaves a half file over an earlier result, then print it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = out.with_suffix(".tmp")
+    table.to_csv(scratch, index=False)
+    os.replace(scratch, out)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"written to {out}")
