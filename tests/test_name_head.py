@@ -88,6 +88,64 @@ def test_training_learns_a_separable_naming():
     assert float(after["loss"]) < 0.5 * float(before["loss"]) and float(after["exact"]) > 0.95
 
 
+
+def _counted_head() -> NameHead:
+    torch.manual_seed(0)
+    return NameHead(len(SPELLED), 3, 3, cls_width=8, patch_width=16, num_patches=4, inputs="cls", hidden=32,
+                    counted=2).set_vocabulary(SPELLED, PAD)   # two object slots counted, then a free slot
+
+
+def test_a_counted_head_is_one_distribution_per_slot_from_the_count_and_the_names():
+    head = _counted_head()
+    logits = torch.tensor([[[2.0, 0.0, 1.0, 7.0], [0.0, 3.0, 0.0, -7.0], [1.0, 2.0, 3.0, 4.0]]])
+    count_logits = torch.tensor([[0.0, 1.0, 2.0]])                    # counts 0, 1, 2
+    p_count = count_logits.softmax(-1)[0]
+    composed = head.compose(logits, count_logits)
+    probs = composed.exp()
+    assert torch.allclose(probs[0, :2].sum(-1), torch.ones(2), atol=1e-6)
+    # slot 0: empty iff the count is 0; slot 1: empty iff the count is at most 1; the slots' empty score unused
+    assert torch.allclose(probs[0, 0, 3], p_count[0]) and torch.allclose(probs[0, 1, 3], p_count[:2].sum())
+    names = logits[0, 0, :3].softmax(-1)
+    assert torch.allclose(probs[0, 0, :3], (1 - p_count[0]) * names, atol=1e-6)
+    assert torch.equal(composed[0, 2], logits[0, 2])                   # the free slot keeps its logits
+    assert torch.allclose(head.count_probabilities(composed)[0], p_count, atol=1e-6)
+
+
+def test_a_counted_head_fills_the_most_likely_count_of_slots_each_with_its_best_name():
+    head = _counted_head()
+    logits = torch.tensor([[[2.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.9, 0.0], [1.0, 2.0, 3.0, 0.0]]] * 2)
+    # scene 0: two objects (p 0.5) though each slot's name is unsure; scene 1: one object
+    count_logits = torch.log(torch.tensor([[0.1, 0.4, 0.5], [0.1, 0.6, 0.3]]))
+    composed = head.compose(logits, count_logits)
+    assert head.picks(composed).tolist() == [[0, 1, 2], [0, head.empty, 2]]
+    # a plain argmax would leave scene 0's unsure second name empty (0.5 x 0.42 < 0.5): what counted heads fix
+    assert composed.argmax(-1)[0, 1] == head.empty
+    embedding = torch.nn.Embedding(20, 6)
+    tokens = head.tokens(composed, embedding, quantized=True)           # the LLM reads those picks
+    assert torch.equal(tokens[0, 3:6], embedding(torch.tensor([13, PAD, PAD])))
+    assert torch.equal(tokens[1, 3:6], embedding(torch.tensor([PAD, PAD, PAD])))
+
+
+def test_a_counted_head_learns_the_count_and_pays_for_it():
+    torch.manual_seed(0)
+    centres = torch.randn(3, 8) * 3
+    items = torch.randint(0, 3, (512,))
+    many = torch.rand(512) < 0.5                                         # half the scenes hold a second object
+    shift = torch.tensor([6.0, -6.0, 0, 0, 0, 0, 0, 0])                 # (a constant shift: the LayerNorm erases it)
+    cls_features = centres[items] + 0.3 * torch.randn(512, 8) + shift * many[:, None].float()
+    objects = [[int(i)] + ([int(i)] if m else []) for i, m in zip(items, many, strict=True)]
+    targets = torch.cat([slot_targets(objects, vocabulary=[0, 1, 2], slots=2),
+                         torch.zeros(512, 1, dtype=torch.long)], 1)      # the free slot always names entry 0
+    head = _counted_head()
+    train_name_head(head, cls_features, torch.randn(512, 4, 16), targets,
+                    TrainingConfig(steps=200, batch_size=64, lr=3e-3), seed=0)
+    with torch.no_grad():
+        losses = name_head_losses(head.eval(), cls_features, torch.randn(512, 4, 16), targets)
+    assert float(losses["count_loss"]) < 0.1 and float(losses["exact"]) > 0.95
+    with pytest.raises(ValueError, match="cannot count 4"):
+        NameHead(3, 3, 3, 8, 16, 4, counted=4)
+
+
 def _named_config(quantized: bool) -> QMLLMConfig:
     return QMLLMConfig(vision_width=16, llm_width=24, image_token_id=2, variant="qmllm" if quantized else "baseline",
                        quantized=quantized, cls_codes=8, patch_codes=32, cls_path="decoupled", cls_source="projected",

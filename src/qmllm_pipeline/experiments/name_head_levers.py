@@ -30,7 +30,7 @@ def held_out_scores(head, cls_features: torch.Tensor, patch_features: torch.Tens
     """The head's picks against the truth: the first object of single-object scenes, the count (filled object
     slots), the background (its last slot, if it has one) and every slot right."""
     with torch.no_grad():
-        picks = head.eval()(cls_features.float(), patch_features.float()).argmax(-1)
+        picks = head.picks(head.eval()(cls_features.float(), patch_features.float()))
     objects = slice(0, picks.shape[1] - background)
     single = targets[:, 1] == head.empty
     counted = (picks[:, objects] != head.empty).sum(1) == (targets[:, objects] != head.empty).sum(1)

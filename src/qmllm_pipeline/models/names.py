@@ -12,7 +12,8 @@ name's own token embeddings, `slot_width` of them per slot (padded):
     baseline: tokens = softmax(logits) @ embed(token_ids)    # the same table read continuously
 
 so copying, which a language model learns from few examples, is all that is left to learn. The empty
-entry fills the slots past the last object: how many slots are filled is the count. With a background slot
+entry fills the slots past the last object: how many slots are filled is the count (with `counted`, a count
+pick of its own decides it, `NameHead.compose`). With a background slot
 the head also names the background colour, from the same vocabulary grown by the colour words, after the
 objects (as the captions say it).
 
@@ -38,20 +39,24 @@ NAME_HEAD_INPUTS = ("cls", "cls_mean_patch", "cls_patches")
 class NameHead(nn.Module):
     def __init__(self, names: int, slots: int, slot_width: int, cls_width: int, patch_width: int,
                  num_patches: int, inputs: str = "cls_patches", hidden: int = 512, patch_dim: int = 32,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, counted: int = 0):
         """`names` vocabulary entries (the empty pick is entry `names`), `slots` picks per image of at most
         `slot_width` tokens each. `inputs`: what the classifier reads: `cls` (the CLS feature only),
         `cls_mean_patch` (with the mean patch feature) or `cls_patches` (with every patch feature, in grid
         order, so it can tell left from right, each first reduced to `patch_dim` by one shared linear map).
-        `dropout` before the output layer: the head sees each name a few hundred times."""
+        `dropout` before the output layer: the head sees each name a few hundred times. `counted` > 0: the
+        first `counted` slots are filled by a count pick of their own (`compose`), not each on its own."""
         super().__init__()
         if inputs not in NAME_HEAD_INPUTS:
             raise ValueError(f"name head inputs must be one of {NAME_HEAD_INPUTS}, got {inputs!r}")
+        if not 0 <= counted <= slots:
+            raise ValueError(f"a name head of {slots} slots cannot count {counted} of them")
         self.names, self.slots, self.slot_width, self.inputs = names, slots, slot_width, inputs
+        self.counted = counted
         self.patch_projection = nn.Linear(patch_width, patch_dim) if inputs == "cls_patches" else None
         width = cls_width + {"cls": 0, "cls_mean_patch": patch_width, "cls_patches": num_patches * patch_dim}[inputs]
         self.classifier = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout),
-                                        nn.Linear(hidden, slots * (names + 1)))
+                                        nn.Linear(hidden, slots * (names + 1) + (counted + 1 if counted else 0)))
         # each entry spelled in the LLM's tokens, padded; set by `set_vocabulary`, saved with the weights
         self.register_buffer("token_ids", torch.zeros(names + 1, slot_width, dtype=torch.long))
 
@@ -73,17 +78,52 @@ class NameHead(nn.Module):
         return self
 
     def forward(self, cls_features: torch.Tensor, patch_features: torch.Tensor) -> torch.Tensor:
-        """cls_features (B, d_cls), patch_features (B, N, d_v) -> logits (B, slots, names + 1)."""
+        """cls_features (B, d_cls), patch_features (B, N, d_v) -> logits (B, slots, names + 1) (for a counted
+        head, log-probabilities: see `compose`)."""
         parts = [cls_features]
         if self.inputs == "cls_mean_patch":
             parts.append(patch_features.mean(1))
         elif self.inputs == "cls_patches":
             parts.append(self.patch_projection(patch_features).flatten(1))
-        return self.classifier(torch.cat(parts, -1)).view(len(cls_features), self.slots, self.names + 1)
+        scores = self.classifier(torch.cat(parts, -1))
+        width = self.slots * (self.names + 1)
+        logits = scores[:, :width].view(len(cls_features), self.slots, self.names + 1)
+        return self.compose(logits, scores[:, width:]) if self.counted else logits
+
+    def compose(self, logits: torch.Tensor, count_logits: torch.Tensor) -> torch.Tensor:
+        """One distribution per slot out of two factors: slot s < `counted` is filled with the probability
+        that the count exceeds s, and then named by its own softmax over the names (its empty score unused):
+
+            p_s(name) = P(count > s) softmax(logits_s[:names])(name),   p_s(empty) = P(count <= s)
+
+        returned as log-probabilities (count_logits (B, counted + 1) score the counts 0..counted). The slots'
+        fill is consistent (a filled slot never follows an empty one) and the count is one decision: naming
+        each slot on its own let an unsure name lose to the empty pick, and three-object scenes were counted
+        as two. Slots past `counted` (the background) keep their plain logits."""
+        log_count = count_logits.float().log_softmax(-1)
+        at_most = torch.logcumsumexp(log_count, -1)[:, :self.counted]                   # log P(count <= s)
+        more = torch.logcumsumexp(log_count.flip(-1), -1).flip(-1)[:, 1:]              # log P(count > s)
+        named = logits[:, :self.counted, :self.names].float().log_softmax(-1) + more[..., None]
+        counted = torch.cat([named, at_most[..., None]], -1)
+        return torch.cat([counted.to(logits.dtype), logits[:, self.counted:]], 1)
+
+    def count_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, counted + 1) a counted head's P(count = 0..counted), read back from its slots' empty entries."""
+        at_most = logits[:, :self.counted, self.names].float().exp()                    # P(count <= s)
+        cumulative = torch.cat([at_most, torch.ones_like(at_most[:, :1])], -1)
+        return torch.diff(cumulative, dim=-1, prepend=torch.zeros_like(at_most[:, :1])).clamp_min(0)
 
     def picks(self, logits: torch.Tensor) -> torch.Tensor:
-        """(B, slots) the vocabulary entry of each slot: the argmax."""
-        return logits.argmax(-1)
+        """(B, slots) the vocabulary entry of each slot: the argmax; for a counted head, the most likely count
+        fills that many slots, each with its most likely name."""
+        picks = logits.argmax(-1)
+        if not self.counted:
+            return picks
+        count = self.count_probabilities(logits).argmax(-1)
+        filled = torch.arange(self.counted, device=logits.device) < count[:, None]
+        names = logits[:, :self.counted, :self.names].argmax(-1)
+        picks[:, :self.counted] = torch.where(filled, names, torch.full_like(names, self.empty))
+        return picks
 
     def tokens(self, logits: torch.Tensor, embedding: nn.Embedding, quantized: bool,
                straight_through: bool = False) -> torch.Tensor:
@@ -93,13 +133,14 @@ class NameHead(nn.Module):
         softmax-weighted mixture of every entry's embeddings."""
         soft = logits.float().softmax(-1)
         if quantized:
-            hard = F.one_hot(soft.argmax(-1), self.names + 1).to(soft.dtype)
+            picks = self.picks(logits.detach())
+            hard = F.one_hot(picks, self.names + 1).to(soft.dtype)
             weights = hard + soft - soft.detach() if straight_through else hard
         else:
             weights = soft
         table = embedding(self.token_ids).to(weights.dtype)  # (names + 1, slot_width, d_h)
         if quantized and not straight_through:  # a plain lookup: exactly the entries' embeddings
-            tokens = table[soft.argmax(-1)]
+            tokens = table[picks]
         else:
             tokens = torch.einsum("bsn,nld->bsld", weights, table)
         return tokens.reshape(len(logits), self.slots * self.slot_width, -1)
@@ -126,11 +167,17 @@ def slot_targets(item_ids: list[list[int]], vocabulary: list[int], slots: int, b
 
 def name_head_losses(head: NameHead, cls_features: torch.Tensor, patch_features: torch.Tensor,
                      targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Cross-entropy per slot, averaged, and the share of scenes whose every slot is right."""
+    """Cross-entropy per slot, averaged, and the share of scenes whose every slot is right; a counted head also
+    pays the cross-entropy of its count (`count_loss`, added to `loss`)."""
     logits = head(cls_features.float(), patch_features.float())
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    losses = {}
+    if head.counted:
+        counts = (targets[:, :head.counted] != head.empty).sum(-1)
+        losses["count_loss"] = F.nll_loss(head.count_probabilities(logits).clamp_min(1e-12).log(), counts)
+        loss = loss + losses["count_loss"]
     exact = (head.picks(logits.detach()) == targets).all(-1).float().mean()
-    return {"loss": loss, "exact": exact}
+    return {"loss": loss, **losses, "exact": exact}
 
 
 def add_tokens(tokenizer, llm, tokens: list[str]) -> tuple[object, object]:

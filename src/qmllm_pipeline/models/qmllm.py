@@ -86,6 +86,7 @@ class QMLLMConfig:
     name_head_inputs: str = "cls_patches"  # see NameHead
     name_head_hidden: int = 512
     name_head_patch_dim: int = 32
+    name_counted: int = 0                  # object slots filled by the head's count pick (0: each slot on its own)
     references: dict[str, str] = field(default_factory=dict)  # vision_tower, image_processor, tokenizer, llm
 
     def __post_init__(self):
@@ -136,12 +137,8 @@ class ImageEncoding:
     cls: QuantizerOutput | None = None       # cls_index is cls.indices
     patches: QuantizerOutput | None = None   # patch_indices is patches.indices
     name_logits: torch.Tensor | None = None  # (B, slots, names + 1) the name head's scores
+    name_picks: torch.Tensor | None = None   # (B, slots) the entry named in each slot (empty past the last object)
     continuous_tokens: torch.Tensor | None = None  # (B, N + M, d_h) Q-MLLM's continuous twin: H_v, soft names
-
-    @property
-    def name_picks(self) -> torch.Tensor | None:
-        """(B, slots) the vocabulary entry named in each slot (the empty entry past the last object)."""
-        return None if self.name_logits is None else self.name_logits.argmax(-1)
 
 
 class QMLLM(nn.Module):
@@ -177,7 +174,8 @@ class QMLLM(nn.Module):
                 self.name_head = NameHead(len(config.name_vocabulary), config.name_slots, config.name_slot_width,
                                           config.name_cls_width or config.vision_width, config.vision_width,
                                           config.num_patches or 0, config.name_head_inputs,
-                                          config.name_head_hidden, config.name_head_patch_dim)
+                                          config.name_head_hidden, config.name_head_patch_dim,
+                                          counted=config.name_counted)
         self.llm = llm
         self.image_token_id = config.image_token_id
 
@@ -281,7 +279,7 @@ class QMLLM(nn.Module):
             embed = self.llm.get_input_embeddings()
             names = self.name_head.tokens(logits, embed, quantized=self.quantized, straight_through=straight_through)
             soft_names = names if not self.quantized else self.name_head.tokens(logits, embed, quantized=False)
-            encoding.name_logits = logits
+            encoding.name_logits, encoding.name_picks = logits, self.name_head.picks(logits.detach())
             encoding.image_tokens = self._with_names(names.to(image_tokens.dtype), image_tokens)
             encoding.continuous_tokens = self._with_names(soft_names.to(patch_hidden.dtype), patch_hidden)
         return encoding

@@ -57,7 +57,8 @@ def _name_head_fields(caption_features: dict, vocabulary: dict, params: dict, cl
             "name_slot_width": vocabulary["slot_width"], "name_position": params["position"],
             "name_vocabulary": list(vocabulary["names"]), "name_cls_source": cls_source,
             "name_cls_width": int(caption_features["head_cls"].shape[-1]), "name_head_inputs": params["inputs"],
-            "name_head_hidden": params["hidden"], "name_head_patch_dim": params["patch_dim"]}
+            "name_head_hidden": params["hidden"], "name_head_patch_dim": params["patch_dim"],
+            "name_counted": params["slots"] if params["count"] else 0}
 
 
 def name_vocabulary(emoji_catalogue: pd.DataFrame, tokenizer, backgrounds: dict, params: dict) -> dict:
@@ -77,7 +78,7 @@ def build_name_head(vocabulary: dict, caption_features: dict, params: dict) -> N
     head = NameHead(len(vocabulary["names"]), params["slots"] + bool(params["background"]), vocabulary["slot_width"],
                     int(caption_features["head_cls"].shape[-1]), int(caption_features["patches"].shape[-1]),
                     int(caption_features["patches"].shape[1]), params["inputs"], params["hidden"], params["patch_dim"],
-                    params["dropout"])
+                    params["dropout"], counted=params["slots"] if params["count"] else 0)
     return head.set_vocabulary(vocabulary["token_ids"], vocabulary["pad_id"])
 
 
@@ -104,7 +105,8 @@ def name_head_weights(caption_features: dict, caption_corpus: pd.DataFrame, name
     started = time.perf_counter()
     train_name_head(head, caption_features["head_cls"], caption_features["patches"], targets, training, seed,
                     step_logger, checkpoint)
-    summary = {"slots": params["slots"], "background": bool(params["background"]), "inputs": params["inputs"],
+    summary = {"slots": params["slots"], "background": bool(params["background"]), "count": bool(params["count"]),
+               "inputs": params["inputs"],
                "names": len(name_vocabulary["names"]),
                "slot_width": name_vocabulary["slot_width"], "seconds": round(time.perf_counter() - started, 1),
                "steps": training.steps, "final": _final_losses(step_logger)}
