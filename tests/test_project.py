@@ -252,16 +252,14 @@ def test_the_full_profile_trains_the_papers_recipe_beside_the_default_run():
 
 def test_the_experiment_scripts_open_the_project_in_the_environment_asked_for():
     """`project_context`, the notebooks' one way into a trained run: each environment's parameters overlay
-    base (the smoke profile shortens the name head's training, the full profile turns it off)."""
+    base (the smoke profile turns the name head on, base leaves it off)."""
     from qmllm_pipeline.experiments.runs import project_context
 
     with project_context(PROJECT_ROOT, "smoke") as smoke:
         assert smoke.params["pretrain"]["name_head"]["slots"] == 3
         assert smoke.params["pretrain"]["name_head"]["training"]["steps"] == 20
-    with project_context(PROJECT_ROOT, "full") as full:
-        assert full.params["pretrain"]["name_head"]["slots"] == 0
     with project_context(PROJECT_ROOT) as base:
-        assert base.params["pretrain"]["name_head"]["training"]["steps"] == 1500
+        assert base.params["pretrain"]["name_head"]["slots"] == 0
 
 
 def test_a_sweep_table_is_written_whole_or_not_at_all(tmp_path, capsys):
