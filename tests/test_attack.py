@@ -1,11 +1,21 @@
 """The jailbreak attack on the smoke models: PGD stays in its budget, the deployed Q-MLLM gives it no
-gradient, straight-through (BPDA) does, and on the continuous baseline PGD lowers the target loss."""
+gradient, straight-through (BPDA) does, and on the continuous baseline PGD lowers the target loss; the
+per-instruction attack crafts each image by its own instruction's loss alone."""
 
 import pandas as pd
 import pytest
 import torch
 
-from qmllm_pipeline.models.attack import JailbreakObjective, first_target_tokens, target_sequences, universal_pgd
+from qmllm_pipeline.models.attack import (
+    JailbreakObjective,
+    PerInstructionObjective,
+    first_target_tokens,
+    per_instruction_pgd,
+    step_sizes,
+    target_sequences,
+    universal_pgd,
+)
+from qmllm_pipeline.models.clip import normalise_pixels
 
 
 def _objective(system, text_corpus: pd.DataFrame, straight_through: bool) -> JailbreakObjective:
@@ -66,3 +76,54 @@ def test_an_attacker_config_that_cannot_work_is_refused(evaluation, smoke_params
         craft_jailbreak_image(*common, {**params["attackers"]["baseline_whitebox"], "cls_weight": 1.0}, budget, 0)
     with pytest.raises(ValueError, match="unknown system"):
         craft_jailbreak_image(*common, {**params["attackers"]["qmllm_plain"], "system": "llava"}, budget, 0)
+
+
+def _per_instruction(system, text_corpus: pd.DataFrame, n: int = 4, **switches) -> PerInstructionObjective:
+    harmful = text_corpus[(text_corpus["kind"] == "harmful") & (text_corpus["split"] == "heldout")].head(n)
+    sequences = target_sequences(system.tokenizer, list(harmful["instruction"]), list(harmful["target"]), 96, 5)
+    return PerInstructionObjective(system.model, system.processor, sequences, **switches)
+
+
+def test_each_sequence_loss_is_its_own_and_matches_the_llm_loss(evaluation, world, start):
+    system = evaluation["evaluation_systems"]["baseline"]
+    objective = _per_instruction(system, world["text_corpus"], n=3)
+    images = start.expand(3, -1, -1, -1).clone()
+    with torch.no_grad():
+        loss, nll = objective(images, [0, 1, 2])
+        alone = system.model.encode_images(normalise_pixels(images[:1], system.processor)).image_tokens
+        for row, (ids, labels) in enumerate(objective.sequences):  # batched and padded = each sequence alone
+            assert float(nll[row]) == pytest.approx(float(system.model([ids], [labels], alone).loss), rel=1e-4)
+        images[0] = torch.rand_like(images[0])  # another instruction's image: this row's loss does not move
+        moved, _ = objective(images, [0, 1, 2])
+    assert torch.equal(loss, nll)  # no CLS term without an anchor
+    assert float(moved[0]) != float(loss[0])
+    assert torch.allclose(moved[1:], loss[1:], atol=1e-5)
+
+
+def test_per_instruction_pgd_keeps_its_budget_and_lowers_each_instructions_loss(evaluation, world, start):
+    objective = _per_instruction(evaluation["evaluation_systems"]["baseline"], world["text_corpus"], n=4)
+    images, history = per_instruction_pgd(objective, start, eps=16 / 255, steps=8, step_size=2, schedule="linear",
+                                          batch_size=3, momentum=0.9, desc=None)  # two batches: 3 + 1
+    assert images.shape == (4, *start.shape)
+    assert (images - start).abs().max() <= 16 / 255 + 1e-6
+    assert torch.equal(images, (images * 255).round() / 255) and 0 <= images.min() and images.max() <= 1
+    with torch.no_grad():
+        reached, _ = objective(images, [0, 1, 2, 3])
+    assert (reached < torch.tensor(history["start_loss"])).all()  # every instruction's own loss went down
+    assert torch.allclose(reached, torch.tensor(history["best_loss"]), atol=1e-4)  # the kept image is the best one
+    assert len(history["loss"]) == 9
+
+
+def test_per_instruction_restarts_never_lose_the_best_image(evaluation, world, start):
+    objective = _per_instruction(evaluation["evaluation_systems"]["baseline"], world["text_corpus"], n=2)
+    _, one = per_instruction_pgd(objective, start, eps=8 / 255, steps=3, step_size=1, desc=None)
+    _, three = per_instruction_pgd(objective, start, eps=8 / 255, steps=3, step_size=1, restarts=3, desc=None)
+    assert all(b <= a + 1e-6 for a, b in zip(one["best_loss"], three["best_loss"], strict=True))
+
+
+def test_the_step_schedule_stays_on_the_grid():
+    assert step_sizes(4, 3, "constant") == [3, 3, 3, 3]
+    assert step_sizes(4, 4, "linear") == [4, 3, 2, 1]
+    assert min(step_sizes(100, 4, "linear")) == 1
+    with pytest.raises(ValueError, match="step schedule"):
+        step_sizes(4, 4, "cosine")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qmllm_pipeline.models.attack import random_sign_noise
-from qmllm_pipeline.pipelines.evaluate.pipeline import ATTACKERS, BUDGETS
+from qmllm_pipeline.pipelines.evaluate.pipeline import ATTACKERS, BUDGETS, PER_INSTRUCTION_ATTACKERS
 from qmllm_pipeline.pipelines.evaluate.report import JAILBREAK_CASES
 
 
@@ -32,10 +32,13 @@ def test_adversarial_images_respect_their_budgets(evaluation, smoke_params):
     start = evaluation["jailbreak_start"]["image"].int()
     images = evaluation["adversarial_images"]
     budgets = smoke_params["evaluate"]["budgets"]
-    assert len(images) == len(BUDGETS) * (len(ATTACKERS) + 1)  # + the random-noise control
+    # + the random-noise control, + one image per held-out instruction for each per-instruction attacker
+    assert len(images) == len(BUDGETS) * (len(ATTACKERS) + 1 + len(PER_INSTRUCTION_ATTACKERS))
+    heldout = len(evaluation["jailbreak_instructions"]["heldout"])
     for key, image in images.items():
         budget, attacker = key.split("/")
-        assert image.dtype == torch.uint8 and image.shape == start.shape
+        shape = (heldout, *start.shape) if attacker.endswith("_per_instruction") else start.shape
+        assert image.dtype == torch.uint8 and image.shape == shape, key
         eps = budgets[budget]["eps"]
         if eps is not None:
             assert (image.int() - start).abs().max() <= eps, key
@@ -67,3 +70,25 @@ def test_the_report_has_the_paper_style_tables(evaluation):
     responses = evaluation["toxic_image_responses"]
     assert set(responses["system"]) == {"baseline", "safeclip", "qmllm"}
     assert responses.loc[responses["refused_by_guard"], "refused"].all()
+
+
+def test_code_stability_is_measured_per_budget(evaluation, smoke_params):
+    stability = evaluation["evaluation_metrics"]["code_stability"]
+    assert stability["images"] == smoke_params["evaluate"]["code_stability"]["images"]
+    assert set(stability["budgets"]) == set(BUDGETS)
+    for entry in stability["budgets"].values():
+        assert 0.0 <= entry["patch_codes_unchanged"] <= 1.0 and 0.0 <= entry["cls_code_unchanged"] <= 1.0
+    budgets = stability["budgets"]  # a larger budget leaves no more patch codes in place (more noise)
+    assert budgets["eps16"]["patch_codes_unchanged"] >= budgets["eps64"]["patch_codes_unchanged"]
+    assert "Q-MLLM code stability" in evaluation["evaluation_report"]
+
+
+def test_per_instruction_attacks_are_judged_and_their_loss_reported(evaluation):
+    for budget in BUDGETS:
+        entry = evaluation["evaluation_metrics"]["jailbreak"][budget]
+        for case in ("baseline_per_instruction", "qmllm_transfer_per_instruction", "qmllm_adaptive_per_instruction"):
+            assert 0.0 <= entry[case]["asr"] <= 1.0, (budget, case)
+        for name in PER_INSTRUCTION_ATTACKERS:
+            pgd = entry["pgd"][f"{name}_per_instruction"]
+            assert pgd["loss_last"] <= pgd["loss_first"] + 1e-6 and pgd["nll_last"] <= pgd["nll_last_max"]
+    assert "Per-instruction PGD" in evaluation["evaluation_report"]

@@ -80,6 +80,14 @@ FIGURES: dict[str, tuple[str, str]] = {
        for b in ("eps16", "eps64")},
     **{f"baseline white-box ASR, {b}": ("evaluate", f"jailbreak.{b}.baseline_whitebox.asr")
        for b in ("eps16", "eps32", "eps64", "unconstrained")},
+    **{f"baseline per-instruction white-box ASR, {b}": ("evaluate", f"jailbreak.{b}.baseline_per_instruction.asr")
+       for b in ("eps16", "eps32", "eps64", "unconstrained")},
+    **{f"qmllm adaptive per-instruction ASR, {b}": ("evaluate", f"jailbreak.{b}.qmllm_adaptive_per_instruction.asr")
+       for b in ("eps16", "eps32", "eps64", "unconstrained")},
+    **{f"qmllm patch-code stability under random noise, {b}": (
+        "evaluate", f"code_stability.budgets.{b}.patch_codes_unchanged") for b in ("eps16", "eps32", "eps64")},
+    **{f"qmllm CLS-code stability under random noise, {b}": (
+        "evaluate", f"code_stability.budgets.{b}.cls_code_unchanged") for b in ("eps16", "eps32", "eps64")},
 }
 
 # Figures a run has only with a name head (`pretrain.name_head.slots` > 0): not an error where it is off.

@@ -14,6 +14,10 @@ Three ways the gradient reaches the pixels, chosen by the attacker:
 - Q-MLLM surrogate (`continuous_surrogate=True`): the quantizer is the identity on the forward pass too,
   so PGD descends a smooth loss, and only the final check goes through the real, hard-quantized model.
 
+`per_instruction_pgd` is the stronger white-box threat: one image per instruction, crafted for that
+instruction alone (the attacker knows the request it will send), every image of a batch optimised together
+in one forward pass, each by the gradient of its own loss.
+
 `random_sign_noise` is the control every attack must beat: the same budget spent at random.
 """
 
@@ -130,3 +134,118 @@ def random_sign_noise(start: torch.Tensor, eps: float | None, seed: int = 0) -> 
         signs = torch.randint(0, 2, start.shape, generator=generator).to(start.dtype) * 2 - 1
         noisy = start + eps * signs
     return (noisy.clamp(0, 1) * 255).round() / 255
+
+
+def sequence_nll(model: QMLLM, input_ids: list[list[int]], labels: list[list[int]],
+                 image_tokens: torch.Tensor) -> torch.Tensor:
+    """(B,) each sequence's own mean -log p over its target tokens (the LLM's loss, not averaged over the
+    batch): row i's value depends on image row i only, so the gradient of the sum reaches each image from
+    its own sequence alone."""
+    batch = model.splice(input_ids, labels, image_tokens)
+    logits = model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX,
+                          reduction="none")
+    return nll.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp(min=1)
+
+
+@dataclass
+class PerInstructionObjective:
+    """-log p(target_i | image_i, instruction_i) for each image i and its own sequence (lower is better for
+    the attacker), plus the adaptive attacker's CLS term per image. The same switches as
+    `JailbreakObjective`; `sequences[i]` is the (input_ids, labels) image row i is crafted for."""
+    model: QMLLM
+    processor: object
+    sequences: list[tuple[list[int], list[int]]]
+    straight_through: bool = False
+    continuous_surrogate: bool = False
+    cls_anchor: torch.Tensor | None = None
+    cls_weight: float = 0.0
+
+    def __call__(self, images: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, nll), each (B,), for `images` (B, 3, H, W) crafted for `sequences[rows]`."""
+        encoding = self.model.encode_images(normalise_pixels(images, self.processor), self.straight_through)
+        tokens = encoding.continuous_tokens if self.continuous_surrogate else encoding.image_tokens
+        ids, labels = zip(*(self.sequences[i] for i in rows), strict=True)
+        nll = sequence_nll(self.model, list(ids), list(labels), tokens)
+        loss = nll
+        if self.cls_anchor is not None and self.cls_weight > 0:
+            loss = loss + self.cls_weight * (encoding.h_cls - self.cls_anchor).pow(2).mean(-1)
+        return loss, nll
+
+
+def step_sizes(steps: int, step_size: int, schedule: str) -> list[int]:
+    """Each PGD step's size in 1/255 (an integer, so the image stays on the 8-bit grid): `constant`, or
+    `linear` from `step_size` down to 1."""
+    if schedule == "constant":
+        return [step_size] * steps
+    if schedule == "linear":
+        return [max(1, round(step_size * (1 - t / steps))) for t in range(steps)]
+    raise ValueError(f"PGD step schedule {schedule!r}: expected 'constant' or 'linear'")
+
+
+def per_instruction_pgd(objective: PerInstructionObjective, start: torch.Tensor, eps: float | None, steps: int,
+                        step_size: int = 1, schedule: str = "constant", restarts: int = 1, batch_size: int = 32,
+                        seed: int = 0, momentum: float = 0.0,
+                        desc: str | None = "per-instruction PGD") -> tuple[torch.Tensor, dict]:
+    """Signed-gradient descent on one image per sequence of `objective`, all starting from `start` (3, H, W)
+    in [0, 1] on the 8-bit grid, `batch_size` images per forward pass. Restart 0 starts at `start`, later ones
+    at a uniform draw within eps (unconstrained: uniform noise every time); each image keeps the lowest loss
+    it reached over steps and restarts. `step_size` is in 1/255; `momentum` > 0 steps along the sign of a
+    running sum of L1-normalised gradients (MI-FGSM, Dong et al. 2018) instead of the last gradient's sign.
+    Returns the images (n, 3, H, W) on the grid
+    and the history: mean loss per step (first restart), each instruction's start and best loss and nll."""
+    generator = torch.Generator().manual_seed(seed)
+    n = len(objective.sequences)
+    start = (start * 255).round() / 255
+    if eps is None:
+        lower, upper = torch.zeros_like(start), torch.ones_like(start)
+    else:
+        lower, upper = (start - eps).clamp(min=0), (start + eps).clamp(max=1)
+    best = start.expand(n, -1, -1, -1).clone()
+    best_loss = torch.full((n,), float("inf"))
+    best_nll = torch.full((n,), float("inf"))
+    start_loss = torch.zeros(n)
+    mean_loss = [0.0] * (steps + 1)
+    sizes = step_sizes(steps, step_size, schedule)
+    chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    bar = tqdm(total=restarts * len(chunks) * steps, desc=desc, mininterval=2, disable=desc is None)
+    for restart in range(restarts):
+        for rows in chunks:
+            shape = (len(rows), *start.shape)
+            if eps is None:
+                x = torch.rand(shape, generator=generator)
+            elif restart == 0:
+                x = start.expand(shape).clone()
+            else:
+                x = torch.minimum(torch.maximum(start + (torch.rand(shape, generator=generator) * 2 - 1) * eps,
+                                                lower), upper)
+            x = (x * 255).round() / 255
+            velocity = torch.zeros_like(x)
+            for t in range(steps + 1):  # the last pass only scores the final images
+                x.requires_grad_(t < steps)
+                with torch.set_grad_enabled(t < steps):
+                    loss, nll = objective(x, rows)
+                done = loss.detach()
+                better = done < best_loss[rows]
+                index = torch.tensor(rows)[better]
+                best[index], best_loss[index], best_nll[index] = x.detach()[better], done[better], nll.detach()[better]
+                if restart == 0:
+                    mean_loss[t] += float(done.sum()) / n
+                    if t == 0:
+                        start_loss[rows] = done
+                if t == steps:
+                    break
+                grad = torch.autograd.grad(loss.sum(), x, allow_unused=True)[0]
+                grad = torch.zeros_like(x) if grad is None else grad
+                if momentum > 0:
+                    velocity = momentum * velocity + grad / grad.abs().mean((1, 2, 3), keepdim=True).clamp(min=1e-12)
+                    grad = velocity
+                with torch.no_grad():
+                    x = torch.minimum(torch.maximum(x - sizes[t] / 255 * grad.sign(), lower), upper)
+                    x = (x * 255).round() / 255
+                bar.update()
+    bar.close()
+    history = {"loss": mean_loss, "start_loss": start_loss.tolist(), "best_loss": best_loss.tolist(),
+               "best_nll": best_nll.tolist()}
+    return best.clamp(0, 1), history

@@ -7,21 +7,31 @@ from qmllm_pipeline.pipelines.evaluate.report import evaluation_report
 # One namespaced jailbreak pipeline per budget; the eps values live in parameters_evaluate.yml.
 BUDGETS = ("eps16", "eps32", "eps64", "unconstrained")
 ATTACKERS = ("baseline_whitebox", "qmllm_plain", "qmllm_adaptive", "qmllm_surrogate")
+# the attackers that also craft one image per held-out instruction (the deployed qmllm gives PGD no gradient,
+# and the surrogate's images are judged through the universal setting only, to keep `evaluate` short)
+PER_INSTRUCTION_ATTACKERS = ("baseline_whitebox", "qmllm_adaptive")
 SHARED = {"evaluation_systems", "jailbreak_instructions", "jailbreak_start"}
-SHARED_PARAMETERS = ("params:evaluate.jailbreak", "params:evaluate.batch_size", "params:seed")
+SHARED_PARAMETERS = ("params:evaluate.jailbreak", "params:evaluate.per_instruction", "params:evaluate.batch_size",
+                     "params:seed")
 
 
 def _jailbreak_template() -> Pipeline:
-    """Craft one universal image per attacker (PGD), then judge them all on the held-out instructions."""
-    craft = [Node(attacks.craft_jailbreak_image, ["evaluation_systems", "jailbreak_instructions", "jailbreak_start",
-                                                  "params:evaluate.jailbreak", f"params:attacker_{name}",
-                                                  "params:budget", "params:seed"],
+    """Craft one universal image per attacker and one image per held-out instruction for the per-instruction
+    attackers (PGD), then judge them all on the held-out instructions."""
+    common = ["evaluation_systems", "jailbreak_instructions", "jailbreak_start", "params:evaluate.jailbreak"]
+    craft = [Node(attacks.craft_jailbreak_image, [*common, f"params:attacker_{name}", "params:budget", "params:seed"],
                   f"{name}_image", name=f"craft_{name}") for name in ATTACKERS]
+    craft += [Node(attacks.craft_per_instruction_images,
+                   [*common, "params:evaluate.per_instruction", f"params:attacker_{name}", "params:budget",
+                    "params:seed"], f"{name}_per_instruction_images", name=f"craft_{name}_per_instruction")
+              for name in PER_INSTRUCTION_ATTACKERS]
     judge = Node(attacks.judge_jailbreaks,
                  {"systems": "evaluation_systems", "instructions": "jailbreak_instructions", "start": "jailbreak_start",
                   "params": "params:evaluate.jailbreak", "budget": "params:budget",
                   "batch_size": "params:evaluate.batch_size", "seed": "params:seed",
-                  **{name: f"{name}_image" for name in ATTACKERS}},
+                  **{name: f"{name}_image" for name in ATTACKERS},
+                  **{f"{name}_per_instruction": f"{name}_per_instruction_images"
+                     for name in PER_INSTRUCTION_ATTACKERS}},
                  "jailbreak_results", name="judge_jailbreaks")
     return Pipeline([*craft, judge])
 
@@ -62,8 +72,11 @@ def create_pipeline(**kwargs) -> Pipeline:
              "jailbreak_clean", name="judge_clean_image"),
         Node(overhead.overhead, ["evaluation_systems", "eval_neutral", "eval_toxic", "params:evaluate.overhead"],
              "overhead_metrics", name="overhead"),
+        Node(attacks.code_stability, ["evaluation_systems", "eval_neutral", "params:evaluate.budgets",
+                                      "params:evaluate.code_stability", "params:seed"],
+             "code_stability_metrics", name="code_stability"),
         Node(evaluation_report, ["toxic_image_metrics", "utility_metrics", "jailbreak_clean", "overhead_metrics",
-                                 *(f"jailbreak_{b}.jailbreak_results" for b in BUDGETS)],
+                                 "code_stability_metrics", *(f"jailbreak_{b}.jailbreak_results" for b in BUDGETS)],
              ["evaluation_metrics", "evaluation_report", "jailbreak_dsr_plot", "toxic_dsr_plot",
               "adversarial_images_plot", "adversarial_images"], name="evaluation_report"),
     ])

@@ -16,22 +16,28 @@ from qmllm_pipeline.tracking import log_summary_metrics  # noqa: E402
 
 logger = logging.getLogger(__name__)
 # (system, the attacker that reaches it, its label) rows of the jailbreak table
-JAILBREAK_CASES = (("baseline", "baseline_whitebox", "white-box"), ("safeclip", "safeclip_whitebox", "white-box"),
+JAILBREAK_CASES = (("baseline", "baseline_per_instruction", "white-box, per instruction"),
+                   ("baseline", "baseline_whitebox", "white-box, universal"),
+                   ("safeclip", "safeclip_per_instruction", "white-box, per instruction"),
+                   ("safeclip", "safeclip_whitebox", "white-box, universal"),
                    ("baseline", "baseline_noise", "random noise (control)"),
                    ("qmllm", "qmllm_plain", "(a) plain gradient"), ("qmllm", "qmllm_transfer", "(b) transfer"),
+                   ("qmllm", "qmllm_transfer_per_instruction", "(b) transfer, per instruction"),
                    ("qmllm", "qmllm_adaptive", "(c) adaptive BPDA"),
+                   ("qmllm", "qmllm_adaptive_per_instruction", "(c) adaptive BPDA, per instruction"),
                    ("qmllm", "qmllm_surrogate", "(d) continuous surrogate"),
                    ("qmllm", "qmllm_noise", "random noise (control)"))
-QMLLM_ATTACKS = ("qmllm_plain", "qmllm_transfer", "qmllm_adaptive", "qmllm_surrogate")
+QMLLM_ATTACKS = ("qmllm_plain", "qmllm_transfer", "qmllm_transfer_per_instruction", "qmllm_adaptive",
+                 "qmllm_adaptive_per_instruction", "qmllm_surrogate")
 
 
-def evaluation_report(toxic: dict, utility: dict, clean: dict, timing: dict, *budgets: dict):
+def evaluation_report(toxic: dict, utility: dict, clean: dict, timing: dict, stability: dict, *budgets: dict):
     """Metrics, the Markdown report, the plots (DSR against eps, DSR per category, adversarial images) and
-    the adversarial images as tensors."""
+    the adversarial images as tensors (the per-instruction ones (n, 3, H, W) under `<attacker>_per_instruction`)."""
     jailbreak = {b["budget"]: {"eps": b["eps"], **b["results"], "pgd": b["pgd"]} for b in budgets}
     metrics = {"toxic_image": toxic, "utility": utility, "jailbreak_clean": _numbers(clean), "jailbreak": {
         name: {k: (_numbers(v) if isinstance(v, dict) else v) for k, v in entry.items()}
-        for name, entry in jailbreak.items()}, "overhead": timing}
+        for name, entry in jailbreak.items()}, "overhead": timing, "code_stability": stability}
     for system in ("baseline", "safeclip", "qmllm"):
         worst_case = {name: min((case for s, case, _ in JAILBREAK_CASES if s == system),
                                 key=lambda case, entry=entry: entry[case]["dsr"])
@@ -77,7 +83,8 @@ def evaluation_report(toxic: dict, utility: dict, clean: dict, timing: dict, *bu
     logger.info("the strongest attack on qmllm adds over its clean-image ASR: %s (random noise: %s)",
                 {k: round(v, 3) for k, v in metrics["qmllm_attack_gain_over_clean"].items()},
                 {k: round(v, 3) for k, v in metrics["qmllm_noise_gain_over_clean"].items()})
-    images = {f"{b['budget']}/{attacker}": image for b in budgets for attacker, image in b["images"].items()}
+    images = {f"{b['budget']}/{attacker}": image for b in budgets
+              for attacker, image in {**b["images"], **b.get("instruction_images", {})}.items()}
     return (metrics, markdown_report(metrics, jailbreak, clean), dsr_against_eps_figure(jailbreak, clean),
             dsr_per_category_figure(toxic), adversarial_images_figure(budgets, clean), images)
 
@@ -128,9 +135,25 @@ def markdown_report(metrics: dict, jailbreak: dict, clean: dict) -> str:
     lines += ["", "Q-MLLM: patch codes the attack image moved (of the image's patches), and whether the safety map "
               "refused it:", "", "| attacker | " + " | ".join(budgets) + " |", "|---" * (1 + len(budgets)) + "|"]
     for case in (*QMLLM_ATTACKS, "qmllm_noise"):
-        cells = [f"{jailbreak[b][case].get('patch_codes_changed', 0)}/{jailbreak[b][case].get('patch_codes', 0)}"
-                 + (" refused" if jailbreak[b][case]["guard_refused"] else "") for b in budgets]
+        cells = [f"{jailbreak[b][case].get('patch_codes_changed', 0):.1f}/{jailbreak[b][case].get('patch_codes', 0)}"
+                 + (f" refused {_pct(jailbreak[b][case]['guard_refused_share'])}%"
+                    if jailbreak[b][case]["guard_refused_share"] else "") for b in budgets]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    lines += ["", "Per-instruction PGD: mean target loss over the held-out instructions at the start and the best "
+              "reached (the nll part, and its worst instruction):", "",
+              "| attacker | " + " | ".join(budgets) + " |", "|---" * (1 + len(budgets)) + "|"]
+    for case in sorted({c for b in budgets for c in jailbreak[b]["pgd"] if c.endswith("_per_instruction")}):
+        cells = [f"{p['loss_first']:.2f} -> {p['loss_last']:.2f} (nll {p['nll_last']:.2f}, "
+                 f"worst {p['nll_last_max']:.2f})" for p in (jailbreak[b]["pgd"][case] for b in budgets)]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    stability = metrics["code_stability"]
+    lines += ["", f"Q-MLLM code stability: share of codes unchanged under random +-eps noise "
+              f"({stability['images']} held-out neutral scenes):", "",
+              "| codes | " + " | ".join(stability["budgets"]) + " |", "|---" * (1 + len(stability["budgets"])) + "|"]
+    for key in ("patch_codes_unchanged", "cls_code_unchanged", "name_picks_unchanged"):
+        if all(key in entry for entry in stability["budgets"].values()):
+            lines.append(f"| {key.removesuffix('_unchanged').replace('_', ' ')} | "
+                         + " | ".join(_pct(entry[key]) for entry in stability["budgets"].values()) + " |")
     toxic = metrics["toxic_image"]
     categories = sorted(toxic["qmllm"]["dsr_per_category"]["single"])
     lines += ["", "## Toxic-image DSR per category (single object / among distractors)", "",
@@ -168,7 +191,7 @@ def dsr_against_eps_figure(jailbreak: dict, clean: dict):
     axis.set_ylim(-3, 103)
     axis.set_ylabel("jailbreak DSR (%)")
     axis.set_xlabel("perturbation budget (eps, 1/255)")
-    axis.set_title("Universal-image jailbreak: defense success against budget")
+    axis.set_title("Image jailbreak: defense success against budget")
     axis.legend(fontsize=7)
     figure.tight_layout()
     return figure
