@@ -1,7 +1,8 @@
 """The attacks of DESIGN.md section 2 on the three systems: the toxic image with a benign prompt, and the
 gradient jailbreak by every attacker on every budget (Qi et al.'s universal image, and one image per held-out
 instruction crafted for it), judged on held-out harmful instructions against the clean image and against
-random noise of the same budget; and how stable the codes are under that noise."""
+random noise of the same budget; the code-space bound on Q-MLLM (a search over the patch codes themselves,
+and how close the image attacks come to the codes it finds); and how stable the codes are under noise."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from qmllm_pipeline.constants import IMAGE_TOKEN
 from qmllm_pipeline.judge import RefusalPhraseJudge
 from qmllm_pipeline.models.attack import (
     JailbreakObjective,
@@ -23,7 +25,9 @@ from qmllm_pipeline.models.attack import (
     universal_pgd,
 )
 from qmllm_pipeline.models.clip import decode_images, pixel_values
+from qmllm_pipeline.models.code_search import CodeObjective, code_space_search
 from qmllm_pipeline.models.guarded import GuardedMLLM, SafetyMapGuard
+from qmllm_pipeline.models.tokenizer import encode_prompt
 from qmllm_pipeline.scoring import detection_rates
 from qmllm_pipeline.stats import rate
 
@@ -154,10 +158,11 @@ def craft_per_instruction_images(systems: dict[str, GuardedMLLM], instructions: 
 
 
 def _jailbreak_rates(system: GuardedMLLM, image: torch.Tensor, heldout: pd.DataFrame, max_new_tokens: int,
-                     batch_size: int, clean: torch.Tensor | None = None) -> dict:
+                     batch_size: int, clean: torch.Tensor | None = None, bound: dict | None = None) -> dict:
     """One image (3, H, W) with every held-out harmful instruction, or one image per instruction (n, 3, H, W):
     attack success by the refusal detector (not a refusal) and by 'target string in response'; for Q-MLLM
-    also how many patch codes (and name picks) the image moved (the mean over images)."""
+    also how many patch codes (and name picks) the image moved (the mean over images), and with `bound` (the
+    code-space search's result) the share of positions where the image's codes equal the codes it found."""
     judge = RefusalPhraseJudge()
     images = image[None].expand(len(heldout), -1, -1, -1) if image.dim() == 3 else image
     answers = system.respond(images, list(heldout["instruction"]), max_new_tokens, batch_size)
@@ -184,18 +189,23 @@ def _jailbreak_rates(system: GuardedMLLM, image: torch.Tensor, heldout: pd.DataF
             rates["patch_codes"] = int(patches.shape[1])
             rates["cls_code_changed"] = float((both.cls.indices[1:] != both.cls.indices[0]).float().mean())
             rates["clean_cls_code"] = int(both.cls.indices[0])
+            if bound is not None:
+                found = torch.tensor(bound["codes"])
+                reached = patches[1:] if image.dim() == 3 else patches[1:][: len(found)]
+                rates["bound_positions_matched"] = float((reached == found).float().mean())
             if both.name_picks is not None:  # the names the image hands the LLM, flipped by the perturbation
                 rates["name_picks_changed"] = float((both.name_picks[1:] != both.name_picks[:1]).sum(1).float().mean())
     return rates
 
 
 def judge_jailbreaks(systems: dict[str, GuardedMLLM], instructions: dict, start: dict, params: dict, budget: dict,
-                     batch_size: int, seed: int, **crafted: dict) -> dict:
+                     batch_size: int, seed: int, code_bound: dict | None = None, **crafted: dict) -> dict:
     """The images of one budget against the held-out harmful instructions: white-box on baseline (and the
     same image on safeclip), and on qmllm the plain, transfer (baseline's image), adaptive (BPDA) and
     continuous-surrogate attacks, each checked through the real hard-quantized model; and random +-eps
     noise on both models, the control that tells an attack from a perturbation of that size. `crafted`:
-    the images of `craft_jailbreak_image` by attacker name."""
+    the images of `craft_jailbreak_image` by attacker name; `code_bound`: `code_space_bound`'s result, whose
+    codes the qmllm images are compared with."""
     heldout = instructions["heldout"]
     noise = {"image": (random_sign_noise(start["image"].float() / 255, _eps(budget), seed) * 255).round()
              .to(torch.uint8)}
@@ -213,7 +223,8 @@ def judge_jailbreaks(systems: dict[str, GuardedMLLM], instructions: dict, start:
     results = {}
     for case, (system, image) in cases.items():
         results[case] = {"system": system, **_jailbreak_rates(systems[system], image["image"], heldout,
-                                                              params["max_new_tokens"], batch_size, start["image"])}
+                                                              params["max_new_tokens"], batch_size, start["image"],
+                                                              code_bound if system == "qmllm" else None)}
         logger.info("jailbreak %s %s: ASR %.3f (target %.3f)", budget["name"], case, results[case]["asr"],
                     results[case]["asr_target"])
     universal = {name: c for name, c in crafted.items() if not name.endswith("_per_instruction")}
@@ -230,6 +241,74 @@ def judge_jailbreaks(systems: dict[str, GuardedMLLM], instructions: dict, start:
                               "nll_last": float(np.mean(c["history"]["best_nll"])),
                               "nll_last_max": float(np.max(c["history"]["best_nll"]))}
                        for name, c in per_instruction.items()}}}
+
+
+def code_space_bound(systems: dict[str, GuardedMLLM], instructions: dict, start: dict, params: dict,
+                     code_search: dict, batch_size: int, seed: int) -> tuple[dict, pd.DataFrame]:
+    """The code-space attack on qmllm (`models/code_search.py`): for each of the first
+    `code_search["instructions"]` held-out harmful instructions (null: all), a beam coordinate search over the
+    N patch codes from the clean image's, the CLS code held at the clean image's neutral-labelled code (the
+    safety map lets it in); then the LLM answers each instruction from its best codes and the judge decides.
+    `asr_with_clean` (found codes or the clean image's comply) is what an attacker who could choose the codes
+    reaches with this search: the image attacks' bound; `asr` is the found codes' alone. Returns the
+    summary (with the codes found, for the judge's comparison) and one row per instruction (its codes, losses,
+    answer). `params`: evaluate.jailbreak (sequence length, target tokens, answer length); `code_search`:
+    evaluate.code_search."""
+    system = systems["qmllm"]
+    model, tokenizer = system.model, system.tokenizer
+    limit = code_search["instructions"]
+    heldout = instructions["heldout"] if limit is None else instructions["heldout"].head(limit)
+    sequences = target_sequences(tokenizer, list(heldout["instruction"]), list(heldout["target"]),
+                                 params["max_length"], params["target_tokens"])
+    with torch.no_grad():
+        clean = model.encode_images(pixel_values(start["image"][None], system.processor))
+    if clean.cls is None or system.guard(None, clean.cls.indices)[0].refused:
+        raise ValueError("code-space bound: the start image's CLS code is not neutral-labelled in the safety map")
+    objective, patches = CodeObjective.from_encoding(model, sequences, clean)  # name tokens held at the clean's
+    started = time.perf_counter()
+    codes, history = code_space_search(objective, patches, code_search["sweeps"], code_search["beam_width"],
+                                       code_search["candidates"], code_search["batch_size"], seed,
+                                       desc="code-space search (qmllm)")
+    search_seconds = time.perf_counter() - started
+    judge = RefusalPhraseJudge()
+
+    def answers_from(sequences_of_codes: torch.Tensor) -> list[str]:
+        texts = []
+        with torch.no_grad():
+            for first in range(0, len(heldout), batch_size):
+                rows = slice(first, first + batch_size)
+                prompts = [encode_prompt(tokenizer, f"{IMAGE_TOKEN}\n{i}") for i in heldout["instruction"].iloc[rows]]
+                new = model.generate(prompts, objective.image_tokens(sequences_of_codes[rows]),
+                                     params["max_new_tokens"], tokenizer.pad_token_id, tokenizer.eos_token_id)
+                texts += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return texts
+
+    texts = answers_from(codes)
+    complied = [not judge.is_refusal(t) for t in texts]
+    # an attacker who may choose the codes may also keep the clean image's: the bound counts either
+    clean_complied = [not judge.is_refusal(t) for t in answers_from(patches.expand(len(heldout), -1))]
+    either = [a or b for a, b in zip(complied, clean_complied, strict=True)]
+    on_target = [judge.contains_target(a, t) for a, t in zip(texts, heldout["target"], strict=True)]
+    n = len(texts)
+    logger.info("code-space bound on qmllm: %d instructions, %.1f s, loss %.3f -> %.3f, %.1f of %d codes changed, "
+                "ASR %.3f", n, search_seconds, np.mean(history["start_loss"]), np.mean(history["best_loss"]),
+                np.mean(history["positions_changed"]), len(patches), np.mean(complied))
+    summary = {"instructions": n, "positions": len(patches), "cls_code": int(clean.cls.indices[0]),
+               "asr": float(np.mean(complied)), "asr_target": float(np.mean(on_target)),
+               "asr_clean_codes": float(np.mean(clean_complied)), "asr_with_clean": float(np.mean(either)),
+               "intervals": {"asr": rate(sum(complied), n), "asr_target": rate(sum(on_target), n),
+                             "asr_with_clean": rate(sum(either), n)},
+               "loss_first": float(np.mean(history["start_loss"])), "loss_last": float(np.mean(history["best_loss"])),
+               "loss_last_max": float(np.max(history["best_loss"])),
+               "positions_changed": float(np.mean(history["positions_changed"])),
+               "sweeps": float(np.mean(history["sweeps"])), "seconds": round(search_seconds, 1),
+               "example": texts[complied.index(True) if any(complied) else 0], "codes": codes.tolist()}
+    answers = pd.DataFrame({"instruction": heldout["instruction"].to_numpy(), "target": heldout["target"].to_numpy(),
+                            "clean_codes": [patches.tolist()] * n, "codes": codes.tolist(),
+                            "start_loss": history["start_loss"], "best_loss": history["best_loss"],
+                            "positions_changed": history["positions_changed"], "sweeps": history["sweeps"],
+                            "answer": texts, "complied": complied, "clean_complied": clean_complied})
+    return summary, answers
 
 
 def judge_clean_image(systems: dict[str, GuardedMLLM], instructions: dict, start: dict, params: dict,

@@ -10,7 +10,7 @@ ATTACKERS = ("baseline_whitebox", "qmllm_plain", "qmllm_adaptive", "qmllm_surrog
 # the attackers that also craft one image per held-out instruction (the deployed qmllm gives PGD no gradient,
 # and the surrogate's images are judged through the universal setting only, to keep `evaluate` short)
 PER_INSTRUCTION_ATTACKERS = ("baseline_whitebox", "qmllm_adaptive")
-SHARED = {"evaluation_systems", "jailbreak_instructions", "jailbreak_start"}
+SHARED = {"evaluation_systems", "jailbreak_instructions", "jailbreak_start", "code_space_bound"}
 SHARED_PARAMETERS = ("params:evaluate.jailbreak", "params:evaluate.per_instruction", "params:evaluate.batch_size",
                      "params:seed")
 
@@ -28,7 +28,7 @@ def _jailbreak_template() -> Pipeline:
     judge = Node(attacks.judge_jailbreaks,
                  {"systems": "evaluation_systems", "instructions": "jailbreak_instructions", "start": "jailbreak_start",
                   "params": "params:evaluate.jailbreak", "budget": "params:budget",
-                  "batch_size": "params:evaluate.batch_size", "seed": "params:seed",
+                  "batch_size": "params:evaluate.batch_size", "seed": "params:seed", "code_bound": "code_space_bound",
                   **{name: f"{name}_image" for name in ATTACKERS},
                   **{f"{name}_per_instruction": f"{name}_per_instruction_images"
                      for name in PER_INSTRUCTION_ATTACKERS}},
@@ -70,13 +70,17 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(attacks.judge_clean_image, ["evaluation_systems", "jailbreak_instructions", "jailbreak_start",
                                          "params:evaluate.jailbreak", "params:evaluate.batch_size"],
              "jailbreak_clean", name="judge_clean_image"),
+        Node(attacks.code_space_bound, ["evaluation_systems", "jailbreak_instructions", "jailbreak_start",
+                                        "params:evaluate.jailbreak", "params:evaluate.code_search",
+                                        "params:evaluate.batch_size", "params:seed"],
+             ["code_space_bound", "code_space_bound_answers"], name="code_space_bound"),
         Node(overhead.overhead, ["evaluation_systems", "eval_neutral", "eval_toxic", "params:evaluate.overhead"],
              "overhead_metrics", name="overhead"),
         Node(attacks.code_stability, ["evaluation_systems", "eval_neutral", "params:evaluate.budgets",
                                       "params:evaluate.code_stability", "params:seed"],
              "code_stability_metrics", name="code_stability"),
         Node(evaluation_report, ["toxic_image_metrics", "utility_metrics", "jailbreak_clean", "overhead_metrics",
-                                 "code_stability_metrics", *(f"jailbreak_{b}.jailbreak_results" for b in BUDGETS)],
+                                 "code_stability_metrics", "code_space_bound", *(f"jailbreak_{b}.jailbreak_results" for b in BUDGETS)],
              ["evaluation_metrics", "evaluation_report", "jailbreak_dsr_plot", "toxic_dsr_plot",
               "adversarial_images_plot", "adversarial_images"], name="evaluation_report"),
     ])

@@ -31,13 +31,19 @@ QMLLM_ATTACKS = ("qmllm_plain", "qmllm_transfer", "qmllm_transfer_per_instructio
                  "qmllm_adaptive_per_instruction", "qmllm_surrogate")
 
 
-def evaluation_report(toxic: dict, utility: dict, clean: dict, timing: dict, stability: dict, *budgets: dict):
+def evaluation_report(toxic: dict, utility: dict, clean: dict, timing: dict, stability: dict, bound: dict,
+                      *budgets: dict):
     """Metrics, the Markdown report, the plots (DSR against eps, DSR per category, adversarial images) and
-    the adversarial images as tensors (the per-instruction ones (n, 3, H, W) under `<attacker>_per_instruction`)."""
+    the adversarial images as tensors (the per-instruction ones (n, 3, H, W) under `<attacker>_per_instruction`).
+    `bound`: the code-space search on qmllm (`code_space_bound`)."""
     jailbreak = {b["budget"]: {"eps": b["eps"], **b["results"], "pgd": b["pgd"]} for b in budgets}
+    bound_metrics = _numbers({k: v for k, v in bound.items() if k != "codes"})
+    bound_metrics["gain_over_clean"] = {**difference(bound["intervals"]["asr"], clean["qmllm"]["intervals"]["asr"]),
+                                        "clean_positions_matched": 1 - bound["positions_changed"] / bound["positions"]}
     metrics = {"toxic_image": toxic, "utility": utility, "jailbreak_clean": _numbers(clean), "jailbreak": {
         name: {k: (_numbers(v) if isinstance(v, dict) else v) for k, v in entry.items()}
-        for name, entry in jailbreak.items()}, "overhead": timing, "code_stability": stability}
+        for name, entry in jailbreak.items()}, "overhead": timing, "code_stability": stability,
+        "code_space_bound": bound_metrics}
     for system in ("baseline", "safeclip", "qmllm"):
         worst_case = {name: min((case for s, case, _ in JAILBREAK_CASES if s == system),
                                 key=lambda case, entry=entry: entry[case]["dsr"])
@@ -154,6 +160,25 @@ def markdown_report(metrics: dict, jailbreak: dict, clean: dict) -> str:
         if all(key in entry for entry in stability["budgets"].values()):
             lines.append(f"| {key.removesuffix('_unchanged').replace('_', ' ')} | "
                          + " | ".join(_pct(entry[key]) for entry in stability["budgets"].values()) + " |")
+    bound = metrics["code_space_bound"]
+    gain = bound["gain_over_clean"]
+    lines += ["", "## Code-space bound on Q-MLLM", "",
+              f"A beam coordinate search over the {bound['positions']} patch codes themselves (CLS code held at the "
+              f"clean image's neutral code {bound['cls_code']}), one code sequence per held-out instruction "
+              f"({bound['instructions']}): what an attacker who could choose the codes reaches.", "",
+              "| bound: found or clean codes comply | found codes' ASR (target) | found over clean | "
+              "loss start -> best (worst) | codes changed | search s |", "|---|---|---|---|---|---|",
+              f"| {_pct(bound['asr_with_clean'], bound['intervals']['asr_with_clean'])} | "
+              f"{_pct(bound['asr'], bound['intervals']['asr'])} ({_pct(bound['asr_target'])}) | "
+              f"{100 * gain['value']:+.1f} [{100 * gain['ci95'][0]:+.0f}, {100 * gain['ci95'][1]:+.0f}] | "
+              f"{bound['loss_first']:.2f} -> {bound['loss_last']:.2f} ({bound['loss_last_max']:.2f}) | "
+              f"{bound['positions_changed']:.1f}/{bound['positions']} | {bound['seconds']:.0f} |", "",
+              "Share of the positions where an image attack's codes equal the codes the search found (the clean "
+              f"image's: {_pct(gain['clean_positions_matched'])}):", "",
+              "| attacker | " + " | ".join(budgets) + " |", "|---" * (1 + len(budgets)) + "|"]
+    for case in (*QMLLM_ATTACKS, "qmllm_noise"):
+        lines.append(f"| {case} | " + " | ".join(_pct(jailbreak[b][case].get("bound_positions_matched"))
+                                                 for b in budgets) + " |")
     toxic = metrics["toxic_image"]
     categories = sorted(toxic["qmllm"]["dsr_per_category"]["single"])
     lines += ["", "## Toxic-image DSR per category (single object / among distractors)", "",

@@ -1,0 +1,108 @@
+"""The code-space search on the smoke Q-MLLM: it scores code sequences as the deployed model reads an image,
+never proposes a code outside the codebook, and its best sequence is never worse than the clean image's."""
+
+import pandas as pd
+import pytest
+import torch
+
+from qmllm_pipeline.models.attack import PerInstructionObjective, target_sequences
+from qmllm_pipeline.models.clip import pixel_values
+from qmllm_pipeline.models.code_search import CodeObjective, code_space_search
+
+
+def _sequences(system, text_corpus: pd.DataFrame, n: int):
+    harmful = text_corpus[(text_corpus["kind"] == "harmful") & (text_corpus["split"] == "heldout")].head(n)
+    return target_sequences(system.tokenizer, list(harmful["instruction"]), list(harmful["target"]), 96, 5)
+
+
+class RecordingObjective(CodeObjective):
+    """The real objective, keeping every code sequence it was asked to score."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def __call__(self, codes, rows, tokens=None):
+        self.seen.append(codes.clone())
+        return super().__call__(codes, rows, tokens)
+
+
+@pytest.fixture(scope="module")
+def qmllm_start(evaluation):
+    system = evaluation["evaluation_systems"]["qmllm"]
+    image = evaluation["jailbreak_start"]["image"]
+    with torch.no_grad():
+        encoding = system.model.encode_images(pixel_values(image[None], system.processor))
+    return system, image, encoding
+
+
+def _objective(start, sequences, recording: bool = False):
+    system, _, encoding = start
+    objective, codes = (RecordingObjective if recording else CodeObjective).from_encoding(system.model, sequences,
+                                                                                         encoding)
+    return objective, codes
+
+
+def test_codes_are_scored_as_the_deployed_model_reads_the_image(qmllm_start, world):
+    system, image, _ = qmllm_start
+    sequences = _sequences(system, world["text_corpus"], 3)
+    objective, codes = _objective(qmllm_start, sequences)
+    with torch.no_grad():
+        from_codes = objective(codes.expand(3, -1), [0, 1, 2])
+        from_image = PerInstructionObjective(system.model, system.processor, sequences)(
+            (image.float() / 255).expand(3, -1, -1, -1), [0, 1, 2])[1]
+    torch.testing.assert_close(from_codes, from_image)
+
+
+@pytest.mark.parametrize("candidates, beam_width", [(None, 1), (4, 2)])
+def test_the_search_stays_in_the_codebook_and_never_loses_to_the_clean_codes(qmllm_start, world, candidates,
+                                                                            beam_width):
+    system = qmllm_start[0]
+    objective, codes = _objective(qmllm_start, _sequences(system, world["text_corpus"], 2), recording=True)
+    found, history = code_space_search(objective, codes, sweeps=2, beam_width=beam_width, candidates=candidates,
+                                       batch_size=64, desc=None)
+    num_codes = system.model.patch_quantizer.num_codes
+    proposed = torch.cat(objective.seen)
+    assert proposed.dtype == torch.long and proposed.min() >= 0 and proposed.max() < num_codes
+    assert found.shape == (2, len(codes)) and found.min() >= 0 and found.max() < num_codes
+    scorer, _ = _objective(qmllm_start, objective.sequences)
+    with torch.no_grad():
+        rescored = scorer(found, [0, 1])
+        clean = scorer(codes.expand(2, -1), [0, 1])
+    assert (rescored <= clean + 1e-5).all()
+    torch.testing.assert_close(rescored, torch.tensor(history["best_loss"]), atol=1e-5, rtol=0)
+    assert all(b <= s for b, s in zip(history["best_loss"], history["start_loss"], strict=True))
+    # the positions it reports changed are the ones that differ from the clean codes
+    assert history["positions_changed"] == (found != codes).sum(1).float().tolist()
+    if candidates is None:  # exhaustive: every code was tried at some position
+        assert set(proposed.flatten().tolist()) == set(range(num_codes))
+
+
+def test_exhaustive_coordinate_search_beats_every_single_change_at_its_first_position(qmllm_start, world):
+    system = qmllm_start[0]
+    objective, codes = _objective(qmllm_start, _sequences(system, world["text_corpus"], 1))
+    # with one position to move, an exhaustive search is the exact optimum over that position's P codes
+    first = torch.randperm(len(codes), generator=torch.Generator().manual_seed(0))[0]
+    found, history = code_space_search(objective, codes, sweeps=1, candidates=None, batch_size=64, desc=None)
+    swaps = codes.expand(system.model.patch_quantizer.num_codes, -1).clone()
+    swaps[:, first] = torch.arange(len(swaps))
+    with torch.no_grad():
+        best_single = float(objective(swaps, [0] * len(swaps)).min())
+    assert history["best_loss"][0] <= best_single + 1e-5
+
+
+def test_the_bound_is_judged_and_compared_with_the_image_attacks(evaluation, smoke_params):
+    metrics = evaluation["evaluation_metrics"]
+    bound = metrics["code_space_bound"]
+    assert bound["instructions"] == smoke_params["evaluate"]["code_search"]["instructions"]
+    assert 0.0 <= bound["asr"] <= 1.0 and bound["loss_last"] <= bound["loss_first"] + 1e-6
+    assert bound["asr_with_clean"] >= max(bound["asr"], bound["asr_clean_codes"])
+    assert "codes" not in bound and isinstance(bound["gain_over_clean"]["significant"], bool)
+    for entry in metrics["jailbreak"].values():
+        for case in ("qmllm_adaptive", "qmllm_adaptive_per_instruction", "qmllm_noise"):
+            assert 0.0 <= entry[case]["bound_positions_matched"] <= 1.0
+        assert "bound_positions_matched" not in entry["baseline_whitebox"]
+    answers = evaluation["code_space_bound_answers"]
+    assert len(answers) == bound["instructions"] and answers["complied"].mean() == pytest.approx(bound["asr"])
+    assert (answers["complied"] | answers["clean_complied"]).mean() == pytest.approx(bound["asr_with_clean"])
+    assert "## Code-space bound on Q-MLLM" in evaluation["evaluation_report"]
