@@ -56,10 +56,14 @@ class CodeObjective:
 
     def image_tokens(self, codes: torch.Tensor) -> torch.Tensor:
         """What the LLM reads for code sequences (B, N): the codebook rows, with the fixed name tokens."""
-        tokens = self.model.patch_quantizer.lookup(codes)
+        return self.with_names(self.model.patch_quantizer.lookup(codes))
+
+    def with_names(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, N, d_h) with the fixed name tokens beside them (unchanged without a name head)."""
         if self.name_tokens is None:
-            return tokens
-        return self.model._with_names(self.name_tokens.expand(len(codes), -1, -1).to(tokens.dtype), tokens)
+            return patch_tokens
+        names = self.name_tokens.expand(len(patch_tokens), -1, -1).to(patch_tokens.dtype)
+        return self.model._with_names(names, patch_tokens)
 
     def __call__(self, codes: torch.Tensor, rows: list[int], tokens: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) each code sequence's own loss; `tokens` replaces the lookup (the gradient's leaf)."""
@@ -81,10 +85,8 @@ def _ranked_candidates(objective: CodeObjective, beam: torch.Tensor, row: int, p
     if candidates is None or candidates >= len(codebook):
         return torch.arange(len(codebook)).expand(len(beam), -1)
     lookup = objective.model.patch_quantizer.lookup(beam).detach().requires_grad_(True)
-    tokens = lookup if objective.name_tokens is None else objective.model._with_names(
-        objective.name_tokens.expand(len(beam), -1, -1).to(lookup.dtype), lookup)
     with torch.enable_grad():
-        loss = objective(beam, [row] * len(beam), tokens)
+        loss = objective(beam, [row] * len(beam), objective.with_names(lookup))
         grad = torch.autograd.grad(loss.sum(), lookup)[0][:, position]        # (B, d_h)
     gain = grad @ codebook.T - (grad * lookup.detach()[:, position]).sum(-1, keepdim=True)  # predicted change
     return gain.topk(candidates, dim=-1, largest=False).indices

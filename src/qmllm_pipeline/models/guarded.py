@@ -160,12 +160,20 @@ class GuardedMLLM:
         accepted = [i for i, v in enumerate(verdicts) if not v.refused]
         texts = {i: verdicts[i].message for i in range(len(pixels)) if verdicts[i].refused}
         if accepted:
-            ids = [encode_prompt(self.tokenizer, f"{IMAGE_TOKEN}\n{prompts[i]}") for i in accepted]
-            new = self.model.generate(ids, encoding.image_tokens[accepted], max_new_tokens,
-                                      self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, min_new_tokens)
-            for i, text in zip(accepted, self.tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
-                texts[i] = text.strip()
+            generated = self.answer_tokens(encoding.image_tokens[accepted], [prompts[i] for i in accepted],
+                                           max_new_tokens, min_new_tokens)
+            texts.update(zip(accepted, generated, strict=True))
         return [Answer(verdicts[i], texts[i]) for i in range(len(pixels))]
+
+    @torch.no_grad()
+    def answer_tokens(self, image_tokens: torch.Tensor, prompts: list[str], max_new_tokens: int = 32,
+                      min_new_tokens: int = 0) -> list[str]:
+        """The LLM's answer to each prompt with its image tokens (B, N, d_h), past any guard: what an image
+        the guard accepted gets, or a code sequence chosen directly (the code-space attack)."""
+        ids = [encode_prompt(self.tokenizer, f"{IMAGE_TOKEN}\n{prompt}") for prompt in prompts]
+        new = self.model.generate(ids, image_tokens, max_new_tokens, self.tokenizer.pad_token_id,
+                                  self.tokenizer.eos_token_id, min_new_tokens)
+        return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 class GuardedQMLLM(GuardedMLLM):

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from qmllm_pipeline.constants import IMAGE_TOKEN
 from qmllm_pipeline.judge import RefusalPhraseJudge
 from qmllm_pipeline.models.attack import (
     JailbreakObjective,
@@ -27,7 +26,6 @@ from qmllm_pipeline.models.attack import (
 from qmllm_pipeline.models.clip import decode_images, pixel_values
 from qmllm_pipeline.models.code_search import CodeObjective, code_space_search
 from qmllm_pipeline.models.guarded import GuardedMLLM, SafetyMapGuard
-from qmllm_pipeline.models.tokenizer import encode_prompt
 from qmllm_pipeline.scoring import detection_rates
 from qmllm_pipeline.stats import rate
 
@@ -273,15 +271,10 @@ def code_space_bound(systems: dict[str, GuardedMLLM], instructions: dict, start:
     judge = RefusalPhraseJudge()
 
     def answers_from(sequences_of_codes: torch.Tensor) -> list[str]:
-        texts = []
-        with torch.no_grad():
-            for first in range(0, len(heldout), batch_size):
-                rows = slice(first, first + batch_size)
-                prompts = [encode_prompt(tokenizer, f"{IMAGE_TOKEN}\n{i}") for i in heldout["instruction"].iloc[rows]]
-                new = model.generate(prompts, objective.image_tokens(sequences_of_codes[rows]),
-                                     params["max_new_tokens"], tokenizer.pad_token_id, tokenizer.eos_token_id)
-                texts += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-        return texts
+        instructions = list(heldout["instruction"])
+        return [text for first in range(0, len(heldout), batch_size)
+                for text in system.answer_tokens(objective.image_tokens(sequences_of_codes[first:first + batch_size]),
+                                                 instructions[first:first + batch_size], params["max_new_tokens"])]
 
     texts = answers_from(codes)
     complied = [not judge.is_refusal(t) for t in texts]
@@ -301,6 +294,7 @@ def code_space_bound(systems: dict[str, GuardedMLLM], instructions: dict, start:
                "loss_first": float(np.mean(history["start_loss"])), "loss_last": float(np.mean(history["best_loss"])),
                "loss_last_max": float(np.max(history["best_loss"])),
                "positions_changed": float(np.mean(history["positions_changed"])),
+               "clean_positions_matched": 1 - float(np.mean(history["positions_changed"])) / len(patches),
                "sweeps": float(np.mean(history["sweeps"])), "seconds": round(search_seconds, 1),
                "example": texts[complied.index(True) if any(complied) else 0], "codes": codes.tolist()}
     answers = pd.DataFrame({"instruction": heldout["instruction"].to_numpy(), "target": heldout["target"].to_numpy(),

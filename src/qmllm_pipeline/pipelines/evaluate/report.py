@@ -38,8 +38,7 @@ def evaluation_report(toxic: dict, utility: dict, clean: dict, timing: dict, sta
     `bound`: the code-space search on qmllm (`code_space_bound`)."""
     jailbreak = {b["budget"]: {"eps": b["eps"], **b["results"], "pgd": b["pgd"]} for b in budgets}
     bound_metrics = _numbers({k: v for k, v in bound.items() if k != "codes"})
-    bound_metrics["gain_over_clean"] = {**difference(bound["intervals"]["asr"], clean["qmllm"]["intervals"]["asr"]),
-                                        "clean_positions_matched": 1 - bound["positions_changed"] / bound["positions"]}
+    bound_metrics["gain_over_clean"] = difference(bound["intervals"]["asr"], clean["qmllm"]["intervals"]["asr"])
     metrics = {"toxic_image": toxic, "utility": utility, "jailbreak_clean": _numbers(clean), "jailbreak": {
         name: {k: (_numbers(v) if isinstance(v, dict) else v) for k, v in entry.items()}
         for name, entry in jailbreak.items()}, "overhead": timing, "code_stability": stability,
@@ -174,7 +173,7 @@ def markdown_report(metrics: dict, jailbreak: dict, clean: dict) -> str:
               f"{bound['loss_first']:.2f} -> {bound['loss_last']:.2f} ({bound['loss_last_max']:.2f}) | "
               f"{bound['positions_changed']:.1f}/{bound['positions']} | {bound['seconds']:.0f} |", "",
               "Share of the positions where an image attack's codes equal the codes the search found (the clean "
-              f"image's: {_pct(gain['clean_positions_matched'])}):", "",
+              f"image's: {_pct(bound['clean_positions_matched'])}):", "",
               "| attacker | " + " | ".join(budgets) + " |", "|---" * (1 + len(budgets)) + "|"]
     for case in (*QMLLM_ATTACKS, "qmllm_noise"):
         lines.append(f"| {case} | " + " | ".join(_pct(jailbreak[b][case].get("bound_positions_matched"))
