@@ -33,7 +33,7 @@ def start(evaluation) -> torch.Tensor:
 def test_the_deployed_qmllm_gives_pgd_no_gradient(evaluation, world, start):
     objective = _objective(evaluation["evaluation_systems"]["qmllm"], world["text_corpus"], straight_through=False)
     image, history = universal_pgd(objective, start, eps=16 / 255, steps=3, desc=None)
-    assert history["grad_abs_mean"] == [0.0, 0.0, 0.0]
+    assert history["grad_abs_mean"] == [0.0]  # measured once: with no gradient PGD stops
     assert torch.equal(image, start)  # the argmin blocks every step: the image never moves
 
 
@@ -62,7 +62,7 @@ def test_unconstrained_pgd_starts_from_noise(evaluation, world, start):
 def test_the_loss_can_be_kept_on_the_affirmative_opening_only():
     ids, labels = [1, 2, 3, 4, 5, 6], [-100, -100, 13, 14, 15, 16]
     assert first_target_tokens(ids, labels, None) == (ids, labels)
-    assert first_target_tokens(ids, labels, 2) == (ids, [-100, -100, 13, 14, -100, -100])
+    assert first_target_tokens(ids, labels, 2) == (ids[:4], [-100, -100, 13, 14])  # nothing after them matters
 
 
 def test_an_attacker_config_that_cannot_work_is_refused(evaluation, smoke_params):
@@ -82,6 +82,20 @@ def _per_instruction(system, text_corpus: pd.DataFrame, n: int = 4, **switches) 
     harmful = text_corpus[(text_corpus["kind"] == "harmful") & (text_corpus["split"] == "heldout")].head(n)
     sequences = target_sequences(system.tokenizer, list(harmful["instruction"]), list(harmful["target"]), 96, 5)
     return PerInstructionObjective(system.model, system.processor, sequences, **switches)
+
+
+def test_cutting_the_sequence_after_the_target_opening_leaves_its_loss_as_it_was(evaluation, world, start):
+    system = evaluation["evaluation_systems"]["baseline"]
+    harmful = world["text_corpus"][world["text_corpus"]["kind"] == "harmful"].head(3)
+    full = target_sequences(system.tokenizer, list(harmful["instruction"]), list(harmful["target"]), 96, None)
+    cut = target_sequences(system.tokenizer, list(harmful["instruction"]), list(harmful["target"]), 96, 5)
+    with torch.no_grad():
+        tokens = system.model.encode_images(normalise_pixels(start[None], system.processor)).image_tokens
+        for (ids, labels), (short, short_labels) in zip(full, cut, strict=True):
+            assert len(short) < len(ids) and short == ids[:len(short)]
+            opening = first_target_tokens(ids, labels, 5)[1] + [-100] * (len(ids) - len(short))
+            assert float(system.model([short], [short_labels], tokens).loss) == pytest.approx(
+                float(system.model([ids], [opening], tokens).loss), rel=1e-5)
 
 
 def test_each_sequence_loss_is_its_own_and_matches_the_llm_loss(evaluation, world, start):

@@ -232,6 +232,54 @@ def test_finetune_distils_the_replayed_answers_only_when_asked():
                  teacher=_llm(), distill_weight=1.0)
 
 
+def test_perturbed_codes_stay_in_range_and_move_up_to_the_share_asked():
+    from qmllm_pipeline.models.stages import perturbed_codes
+
+    codes = torch.randint(32, (400, 16), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    moved = perturbed_codes(codes, 1.0, 32, generator)
+    assert moved.shape == codes.shape and moved.min() >= 0 and moved.max() < 32
+    changed = (moved != codes).float().mean(1)
+    # s ~ U(0, 1) per row, a replaced code differs with probability 31/32: about half the codes move
+    assert 0.4 < changed.mean() < 0.6 and changed.max() > 0.8 and changed.min() < 0.1
+    assert (perturbed_codes(codes, 0.1, 32, generator) != codes).float().mean(1).max() < 0.4
+
+
+def test_code_augmentation_moves_the_codes_of_replayed_image_instructions_only():
+    """What the LLM reads in the first stage-2 step, with and without augmentation (same seed, same picks):
+    dialogs and text-only replay unchanged, every replayed instruction behind an image read from other codes;
+    the continuous baseline is left as it is."""
+    from qmllm_pipeline.models.stages import finetune
+    from qmllm_pipeline.models.training import TrainingConfig
+
+    cls_features, patch_features = torch.randn(3, 16), torch.randn(3, 16, 16)
+    dialogs = [([3, 2, 5, 7], [-100, -100, -100, 7], row) for row in range(3)]
+    replay = [([3, 9, 4], [-100, 9, 4], -1), ([3, 2, 6, 8, 4], [-100, -100, -100, 8, 4], 1)]
+    training = TrainingConfig(steps=1, batch_size=16, lr=1e-3, warmup_steps=1, grad_clip=1.0)
+
+    def first_inputs(quantized: bool, augment: float) -> tuple[torch.Tensor, torch.Tensor]:
+        model, seen = _model(quantized), []
+        model.llm.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["inputs_embeds"].detach()),
+                                            with_kwargs=True)
+        finetune(model, cls_features, patch_features, dialogs + replay, training, 0, code_augment=augment)
+        return seen[0], model.llm.get_input_embeddings().weight.detach()
+
+    for quantized in (True, False):
+        (plain, embed), (augmented, _) = first_inputs(quantized, 0.0), first_inputs(quantized, 1.0)
+        after_image = plain[:, 1 + 16]  # the token after the 16 image tokens
+        replayed = torch.isclose(after_image, embed[6]).all(1)
+        with_dialog_image = torch.isclose(after_image, embed[5]).all(1)
+        assert replayed.any() and with_dialog_image.any()
+        moved = ~torch.isclose(plain, augmented).all(-1)  # (B, T) positions read differently
+        if quantized:
+            assert moved[replayed][:, 1:17].any(1).all() and not moved[replayed][:, 17:].any()
+        else:
+            assert not moved[replayed].any()
+        assert not moved[~replayed].any()
+    with pytest.raises(ValueError, match="code_augment"):
+        finetune(_model(True), cls_features, patch_features, dialogs + replay, training, 0, code_augment=1.5)
+
+
 def test_the_teacher_reads_an_image_replay_exactly_as_the_text_replay():
     """The distillation teacher must read the request as it was trained on it: removing `<image>` alone
     leaves a newline in front, which made the foundation LLM refuse benign requests."""

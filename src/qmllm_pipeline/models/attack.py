@@ -37,14 +37,20 @@ from qmllm_pipeline.models.tokenizer import encode_chat
 
 def first_target_tokens(ids: list[int], labels: list[int], keep: int | None) -> tuple[list[int], list[int]]:
     """Keep the loss on the first `keep` target tokens only (the affirmative opening, "Sure, here is"):
-    the tokens that decide whether the model complies or refuses. `None` keeps them all."""
+    the tokens that decide whether the model complies or refuses. The sequence is cut after the last kept
+    token: a causal LM's loss on those tokens does not depend on what follows, and the attack's forward
+    passes no longer carry it. `None` keeps them all."""
     if keep is None:
         return ids, labels
-    kept, out = 0, []
-    for label in labels:
+    kept, out, end = 0, [], 0
+    for at, label in enumerate(labels):
         kept += label != IGNORE_INDEX
-        out.append(label if label != IGNORE_INDEX and kept <= keep else IGNORE_INDEX)
-    return ids, out
+        if label != IGNORE_INDEX and kept <= keep:
+            out.append(label)
+            end = at + 1
+        else:
+            out.append(IGNORE_INDEX)
+    return ids[:end], out[:end]
 
 
 def target_sequences(tokenizer, instructions: list[str], targets: list[str], max_length: int,
@@ -101,7 +107,8 @@ def universal_pgd(objective: JailbreakObjective, start: torch.Tensor, eps: float
                   step_size: float = 1 / 255, seed: int = 0, desc: str | None = "PGD") -> tuple[torch.Tensor, dict]:
     """Signed-gradient descent on one image (3, H, W) in [0, 1]. `eps=None`: unconstrained, starting from
     uniform noise. Returns the image on the 8-bit grid (what an attacker can actually upload) and the
-    per-step loss, gradient size and (for Q-MLLM) CLS code."""
+    per-step loss, gradient size and (for Q-MLLM) CLS code. When no gradient reaches the pixels (the
+    deployed Q-MLLM) the image cannot move, so PGD stops after that first, measured step."""
     generator = torch.Generator().manual_seed(seed)
     if eps is None:
         start = torch.rand(start.shape, generator=generator)
@@ -120,6 +127,8 @@ def universal_pgd(objective: JailbreakObjective, start: torch.Tensor, eps: float
         history["loss"].append(float(loss.detach()))
         history["grad_abs_mean"].append(float(grad.abs().mean()))
         history["cls_index"].append(objective.last.get("cls_index", -1))
+        if not grad.any():  # sign(0) = 0: every later step would leave the image where it is
+            break
     return ((image.detach() * 255).round() / 255).clamp(0, 1), history
 
 

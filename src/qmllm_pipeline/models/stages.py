@@ -10,7 +10,11 @@ either stays the paper's (`paper_stage1_config`: its CLS codebook on `mm_project
 dropped, so the LLM reads the shared path's codes bit for bit) or drops the two CLS terms (`patch_only`).
 
 Stage 2 (finetune): projector and codebooks frozen; the LLM learns from dialogs with the LM loss on the
-assistant's tokens only, mixed with text-only replay so that its safety behaviour survives.
+assistant's tokens only, mixed with text-only replay so that its safety behaviour survives. For Q-MLLM the
+LLM's whole input space is known, sequences of P codes, so stage 2 can also show it code sequences no image
+need produce: with `code_augment` > 0 that share of the instructions replayed behind an image read
+`perturbed_codes` (random codes at a random share of positions, up to all of them) and keep their answer,
+a refusal for a harmful request and the answer for a benign one: whatever the codes, the request decides.
 
 A model with a name head (`QMLLMConfig.name_slots`) has it trained first, by `train_name_head` on the cached
 features and the scenes' object lists (cross-entropy per slot, no LLM in the loop); both stages then read
@@ -194,11 +198,34 @@ def _rows(features: torch.Tensor | None, rows) -> torch.Tensor | None:
     return None if features is None else features[rows].float()
 
 
+def perturbed_codes(codes: torch.Tensor, max_share: float, num_codes: int,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Code sequences (B, N) with, in each row, every position replaced by a uniform random code with
+    probability s, s drawn per row from U(0, `max_share`): from a few flipped codes (what an eps-bounded
+    perturbation does to an image) to a wholly random sequence (`max_share` 1)."""
+    share = torch.rand((len(codes), 1), generator=generator) * max_share
+    replace = torch.rand(codes.shape, generator=generator) < share
+    return torch.where(replace, torch.randint(num_codes, codes.shape, generator=generator), codes)
+
+
+def _with_patch_codes(model: QMLLM, image_tokens: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """`image_tokens` (B, M + N, d_h) with their N patch tokens replaced by the codebook rows of `codes`
+    (B, N); a name head's M tokens stay where they are."""
+    patches = model.patch_quantizer.lookup(codes).to(image_tokens.dtype)
+    names = image_tokens.shape[1] - codes.shape[1]
+    if not names:
+        return patches
+    before = model.config.name_position == "before"
+    kept = image_tokens[:, :names] if before else image_tokens[:, codes.shape[1]:]
+    return model._with_names(kept, patches)
+
+
 def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Tensor, examples: list[Example],
              training: TrainingConfig, seed: int, step_logger: StepLogger | None = None,
              checkpoint: TrainingCheckpoint | None = None, teacher: torch.nn.Module | None = None,
              distill_weight: float = 0.0, image_prefix: list[int] | None = None,
-             name_features: torch.Tensor | None = None) -> QMLLM:
+             name_features: torch.Tensor | None = None, code_augment: float = 0.0,
+             code_augment_share: float = 1.0) -> QMLLM:
     """Stage 2: train the LLM on dialogs (image rows >= 0) and text-only replay (row -1).
 
     The first `len(cls_features)` examples are the dialogs (example i reads feature row i); the rest replay
@@ -209,7 +236,10 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
     request. No labels are needed beyond the replayed answer the tokens are read along. The teacher must read
     the request exactly as it was trained to: `image_prefix` is what the placeholder brings into the prompt
     (the ids of `<image>\n`), all of it removed (`text_only`); a stray newline alone makes it refuse benign
-    requests. A name head, if the model has one, is read frozen (`name_features`: its CLS feature by row)."""
+    requests. A name head, if the model has one, is read frozen (`name_features`: its CLS feature by row).
+    `code_augment` (Q-MLLM only; the continuous baseline has no codes): the probability that a replayed
+    instruction behind an image reads `perturbed_codes` of its image's codes (up to `code_augment_share` of
+    the positions) instead; drawn afresh at every step, from the loop's generator."""
     for frozen in (model.mm_projector, model.cls_projector, model.cls_quantizer, model.patch_quantizer,
                    model.name_head):
         if frozen is not None:
@@ -221,16 +251,27 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
             raise ValueError("distillation needs image_prefix, the ids `<image>\\n` brings into a prompt")
         teacher.requires_grad_(False).eval()
     n_dialogs = len(cls_features)
+    if not 0 <= code_augment <= 1 or not 0 < code_augment_share <= 1:
+        raise ValueError(f"code_augment {code_augment} and code_augment_share {code_augment_share}: expected "
+                         "a probability in [0, 1] and a share in (0, 1]")
+    augment = code_augment > 0 and model.quantized  # no draw otherwise: the paper's stage 2 stays bit for bit
 
     def step(generator: torch.Generator) -> dict[str, torch.Tensor]:
         picks = torch.randint(len(examples), (training.batch_size,), generator=generator).tolist()
-        rows = [examples[i][2] for i in picks if examples[i][2] >= 0]
+        imaged = [i for i in picks if examples[i][2] >= 0]  # image tokens are spliced in this order
+        rows = [examples[i][2] for i in imaged]
         image_tokens = None
         if rows:
             with torch.no_grad():
-                image_tokens = model.encode_features(cls_features[rows].float(), patch_features[rows].float(),
-                                                     with_cls=False,
-                                                     name_features=_rows(name_features, rows)).image_tokens
+                encoding = model.encode_features(cls_features[rows].float(), patch_features[rows].float(),
+                                                 with_cls=False, name_features=_rows(name_features, rows))
+                image_tokens = encoding.image_tokens
+                if augment:
+                    replayed = torch.tensor([i >= n_dialogs for i in imaged])
+                    chosen = replayed & (torch.rand(len(imaged), generator=generator) < code_augment)
+                    codes = encoding.patches.indices
+                    moved = perturbed_codes(codes, code_augment_share, model.patch_quantizer.num_codes, generator)
+                    image_tokens = _with_patch_codes(model, image_tokens, torch.where(chosen[:, None], moved, codes))
         ids, labels = [examples[i][0] for i in picks], [examples[i][1] for i in picks]
         if not distill:
             return {"loss": model(ids, labels, image_tokens).loss}

@@ -82,7 +82,8 @@ def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, tokenizer, d
     finetune(model, dialog_features["cls"], dialog_features["patches"], dialog_examples, training, seed, step_logger,
              checkpoint, teacher=llm, distill_weight=params["distill_weight"],
              image_prefix=tokenizer(f"{IMAGE_TOKEN}\n", add_special_tokens=False)["input_ids"],
-             name_features=dialog_features["head_cls"] if model.name_head is not None else None)
+             name_features=dialog_features["head_cls"] if model.name_head is not None else None,
+             code_augment=params["code_augment"]["fraction"], code_augment_share=params["code_augment"]["max_share"])
     seconds = time.perf_counter() - started
     _, final_loss = loss_ends([v for _, v in step_logger.history["loss"]])
     summary = {"variant": config.variant, "seconds": round(seconds, 1), "steps": training.steps,
