@@ -80,7 +80,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                                       "params:evaluate.code_stability", "params:seed"],
              "code_stability_metrics", name="code_stability"),
         Node(evaluation_report, ["toxic_image_metrics", "utility_metrics", "jailbreak_clean", "overhead_metrics",
-                                 "code_stability_metrics", "code_space_bound", *(f"jailbreak_{b}.jailbreak_results" for b in BUDGETS)],
+                                 "code_stability_metrics", "code_space_bound",
+                                 *(f"jailbreak_{b}.jailbreak_results" for b in BUDGETS)],
              ["evaluation_metrics", "evaluation_report", "jailbreak_dsr_plot", "toxic_dsr_plot",
               "adversarial_images_plot", "adversarial_images"], name="evaluation_report"),
     ])
