@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM
 
 from conftest import PROJECT_ROOT
@@ -18,6 +19,53 @@ def test_nearest_code_matches_brute_force():
     x = torch.randn(500, 8)
     expected = torch.cdist(x, quantizer.codebook.detach()).argmin(1)
     assert torch.equal(quantizer.nearest(x), expected)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_flip_distance_is_the_radius_of_the_ball_that_keeps_the_code(distance):
+    """Within the flip distance no direction changes a vector's code; just past it, along the normal of the
+    nearest face, the code changes."""
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(32, 6, distance=distance, update="ema")
+    quantizer.codebook.data.copy_(quantizer._on_sphere(quantizer.codebook.data))
+    x = quantizer._on_sphere(torch.randn(200, 6)) if distance == "cosine" else torch.randn(200, 6)
+    flips = quantizer.flip_distance(x)
+    code = quantizer.nearest(x)
+    assert (flips >= 0).all()
+    directions = F.normalize(torch.randn(200, 50, 6), dim=-1)
+    inside = (x[:, None] + 0.999 * flips[:, None, None] * directions).reshape(-1, 6)
+    if distance == "l2":  # on the sphere a move off the sphere is normalised back: only the L2 ball is exact
+        assert torch.equal(quantizer.nearest(inside).view(200, 50), code[:, None].expand(-1, 50))
+    codebook = quantizer.codebook.detach()
+    squared = torch.cdist(quantizer._on_sphere(x), codebook).pow(2)
+    gap = torch.cdist(codebook, codebook)[code]
+    faces = (squared - squared.gather(1, code[:, None])) / (2 * gap)
+    faces[torch.arange(200), code] = float("inf")
+    nearest_face = faces.argmin(1)
+    assert torch.allclose(flips, faces.min(1).values, atol=1e-5)
+    if distance == "l2":
+        normal = F.normalize(codebook[nearest_face] - codebook[code], dim=-1)
+        assert (quantizer.nearest(x + 1.001 * flips[:, None] * normal) != code).all()
+
+
+def test_the_margin_term_moves_features_away_from_the_cell_faces():
+    from qmllm_pipeline.models.stages import stage1_losses
+
+    model = _model(quantized=True)
+    cls_features, patch_features = torch.randn(4, 16), torch.randn(4, 16, 16)
+    examples = [([3, 2, 5, 7], [-100, -100, -100, 7], row) for row in range(4)]
+    stage1_losses(model, cls_features, patch_features, examples)  # k-means initialises the codebooks
+    model.eval()  # the codes held still: only the projector moves
+    optimizer = torch.optim.Adam(model.mm_projector.parameters(), lr=1e-2)
+    reported = []
+    for _ in range(30):
+        losses = stage1_losses(model, cls_features, patch_features, examples, lambda_margin=1.0, margin=1.0)
+        reported.append(float(losses["patch_flip_distance"]))
+        optimizer.zero_grad()
+        losses["margin"].backward()
+        optimizer.step()
+    assert reported[-1] > reported[0] + 0.05
+    assert "margin" not in stage1_losses(model, cls_features, patch_features, examples)
 
 
 @pytest.mark.parametrize("update", ["ema", "gradient"])

@@ -2,6 +2,10 @@
 
 Stage 1 (pretrain): vision tower and LLM frozen; train `mm_projector`, `cls_quantizer`, `patch_quantizer`:
     L_pretrain = L_generative + lambda_vq (L_vq_patch + L_vq_cls) + lambda_semantic L_semantic
+                 [+ lambda_margin L_margin, beyond the paper, off by default]
+L_margin = mean over patch features of relu(margin * s - flip_distance(h)), s the codebook's half spacing:
+it pushes each projected patch feature away from the faces of its code's Voronoi cell, so that a small
+perturbation of the image (which moves the feature a little) leaves its code, and what the LLM reads, as it is.
 The continuous baseline trains its projector with L_generative alone. On the decoupled CLS path,
 `train_cls_head` trains `cls_projector` and `cls_quantizer` after stage 1 on
     L_cls = lambda_vq L_vq_cls + lambda_semantic L_semantic
@@ -74,10 +78,14 @@ def caption_examples(captions: list[str], tokenizer, instruction: str, max_lengt
 
 def stage1_losses(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Tensor,
                   examples: list[Example], semantic_targets: torch.Tensor | None = None, lambda_vq: float = 1.0,
-                  lambda_semantic: float = 0.0, name_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  lambda_semantic: float = 0.0, name_features: torch.Tensor | None = None,
+                  lambda_margin: float = 0.0, margin: float = 0.5) -> dict[str, torch.Tensor]:
     """One stage-1 batch: the examples' caption loss given their (cached) image features, plus for Q-MLLM
-    both VQ losses and L_semantic against the targets of the same feature rows. `loss` is the total.
-    `name_features`: the name head's CLS feature, by row (None: the captions are read without name tokens)."""
+    both VQ losses and L_semantic against the targets of the same feature rows, and with `lambda_margin` > 0
+    the patch margin term (`margin`: the flip distance asked for, as a share of the codebook's half
+    spacing; the mean flip distance is reported either way, as `patch_flip_distance`, in that unit). `loss`
+    is the total. `name_features`: the name head's CLS feature, by row (None: the captions are read without
+    name tokens)."""
     rows = torch.tensor([example[2] for example in examples])
     encoding = model.encode_features(cls_features[rows].float(), patch_features[rows].float(),
                                      with_cls=not model.decoupled, name_features=_rows(name_features, rows),
@@ -85,6 +93,13 @@ def stage1_losses(model: QMLLM, cls_features: torch.Tensor, patch_features: torc
     generative = model([e[0] for e in examples], [e[1] for e in examples], encoding.image_tokens).loss
     losses = {"generative": generative}
     total = generative
+    if model.quantized:
+        spacing = model.patch_quantizer.half_spacing()
+        flips = model.patch_quantizer.flip_distance(encoding.patch_hidden) / spacing
+        losses["patch_flip_distance"] = flips.detach().mean()
+        if lambda_margin > 0:
+            losses["margin"] = F.relu(margin - flips).mean()
+            total = total + lambda_margin * losses["margin"]
     if model.quantized and encoding.cls is None:  # decoupled: the CLS head trains apart
         losses["vq_patch"] = encoding.patches.loss
         total = total + lambda_vq * encoding.patches.loss
@@ -104,7 +119,8 @@ def stage1_losses(model: QMLLM, cls_features: torch.Tensor, patch_features: torc
 def pretrain(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Tensor, examples: list[Example],
              semantic_targets: torch.Tensor | None, training: TrainingConfig, seed: int, lambda_vq: float = 1.0,
              lambda_semantic: float = 1.0, usage_every: int = 100, step_logger: StepLogger | None = None,
-             checkpoint: TrainingCheckpoint | None = None, name_features: torch.Tensor | None = None) -> QMLLM:
+             checkpoint: TrainingCheckpoint | None = None, name_features: torch.Tensor | None = None,
+             lambda_margin: float = 0.0, margin: float = 0.5) -> QMLLM:
     """Stage 1 on (image features, caption) pairs; `examples[i]` uses feature row `examples[i][2]`. Every
     `usage_every` steps the codebooks' usage and perplexity over those steps are logged. A name head, if the
     model has one, is read frozen (`name_features`: its CLS feature by row), or not at all (None)."""
@@ -123,7 +139,7 @@ def pretrain(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
     def step(generator: torch.Generator) -> dict[str, torch.Tensor]:
         picks = torch.randint(len(examples), (training.batch_size,), generator=generator).tolist()
         losses = stage1_losses(model, cls_features, patch_features, [examples[i] for i in picks],
-                               semantic_targets, lambda_vq, lambda_semantic, name_features)
+                               semantic_targets, lambda_vq, lambda_semantic, name_features, lambda_margin, margin)
         for name in quantizers:
             seen[name].append(losses.pop(f"{name}_indices").flatten())
         steps_done[0] += 1

@@ -166,7 +166,7 @@ def pretrain_variant(qmllm_config: dict, caption_features: dict, caption_example
     started = time.perf_counter()
     pretrain(model, caption_features["cls"], caption_features["patches"], caption_examples, targets, training, seed,
              params["lambda_vq"], params["lambda_semantic"], params["usage_every"], step_logger, checkpoint,
-             name_features)
+             name_features, params["lambda_margin"], params["margin"])
     seconds = time.perf_counter() - started
     summary = {"variant": config.variant, "quantized": config.quantized, "seconds": round(seconds, 1),
                "steps": training.steps,
