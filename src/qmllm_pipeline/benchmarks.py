@@ -166,6 +166,30 @@ def stage1_row(model, pixels: torch.Tensor, cls_features: torch.Tensor, patch_fe
     return row
 
 
+def pgd_step_row(system: GuardedMLLM, image: torch.Tensor, instructions: list[str], targets: list[str],
+                 max_length: int, target_tokens: int, repeats: int) -> Row:
+    """7. One per-instruction PGD step (forward and backward, one image per instruction) on the sequences
+    the attack uses, cut after the target's first `target_tokens` tokens, over the same step on the whole
+    target's sequences with the loss on the same tokens (the same loss, tests/test_attack.py)."""
+    from qmllm_pipeline.models.attack import PerInstructionObjective, target_sequences
+
+    cut = target_sequences(system.tokenizer, instructions, targets, max_length, target_tokens)
+    whole = [(ids, labels + [-100] * (len(ids) - len(labels))) for (ids, _), (_, labels)
+             in zip(target_sequences(system.tokenizer, instructions, targets, max_length, None), cut, strict=True)]
+    pixels = (image.float() / 255).expand(len(instructions), -1, -1, -1)
+
+    def step(sequences: list[tuple[list[int], list[int]]]) -> Callable[[], object]:
+        objective = PerInstructionObjective(system.model, system.processor, sequences)
+
+        def run():
+            x = pixels.clone().requires_grad_(True)
+            torch.autograd.grad(objective(x, list(range(len(sequences))))[0].sum(), x)
+        return run
+
+    return paired_ratio(f"7. per-instruction PGD step, target opening / whole target ({len(instructions)} images)",
+                        step(cut), step(whole), repeats)
+
+
 def format_table(rows: list[Row], header: str = "") -> str:
     lines = [header] if header else []
     lines += ["| measurement | median | 25-75% | goal | met |", "|---|---|---|---|---|"]

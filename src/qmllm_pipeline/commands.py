@@ -181,6 +181,7 @@ def bench(env, project, repeats, stage1_steps, out) -> None:
     4. nearest-code search / one matmul (the floor)    goal <= 2.00; and against torch.cdist + argmin
     5. stage 1 from pixels / from cached features      goal >= 5.00
     6. verdict throughput at batch 1, 8 and 32
+    7. a per-instruction PGD step on the target's opening / on the whole target
     """
     import copy
     import datetime
@@ -213,6 +214,7 @@ def bench(env, project, repeats, stage1_steps, out) -> None:
             neutral = decode_images(load("eval_neutral")["image"].iloc[:32], desc=None)
             toxic = decode_images(load("eval_toxic")["image"], desc=None)
             corpus = load("caption_corpus").iloc[:2000]
+            text = load("text_corpus")
             features = load("caption_features")
         except DatasetError as error:
             _fail(f"{error} (train the default models first: `kedro run`)")
@@ -226,6 +228,11 @@ def bench(env, project, repeats, stage1_steps, out) -> None:
             benchmarks.stage1_row(student, pixels, features["cls"][:len(corpus)], features["patches"][:len(corpus)],
                                   examples, max(3, repeats // 6), steps=stage1_steps),
             *benchmarks.throughput_rows(qmllm, neutral, repeats)]
+    harmful = text[(text["kind"] == "harmful") & (text["split"] == "heldout")].head(32)
+    jailbreak = params["evaluate"]["jailbreak"]
+    rows.append(benchmarks.pgd_step_row(systems["baseline"], neutral[0], list(harmful["instruction"]),
+                                        list(harmful["target"]), jailbreak["max_length"], jailbreak["target_tokens"],
+                                        max(3, repeats // 4)))
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     header = f"qmllm bench, {datetime.date.today()}, {machine}, {repeats} repeats"
     table = benchmarks.format_table(rows, header) + "\n\n" + benchmarks.run_profile_table(project, env)
