@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
+from qmllm_pipeline.models.lora import LoraSettings, merged, with_lora
 from qmllm_pipeline.models.names import NameHead, name_head_losses
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.models.tokenizer import encode_chat
@@ -241,7 +242,7 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
              checkpoint: TrainingCheckpoint | None = None, teacher: torch.nn.Module | None = None,
              distill_weight: float = 0.0, image_prefix: list[int] | None = None,
              name_features: torch.Tensor | None = None, code_augment: float = 0.0,
-             code_augment_share: float = 1.0) -> QMLLM:
+             code_augment_share: float = 1.0, lora: LoraSettings | None = None) -> QMLLM:
     """Stage 2: train the LLM on dialogs (image rows >= 0) and text-only replay (row -1).
 
     The first `len(cls_features)` examples are the dialogs (example i reads feature row i); the rest replay
@@ -255,12 +256,16 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
     requests. A name head, if the model has one, is read frozen (`name_features`: its CLS feature by row).
     `code_augment` (Q-MLLM only; the continuous baseline has no codes): the probability that a replayed
     instruction behind an image reads `perturbed_codes` of its image's codes (up to `code_augment_share` of
-    the positions) instead; drawn afresh at every step, from the loop's generator."""
+    the positions) instead; drawn afresh at every step, from the loop's generator. With `lora` the LLM's
+    weights stay frozen and adapters train (`models/lora.py`); the returned model's LLM has them merged."""
     for frozen in (model.mm_projector, model.cls_projector, model.cls_quantizer, model.patch_quantizer,
                    model.name_head):
         if frozen is not None:
             frozen.requires_grad_(False).eval()
-    model.llm.requires_grad_(True)
+    if lora is None:
+        model.llm.requires_grad_(True)
+    else:
+        model.llm = with_lora(model.llm, lora)  # the base frozen, the adapters trainable
     distill = teacher is not None and distill_weight > 0
     if distill:
         if not image_prefix:
@@ -305,6 +310,7 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
 
     train_loop({"llm": model.llm}, step, training, seed, step_logger, checkpoint,
                desc=f"finetune {model.config.variant}")
+    model.llm = merged(model.llm)
     return model
 
 

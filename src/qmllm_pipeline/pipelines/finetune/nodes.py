@@ -14,6 +14,7 @@ from qmllm_pipeline.constants import IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.clip import decode_images
 from qmllm_pipeline.models.guarded import GuardedMLLM
+from qmllm_pipeline.models.lora import LoraSettings
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.models.stages import Example, finetune
 from qmllm_pipeline.models.tokenizer import chat_messages, encode_chat
@@ -83,7 +84,8 @@ def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, tokenizer, d
              checkpoint, teacher=llm, distill_weight=params["distill_weight"],
              image_prefix=tokenizer(f"{IMAGE_TOKEN}\n", add_special_tokens=False)["input_ids"],
              name_features=dialog_features["head_cls"] if model.name_head is not None else None,
-             code_augment=params["code_augment"]["fraction"], code_augment_share=params["code_augment"]["max_share"])
+             code_augment=params["code_augment"]["fraction"], code_augment_share=params["code_augment"]["max_share"],
+             lora=_lora_settings(params["lora"]))
     seconds = time.perf_counter() - started
     _, final_loss = loss_ends([v for _, v in step_logger.history["loss"]])
     summary = {"variant": config.variant, "seconds": round(seconds, 1), "steps": training.steps,
@@ -91,6 +93,13 @@ def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, tokenizer, d
     logger.info("finetune %s: %.0f s, final loss %.3f", config.variant, seconds, final_loss)
     return model.llm, summary, loss_curve_figure({"LM loss": step_logger.history["loss"]},
                                                  f"stage 2 ({config.variant})")
+
+
+def _lora_settings(params: dict) -> LoraSettings | None:
+    """`finetune.stage2.lora` as settings, or None (full fine-tuning) when it is not enabled."""
+    if not params["enabled"]:
+        return None
+    return LoraSettings(params["rank"], params["alpha"], params["dropout"], params["target_modules"])
 
 
 def finetuned_model(qmllm_config: dict, stage1_weights: dict, finetuned_llm, clip_model, tokenizer,
