@@ -8,7 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
 from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
-from qmllm_pipeline.models.tokenizer import VICUNA_V1_SYSTEM, encode_chat, encode_prompt, prepare_for_images
+from qmllm_pipeline.models.conversation import VICUNA_V1_SYSTEM, prepare_for_images
+from qmllm_pipeline.models.tokenizer import encode_chat, encode_prompt
 
 
 def tiny_llama_tokenizer() -> LlamaTokenizer:

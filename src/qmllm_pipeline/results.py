@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+from qmllm_pipeline.seeds import is_raw
 from qmllm_pipeline.stats import rate
 
 METRICS = ("world_summary", "foundation", "pretrain", "finetune", "safety_map", "evaluate", "seeds")
@@ -96,7 +97,8 @@ def seeds_table(seeds: dict, labels: list[str] | None = None) -> list[str]:
         if labels is not None and label not in labels:
             continue
         points = "gain" in label or "adds" in label
-        show = (lambda v: f"{100 * v:+.1f}") if points else (lambda v: f"{v:.0f}") if "codes" in label else pct
+        raw = (lambda v: f"{v:.0f}") if "codes used" in label else (lambda v: f"{v:.3f}")
+        show = (lambda v: f"{100 * v:+.1f}") if points else raw if is_raw(label) else pct
         rows.append([label, f"{show(figure['mean'])} [{show(figure['min'])}, {show(figure['max'])}]",
                      show(figure["std"]).lstrip("+") if not points else f"{100 * figure['std']:.1f}",
                      *(show(figure["values"][seed]) if seed in figure["values"] else "" for seed in runs)])

@@ -84,6 +84,15 @@ FIGURES: dict[str, tuple[str, str]] = {
        for b in ("eps16", "eps32", "eps64", "unconstrained")},
     **{f"qmllm adaptive per-instruction ASR, {b}": ("evaluate", f"jailbreak.{b}.qmllm_adaptive_per_instruction.asr")
        for b in ("eps16", "eps32", "eps64", "unconstrained")},
+    **{f"{system} {name} ASR, {b}": ("evaluate", f"jailbreak.{b}.{case}.asr")
+       for system, name, case in (("baseline", "random noise", "baseline_noise"),
+                                  ("safeclip", "white-box (universal)", "safeclip_whitebox"),
+                                  ("safeclip", "per-instruction", "safeclip_per_instruction"),
+                                  ("qmllm", "plain PGD", "qmllm_plain"), ("qmllm", "transfer", "qmllm_transfer"),
+                                  ("qmllm", "transfer per-instruction", "qmllm_transfer_per_instruction"),
+                                  ("qmllm", "adaptive (universal)", "qmllm_adaptive"),
+                                  ("qmllm", "surrogate", "qmllm_surrogate"), ("qmllm", "random noise", "qmllm_noise"))
+       for b in ("eps16", "eps32", "eps64", "unconstrained")},
     "baseline per-instruction white-box target loss reached, eps32": (
         "evaluate", "jailbreak.eps32.pgd.baseline_whitebox_per_instruction.nll_last"),
     "qmllm code-space bound ASR (found or clean codes comply)": ("evaluate", "code_space_bound.asr_with_clean"),
@@ -98,6 +107,11 @@ FIGURES: dict[str, tuple[str, str]] = {
     **{f"qmllm CLS-code stability under random noise, {b}": (
         "evaluate", f"code_stability.budgets.{b}.cls_code_unchanged") for b in ("eps16", "eps32", "eps64")},
 }
+
+def is_raw(label: str) -> bool:
+    """Figures given as they are (code counts, losses), not as shares shown in percent."""
+    return "codes used" in label or "loss" in label
+
 
 # Figures a run has only with a name head (`pretrain.name_head.slots` > 0): not an error where it is off.
 NAME_HEAD_FIGURES = frozenset({"name head's first pick right, every catalogue emoji alone"})
@@ -217,8 +231,8 @@ def compare_table(sweeps: dict[str, dict]) -> str:
         cells = []
         for sweep in sweeps.values():
             figure = sweep["figures"].get(label)
-            scale = 1 if "codes" in label else 100
-            cells.append("" if figure is None else
-                         f"{scale * figure['mean']:.1f} [{scale * figure['min']:.1f}, {scale * figure['max']:.1f}]")
+            scale, digits = (1, 3 if "loss" in label else 0) if is_raw(label) else (100, 1)
+            cells.append("" if figure is None else f"{scale * figure['mean']:.{digits}f} "
+                         f"[{scale * figure['min']:.{digits}f}, {scale * figure['max']:.{digits}f}]")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
