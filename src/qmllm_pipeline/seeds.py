@@ -95,8 +95,8 @@ FIGURES: dict[str, tuple[str, str]] = {
        for b in ("eps16", "eps32", "eps64", "unconstrained")},
     "baseline per-instruction white-box target loss reached, eps32": (
         "evaluate", "jailbreak.eps32.pgd.baseline_whitebox_per_instruction.nll_last"),
-    "qmllm code-space bound ASR (found or clean codes comply)": ("evaluate", "code_space_bound.asr_with_clean"),
-    "qmllm code-space bound ASR, found codes alone": ("evaluate", "code_space_bound.asr"),
+    "qmllm code-space search ASR (found or clean codes comply)": ("evaluate", "code_space_bound.asr_with_clean"),
+    "qmllm code-space search ASR, found codes alone": ("evaluate", "code_space_bound.asr"),
     "qmllm code-space search target loss, clean codes": ("evaluate", "code_space_bound.loss_first"),
     "qmllm code-space search target loss, found codes": ("evaluate", "code_space_bound.loss_last"),
     **{f"qmllm adaptive per-instruction: found-code positions matched, {b}": (
