@@ -43,6 +43,8 @@ def test_flip_distance_is_the_radius_of_the_ball_that_keeps_the_code(distance):
     faces[torch.arange(200), code] = float("inf")
     nearest_face = faces.argmin(1)
     assert torch.allclose(flips, faces.min(1).values, atol=1e-5)
+    spacing = torch.cdist(codebook, codebook).fill_diagonal_(float("inf")).min(1).values.mean() / 2
+    assert torch.allclose(quantizer.flip_distance(x, relative=True), flips / spacing)
     if distance == "l2":
         normal = F.normalize(codebook[nearest_face] - codebook[code], dim=-1)
         assert (quantizer.nearest(x + 1.001 * flips[:, None] * normal) != code).all()

@@ -47,12 +47,8 @@ class CodeObjective:
         """The objective around one encoded (clean) image, and that image's patch codes (N,): where the
         search starts. A name head's tokens are taken from the image and held fixed."""
         codes = encoding.patches.indices[0]
-        names = encoding.image_tokens.shape[1] - len(codes)
-        name_tokens = None
-        if names:
-            before = model.config.name_position == "before"
-            name_tokens = encoding.image_tokens[0, :names] if before else encoding.image_tokens[0, len(codes):]
-        return cls(model, sequences, name_tokens), codes
+        names = model.name_tokens_of(encoding.image_tokens[:1], len(codes))
+        return cls(model, sequences, None if names is None else names[0]), codes
 
     def image_tokens(self, codes: torch.Tensor) -> torch.Tensor:
         """What the LLM reads for code sequences (B, N): the codebook rows, with the fixed name tokens."""

@@ -288,6 +288,14 @@ class QMLLM(nn.Module):
         parts = [names, patches] if self.config.name_position == "before" else [patches, names]
         return torch.cat(parts, 1)
 
+    def name_tokens_of(self, image_tokens: torch.Tensor, patches: int) -> torch.Tensor | None:
+        """The name head's tokens (B, M, d_h) among `image_tokens` (B, M + N, d_h) with N = `patches`, where
+        `_with_names` put them; None without a name head (M = 0)."""
+        names = image_tokens.shape[1] - patches
+        if not names:
+            return None
+        return image_tokens[:, :names] if self.config.name_position == "before" else image_tokens[:, patches:]
+
     def encode_images(self, pixel_values: torch.Tensor, straight_through: bool = True) -> ImageEncoding:
         if self.vision_tower is None:
             raise ValueError("this QMLLM has no vision tower (built for cached features)")

@@ -66,30 +66,28 @@ class VectorQuantizer(nn.Module):
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         return F.embedding(indices, self.codebook)
 
-    def flip_distance(self, x: torch.Tensor) -> torch.Tensor:
+    def flip_distance(self, x: torch.Tensor, relative: bool = False) -> torch.Tensor:
         """The smallest L2 move of each vector of `x` (..., d) that changes its code: the distance to the
         nearest face of its Voronoi cell, min over k != c of (||x - C_k||^2 - ||x - C_c||^2) / (2 ||C_k - C_c||)
         with c its code (exact for the squared-L2 argmin; on the unit sphere for the cosine distance). A
         perturbation that moves a feature by less leaves its code as it is. Differentiable in `x` (the codes
-        are held fixed): the stage-1 margin term pushes it up."""
+        are held fixed): the stage-1 margin term pushes it up. `relative`: in units of the codebook's half
+        spacing (half the mean distance from a code to its nearest other code: the flip distance a vector
+        sitting on its code has, on average)."""
         flat = x.reshape(-1, self.dim)
         if self.distance == "cosine":
             flat = F.normalize(flat, dim=-1)
         codebook = self.codebook.detach()
+        pairs = torch.cdist(codebook, codebook)  # (P, P): ||C_k - C_j||
         squared = torch.addmm(codebook.pow(2).sum(1), flat, codebook.T, beta=1, alpha=-2)  # ||x-C||^2 - ||x||^2
         code = squared.detach().argmin(1)
-        gap = torch.cdist(codebook, codebook)[code]  # (n, P): ||C_k - C_c||, from the P x P distances
+        gap = pairs[code]  # (n, P): ||C_k - C_c||
         faces = (squared - squared.gather(1, code[:, None])) / (2 * gap.clamp(min=self.epsilon))
         faces = faces.masked_fill(F.one_hot(code, self.num_codes).bool() | (gap <= self.epsilon), float("inf"))
-        return faces.min(1).values.view(x.shape[:-1])
-
-    @torch.no_grad()
-    def half_spacing(self) -> torch.Tensor:
-        """Half the mean distance from each code to its nearest other code: the flip distance a vector sitting
-        on its code has, on average; the scale `flip_distance` is measured against."""
-        codebook = self.codebook.detach()
-        distances = torch.cdist(codebook, codebook).fill_diagonal_(float("inf"))
-        return distances.min(1).values.mean() / 2
+        flips = faces.min(1).values.view(x.shape[:-1])
+        if relative:
+            flips = flips / (pairs.clone().fill_diagonal_(float("inf")).min(1).values.mean() / 2)
+        return flips
 
     # -- training-time codebook maintenance -------------------------------------------------------
     @torch.no_grad()

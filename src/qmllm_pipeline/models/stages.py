@@ -95,8 +95,7 @@ def stage1_losses(model: QMLLM, cls_features: torch.Tensor, patch_features: torc
     losses = {"generative": generative}
     total = generative
     if model.quantized:
-        spacing = model.patch_quantizer.half_spacing()
-        flips = model.patch_quantizer.flip_distance(encoding.patch_hidden) / spacing
+        flips = model.patch_quantizer.flip_distance(encoding.patch_hidden, relative=True)
         losses["patch_flip_distance"] = flips.detach().mean()
         if lambda_margin > 0:
             losses["margin"] = F.relu(margin - flips).mean()
@@ -229,12 +228,8 @@ def _with_patch_codes(model: QMLLM, image_tokens: torch.Tensor, codes: torch.Ten
     """`image_tokens` (B, M + N, d_h) with their N patch tokens replaced by the codebook rows of `codes`
     (B, N); a name head's M tokens stay where they are."""
     patches = model.patch_quantizer.lookup(codes).to(image_tokens.dtype)
-    names = image_tokens.shape[1] - codes.shape[1]
-    if not names:
-        return patches
-    before = model.config.name_position == "before"
-    kept = image_tokens[:, :names] if before else image_tokens[:, codes.shape[1]:]
-    return model._with_names(kept, patches)
+    names = model.name_tokens_of(image_tokens, codes.shape[1])
+    return patches if names is None else model._with_names(names, patches)
 
 
 def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Tensor, examples: list[Example],
