@@ -241,6 +241,42 @@ def bench(env, project, repeats, stage1_steps, out) -> None:
         out.write_text(table + "\n")
 
 
+@main.command("scale-check")
+@click.option("--processes", type=click.IntRange(2, 64), default=2, show_default=True,
+              help="Processes to compare one process with (CPU processes over gloo; one per GPU on a GPU machine).")
+@click.option("--steps", type=click.IntRange(2, 10_000), default=20, show_default=True, help="Steps per trainer.")
+@click.option("--hidden", type=click.IntRange(8, 8192), default=128, show_default=True,
+              help="Hidden width of the Llama the gradient-checkpointing table measures.")
+@click.option("--layers", type=click.IntRange(1, 128), default=4, show_default=True,
+              help="Layers of that Llama.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the tables as Markdown to this file.")
+def scale_check(processes, steps, hidden, layers, out) -> None:
+    """Check that training scales out, on small random models (no weights, no GPU needed): stage 1 and stage 2
+    (full and LoRA) on 1 and on N processes with the same global batch, their losses and weights side by side
+    (they should agree to float precision); and the activation memory of a stage-2 step with and without
+    gradient checkpointing (with the peak CUDA memory where a GPU runs it)."""
+    import datetime
+    import platform
+
+    import torch
+    import transformers
+
+    from qmllm_pipeline import scaling
+
+    transformers.logging.set_verbosity_error()
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, " \
+              f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}"
+    ddp = scaling.format_rows(scaling.ddp_rows(processes, steps))
+    memory = scaling.format_rows(scaling.checkpointing_rows(hidden, layers))
+    table = (f"qmllm scale-check, {datetime.date.today()}, {machine}\n\n"
+             f"1 vs {processes} processes (DDP), same global batch:\n\n{ddp}\n\n"
+             f"A stage-2 step with and without gradient checkpointing:\n\n{memory}")
+    click.echo(table)
+    if out is not None:
+        out.write_text(table + "\n")
+
+
 def _seed_list(text: str) -> list[int]:
     try:
         seeds = [int(part) for part in text.split(",") if part.strip()]

@@ -12,9 +12,13 @@ from mlflow.entities import Metric
 
 
 class StepLogger:
-    def __init__(self, prefix: str, every: int = 25):
+    """`send`: False keeps the history only (a training worker process, whose history rank 0 hands back to
+    the process that owns the MLflow run, which `replay`s it)."""
+
+    def __init__(self, prefix: str, every: int = 25, send: bool = True):
         self.prefix = prefix
         self.every = max(1, every)
+        self.send = send
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self._pending: list[Metric] = []
 
@@ -27,8 +31,17 @@ class StepLogger:
         if step % self.every == 0:
             self.flush()
 
+    def replay(self, history: dict[str, list]) -> None:
+        """Log a history recorded elsewhere (`{name: [(step, value), ...]}`), as if it had been logged here."""
+        now = int(time.time() * 1000)
+        for name, points in history.items():
+            for step, value in points:
+                self.history[name].append((int(step), float(value)))
+                self._pending.append(Metric(f"{self.prefix}/{name}", float(value), now, int(step)))
+        self.flush()
+
     def flush(self) -> None:
-        run = mlflow.active_run()
+        run = mlflow.active_run() if self.send else None
         if run is not None and self._pending:
             mlflow.MlflowClient().log_batch(run.info.run_id, metrics=self._pending[:1000])
             self._pending = self._pending[1000:]

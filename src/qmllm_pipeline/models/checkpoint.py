@@ -2,7 +2,9 @@
 random state (`torch.load(weights_only=True)`, never unpickling code), and the loss history so far.
 
 A run stopped in the middle (Ctrl-C, a kill) continues from its last checkpoint when started again with
-the same configuration; a checkpoint written under another configuration is ignored.
+the same configuration; a checkpoint written under another configuration is ignored. Under several
+training processes rank 0 alone writes it (`state.json` records the rank and process that did) and every
+process reads it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qmllm_pipeline.datasets.atomic import atomic_directory
+from qmllm_pipeline.models.distributed import world
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +56,8 @@ class TrainingCheckpoint:
             torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                         "generator": generator.get_state()}, staging / "trainer.pt")
             (staging / "state.json").write_text(json.dumps(
-                {"step": step, "fingerprint": self.fingerprint, "modules": list(modules), "history": history}))
+                {"step": step, "fingerprint": self.fingerprint, "modules": list(modules), "history": history,
+                 "written_by": {"rank": world()[0], "pid": os.getpid()}}))
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -328,11 +328,12 @@ class QMLLM(nn.Module):
         i-th sequence that has one. Returns inputs_embeds, attention_mask and (if given) labels.
         """
         embed = self.llm.get_input_embeddings()
+        device = embed.weight.device
         rows, row_labels = [], []
         next_image = 0
         for i, ids in enumerate(input_ids):
-            ids_tensor = torch.tensor(ids, dtype=torch.long)
-            target = torch.tensor(labels[i], dtype=torch.long) if labels is not None else None
+            ids_tensor = torch.tensor(ids, dtype=torch.long, device=device)
+            target = torch.tensor(labels[i], dtype=torch.long, device=device) if labels is not None else None
             positions = (ids_tensor == self.image_token_id).nonzero().flatten()
             if len(positions) > 1:
                 raise ValueError(f"sequence {i} has {len(positions)} {self.image_token_id} tokens; one image each")
@@ -343,11 +344,11 @@ class QMLLM(nn.Module):
             if image_tokens is None or next_image >= len(image_tokens):
                 raise ValueError("more <image> placeholders than images")
             at = int(positions[0])
-            image = image_tokens[next_image].to(embed.weight.dtype)
+            image = image_tokens[next_image].to(device=device, dtype=embed.weight.dtype)
             next_image += 1
             rows.append(torch.cat([embed(ids_tensor[:at]), image, embed(ids_tensor[at + 1:])]))
             if target is not None:
-                ignore = torch.full((image.shape[0],), IGNORE_INDEX, dtype=torch.long)
+                ignore = torch.full((image.shape[0],), IGNORE_INDEX, dtype=torch.long, device=device)
                 row_labels.append(torch.cat([target[:at], ignore, target[at + 1:]]))
         return _pad(rows, row_labels if labels is not None else None, padding)
 
@@ -371,8 +372,9 @@ def _pad(rows: list[torch.Tensor], labels: list[torch.Tensor] | None, padding: s
     longest = max(r.shape[0] for r in rows)
     width = rows[0].shape[1]
     embeds = rows[0].new_zeros((len(rows), longest, width))
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    out_labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long) if labels is not None else None
+    mask = torch.zeros((len(rows), longest), dtype=torch.long, device=embeds.device)
+    out_labels = (torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long, device=embeds.device)
+                  if labels is not None else None)
     for i, row in enumerate(rows):
         span = slice(0, row.shape[0]) if padding == "right" else slice(longest - row.shape[0], longest)
         embeds[i, span] = row

@@ -8,7 +8,9 @@ inference time.
 Two codebook update rules:
 - `gradient`: the paper's rule, L_vq = ||sg[x] - C||^2 + lambda_commit ||x - sg[C]||^2 (collapses here);
 - `ema`: moving-average code updates (VQ-VAE-2), with only the commitment term as a loss (default).
-Both get k-means initialisation from the first batch and dead-code restart.
+Both get k-means initialisation from the first batch and dead-code restart. Under several training
+processes (`models/distributed.py`) the EMA statistics are summed over them, so every process holds the
+codebook one process would have on the whole batch.
 
 Two distances: `l2` (the paper) and `cosine` (the released v2 code's CLS codebook): inputs and codes are
 kept on the unit sphere, where the squared-L2 argmin is the cosine argmax, so one lookup serves both.
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from qmllm_pipeline.models.distributed import all_sum, from_main, gathered
 
 
 @dataclass
@@ -91,8 +95,11 @@ class VectorQuantizer(nn.Module):
 
     # -- training-time codebook maintenance -------------------------------------------------------
     @torch.no_grad()
-    def kmeans_init(self, flat: torch.Tensor) -> None:
-        """Codes start as k-means centroids of the first batch (k-means++-free: random distinct rows)."""
+    def kmeans_init(self, flat: torch.Tensor, examples: int | None = None) -> None:
+        """Codes start as k-means centroids of the first batch (k-means++-free: random distinct rows). Under
+        several training processes, of the whole batch (every process's share of `examples` examples, put
+        back in the batch's order), and rank 0's result on all."""
+        flat = gathered(flat, examples)
         if flat.shape[0] >= self.num_codes:
             centroids = flat[torch.randperm(flat.shape[0], device=flat.device)[: self.num_codes]].clone()
         else:
@@ -104,15 +111,17 @@ class VectorQuantizer(nn.Module):
             sums = torch.zeros_like(centroids).index_add_(0, assign, flat)
             filled = counts > 0
             centroids[filled] = sums[filled] / counts[filled, None]
-        self.codebook.data.copy_(self._on_sphere(centroids))
-        self.ema_sums.copy_(centroids)
+        self.codebook.data.copy_(from_main(self._on_sphere(centroids)))
+        self.ema_sums.copy_(from_main(centroids))
         self.ema_counts.fill_(1.0)
         self.initialized.fill_(True)
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
-        counts = torch.bincount(indices, minlength=self.num_codes).float()
-        sums = torch.zeros_like(self.ema_sums).index_add_(0, indices, flat)
+        """The moving averages over the whole batch: under several training processes the counts and sums
+        of every process's share are added up first, so that every process keeps the same codebook."""
+        counts = all_sum(torch.bincount(indices, minlength=self.num_codes).float())
+        sums = all_sum(torch.zeros_like(self.ema_sums).index_add_(0, indices, flat))
         self.ema_counts.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sums.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.ema_counts.sum()
@@ -124,16 +133,18 @@ class VectorQuantizer(nn.Module):
         return F.normalize(codes, dim=-1) if self.distance == "cosine" else codes
 
     @torch.no_grad()
-    def _restart_dead_codes(self, flat: torch.Tensor, indices: torch.Tensor) -> int:
+    def _restart_dead_codes(self, flat: torch.Tensor, indices: torch.Tensor, examples: int | None = None) -> int:
         """Codes whose share of recent assignments fell below `dead_code_threshold / num_codes` jump to random
-        current inputs; returns how many were restarted."""
-        self.usage.mul_(self.decay).add_(torch.bincount(indices, minlength=self.num_codes).float(),
+        current inputs (of the whole batch under several training processes); returns how many were
+        restarted."""
+        self.usage.mul_(self.decay).add_(all_sum(torch.bincount(indices, minlength=self.num_codes).float()),
                                          alpha=1 - self.decay)
         share = self.usage / self.usage.sum().clamp(min=self.epsilon)
         dead = torch.nonzero(share < self.dead_code_threshold / self.num_codes).flatten()
         if len(dead) == 0:
             return 0
-        picks = flat[torch.randint(flat.shape[0], (len(dead),), device=flat.device)]
+        flat = gathered(flat, examples)
+        picks = from_main(flat[torch.randint(flat.shape[0], (len(dead),), device=flat.device)].contiguous())
         self.codebook.data[dead] = picks
         self.ema_sums[dead] = picks
         self.ema_counts[dead] = 1.0
@@ -145,8 +156,9 @@ class VectorQuantizer(nn.Module):
         flat = x.reshape(-1, self.dim)
         if self.distance == "cosine":
             flat = F.normalize(flat, dim=-1)
+        examples = x.shape[0] if x.dim() > 1 else None  # the batch's examples, for several processes
         if self.training and not bool(self.initialized):
-            self.kmeans_init(flat.detach())
+            self.kmeans_init(flat.detach(), examples)
         indices = self.nearest(flat.detach())
         codes = self.lookup(indices)
         commitment_loss = F.mse_loss(flat, codes.detach())
@@ -159,7 +171,7 @@ class VectorQuantizer(nn.Module):
         if self.training:
             if self.update == "ema":
                 self._ema_update(flat.detach(), indices)
-            self._restart_dead_codes(flat.detach(), indices)
+            self._restart_dead_codes(flat.detach(), indices, examples)
         quantized = flat + (codes - flat).detach()  # straight-through estimator
         return QuantizerOutput(quantized.view_as(x), indices.view(x.shape[:-1]), loss, codebook_loss,
                                commitment_loss)

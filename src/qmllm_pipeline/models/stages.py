@@ -34,11 +34,12 @@ import torch.nn.functional as F
 
 from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
+from qmllm_pipeline.models.distributed import DistributedSettings, rank_share
 from qmllm_pipeline.models.lora import LoraSettings, merged, with_lora
 from qmllm_pipeline.models.names import NameHead, name_head_losses
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.models.tokenizer import encode_chat
-from qmllm_pipeline.models.training import TrainingConfig, train_loop
+from qmllm_pipeline.models.training import TrainingConfig, activation_checkpointing, train_loop
 from qmllm_pipeline.tracking import StepLogger
 
 Example = tuple[list[int], list[int], int]  # token ids, labels, feature row (-1: no image)
@@ -88,8 +89,9 @@ def stage1_losses(model: QMLLM, cls_features: torch.Tensor, patch_features: torc
     is the total. `name_features`: the name head's CLS feature, by row (None: the captions are read without
     name tokens)."""
     rows = torch.tensor([example[2] for example in examples])
-    encoding = model.encode_features(cls_features[rows].float(), patch_features[rows].float(),
-                                     with_cls=not model.decoupled, name_features=_rows(name_features, rows),
+    device = next(model.mm_projector.parameters()).device
+    encoding = model.encode_features(cls_features[rows].float().to(device), patch_features[rows].float().to(device),
+                                     with_cls=not model.decoupled, name_features=_rows(name_features, rows, device),
                                      with_names=name_features is not None)
     generative = model([e[0] for e in examples], [e[1] for e in examples], encoding.image_tokens).loss
     losses = {"generative": generative}
@@ -108,7 +110,7 @@ def stage1_losses(model: QMLLM, cls_features: torch.Tensor, patch_features: torc
         losses.update(vq_patch=encoding.patches.loss, vq_cls=encoding.cls.loss)
         total = total + lambda_vq * (encoding.patches.loss + encoding.cls.loss)
         if semantic_targets is not None and lambda_semantic > 0:
-            semantic = F.mse_loss(encoding.cls.quantized, semantic_targets[rows].float())
+            semantic = F.mse_loss(encoding.cls.quantized, semantic_targets[rows].float().to(device))
             losses["semantic"] = semantic
             total = total + lambda_semantic * semantic
         losses["cls_indices"], losses["patch_indices"] = encoding.cls.indices, encoding.patches.indices
@@ -120,10 +122,14 @@ def pretrain(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
              semantic_targets: torch.Tensor | None, training: TrainingConfig, seed: int, lambda_vq: float = 1.0,
              lambda_semantic: float = 1.0, usage_every: int = 100, step_logger: StepLogger | None = None,
              checkpoint: TrainingCheckpoint | None = None, name_features: torch.Tensor | None = None,
-             lambda_margin: float = 0.0, margin: float = 0.5) -> QMLLM:
+             lambda_margin: float = 0.0, margin: float = 0.5, distributed: DistributedSettings | None = None,
+             gradient_checkpointing: bool = False) -> QMLLM:
     """Stage 1 on (image features, caption) pairs; `examples[i]` uses feature row `examples[i][2]`. Every
     `usage_every` steps the codebooks' usage and perplexity over those steps are logged. A name head, if the
-    model has one, is read frozen (`name_features`: its CLS feature by row), or not at all (None)."""
+    model has one, is read frozen (`name_features`: its CLS feature by row), or not at all (None).
+    `distributed`: the processes and strategy the loop runs under (None: plain PyTorch, one process);
+    `gradient_checkpointing`: the frozen LLM recomputes its activations in the backward pass instead of
+    keeping them (memory for time; the gradient reaching the projector is the same)."""
     model.llm.requires_grad_(False)
     if model.name_head is not None:
         model.name_head.requires_grad_(False).eval()
@@ -138,6 +144,7 @@ def pretrain(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
 
     def step(generator: torch.Generator) -> dict[str, torch.Tensor]:
         picks = torch.randint(len(examples), (training.batch_size,), generator=generator).tolist()
+        picks, _ = rank_share(picks, generator)  # this process's share (all of it with one process)
         losses = stage1_losses(model, cls_features, patch_features, [examples[i] for i in picks],
                                semantic_targets, lambda_vq, lambda_semantic, name_features, lambda_margin, margin)
         for name in quantizers:
@@ -152,8 +159,14 @@ def pretrain(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
         losses["loss"] = losses.pop("loss")  # the total last, as logged before
         return losses
 
+    if gradient_checkpointing:  # transformers checkpoints only in training mode (the LLM's dropout, if any, too)
+        activation_checkpointing(model.llm, True)
+        model.llm.train()
     train_loop(trainable, step, training, seed, step_logger, checkpoint,
-               desc=f"pretrain {model.config.variant}")
+               desc=f"pretrain {model.config.variant}", distributed=distributed, carry=(model,))
+    if gradient_checkpointing:
+        activation_checkpointing(model.llm, False)
+        model.llm.eval()
     return model
 
 
@@ -210,8 +223,8 @@ def train_name_head(head: NameHead, cls_features: torch.Tensor, patch_features: 
     return head
 
 
-def _rows(features: torch.Tensor | None, rows) -> torch.Tensor | None:
-    return None if features is None else features[rows].float()
+def _rows(features: torch.Tensor | None, rows, device: torch.device | None = None) -> torch.Tensor | None:
+    return None if features is None else features[rows].float().to(device)
 
 
 def perturbed_codes(codes: torch.Tensor, max_share: float, num_codes: int,
@@ -237,7 +250,8 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
              checkpoint: TrainingCheckpoint | None = None, teacher: torch.nn.Module | None = None,
              distill_weight: float = 0.0, image_prefix: list[int] | None = None,
              name_features: torch.Tensor | None = None, code_augment: float = 0.0,
-             code_augment_share: float = 1.0, lora: LoraSettings | None = None) -> QMLLM:
+             code_augment_share: float = 1.0, lora: LoraSettings | None = None,
+             distributed: DistributedSettings | None = None, gradient_checkpointing: bool = False) -> QMLLM:
     """Stage 2: train the LLM on dialogs (image rows >= 0) and text-only replay (row -1).
 
     The first `len(cls_features)` examples are the dialogs (example i reads feature row i); the rest replay
@@ -252,7 +266,8 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
     `code_augment` (Q-MLLM only; the continuous baseline has no codes): the probability that a replayed
     instruction behind an image reads `perturbed_codes` of its image's codes (up to `code_augment_share` of
     the positions) instead; drawn afresh at every step, from the loop's generator. With `lora` the LLM's
-    weights stay frozen and adapters train (`models/lora.py`); the returned model's LLM has them merged."""
+    weights stay frozen and adapters train (`models/lora.py`); the returned model's LLM has them merged.
+    `distributed` and `gradient_checkpointing` as for `pretrain`."""
     for frozen in (model.mm_projector, model.cls_projector, model.cls_quantizer, model.patch_quantizer,
                    model.name_head):
         if frozen is not None:
@@ -274,13 +289,16 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
 
     def step(generator: torch.Generator) -> dict[str, torch.Tensor]:
         picks = torch.randint(len(examples), (training.batch_size,), generator=generator).tolist()
+        picks, generator = rank_share(picks, generator)  # this process's share (all of it with one process)
         imaged = [i for i in picks if examples[i][2] >= 0]  # image tokens are spliced in this order
         rows = [examples[i][2] for i in imaged]
         image_tokens = None
         if rows:
+            device = next(model.mm_projector.parameters()).device
             with torch.no_grad():
-                encoding = model.encode_features(cls_features[rows].float(), patch_features[rows].float(),
-                                                 with_cls=False, name_features=_rows(name_features, rows))
+                encoding = model.encode_features(cls_features[rows].float().to(device),
+                                                 patch_features[rows].float().to(device), with_cls=False,
+                                                 name_features=_rows(name_features, rows, device))
                 image_tokens = encoding.image_tokens
                 if augment:
                     replayed = torch.tensor([i >= n_dialogs for i in imaged])
@@ -303,8 +321,13 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
                            [t[1] for t in texts])
         return {"lm": out.loss, "distill": kl, "loss": out.loss + distill_weight * kl}
 
+    if gradient_checkpointing:
+        activation_checkpointing(model.llm, True)
     train_loop({"llm": model.llm}, step, training, seed, step_logger, checkpoint,
-               desc=f"finetune {model.config.variant}")
+               desc=f"finetune {model.config.variant}", distributed=distributed,
+               carry=(model,) if teacher is None else (model, teacher))
+    if gradient_checkpointing:
+        activation_checkpointing(model.llm, False)
     model.llm = merged(model.llm)
     return model
 

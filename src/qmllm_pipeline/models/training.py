@@ -4,10 +4,13 @@ setting (`threads` in conf/base/parameters.yml, applied by a hook), not a loop a
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import matplotlib
 
@@ -15,10 +18,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint  # noqa: E402
+from qmllm_pipeline.models.distributed import SHARDED, DistributedSettings, launch, make_accelerator  # noqa: E402
 from qmllm_pipeline.tracking import StepLogger  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -38,6 +43,23 @@ class TrainingConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def activation_checkpointing(llm: torch.nn.Module, on: bool) -> None:
+    """Gradient (activation) checkpointing of a transformers model (or a peft model over one) on or off:
+    on, each layer keeps its inputs only and recomputes the rest in the backward pass (non-reentrant, so a
+    frozen model still passes the gradient to its input embeddings). transformers 5.24 renamed the switch;
+    both names work."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(llm, "activation_checkpointing_enable"):
+        if on:
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            llm.activation_checkpointing_disable()
+    elif on:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        llm.gradient_checkpointing_disable()
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -87,16 +109,73 @@ def loss_curve_figure(history: dict[str, list[tuple[int, float]]], title: str, s
 
 def train_loop(modules: dict[str, torch.nn.Module], step_fn: Callable[[torch.Generator], dict[str, torch.Tensor]],
                config: TrainingConfig, seed: int, step_logger: StepLogger | None = None,
-               checkpoint: TrainingCheckpoint | None = None, desc: str = "train") -> None:
+               checkpoint: TrainingCheckpoint | None = None, desc: str = "train",
+               distributed: DistributedSettings | None = None, carry: tuple[torch.nn.Module, ...] = ()) -> None:
     """The one training loop: AdamW + cosine schedule over the trainable parameters of `modules`.
 
     `step_fn(generator)` draws a batch and returns the losses of one step, `loss` being the one to
     minimise; every entry is logged. With a checkpoint, state is saved every `config.checkpoint_every` steps
     and a stopped run resumes from the last save (same configuration only); it is cleared at the end.
+
+    With `distributed` the loop runs under Accelerate (`models/distributed.py`): in place for one process,
+    else in `num_processes` forked workers, each drawing the same global batch and training on its share of
+    it (the step function takes it with `rank_share`), gradients averaged by the strategy; rank 0 alone
+    logs, checkpoints and hands the trained weights back to `modules` here. Without it (the foundation
+    trainers), plain PyTorch. `carry`: modules the step reads but does not train (the frozen LLM, a
+    teacher), moved to the process's device with the trained ones.
     """
+    if distributed is None or distributed.num_processes == 1:
+        accelerator = None if distributed is None else make_accelerator(distributed, config.batch_size,
+                                                                       config.grad_clip)
+        _run(modules, step_fn, config, seed, step_logger, checkpoint, desc, accelerator, carry)
+        return
+    if config.batch_size % distributed.num_processes:
+        raise ValueError(f"{desc}: the global batch of {config.batch_size} does not split evenly over "
+                         f"{distributed.num_processes} processes")
+    if checkpoint is not None and config.checkpoint_every and distributed.strategy in SHARDED:
+        raise ValueError(f"{desc}: resumable checkpoints are written for one process or DDP; with "
+                         f"{distributed.strategy} set checkpoint_every: 0")
+    with tempfile.TemporaryDirectory(prefix="qmllm-handoff-") as handoff:
+        def worker() -> None:
+            accelerator = make_accelerator(distributed, config.batch_size, config.grad_clip)
+            history = StepLogger(step_logger.prefix, send=False) if step_logger is not None else None
+            states = _run(modules, step_fn, config, seed, history, checkpoint, desc, accelerator, carry)
+            if accelerator.is_main_process:
+                for name, state in states.items():
+                    save_file(state, Path(handoff) / f"{name}.safetensors")
+                history_out = dict(history.history) if history is not None else {}
+                (Path(handoff) / "history.json").write_text(json.dumps(history_out))
+            accelerator.wait_for_everyone()
+
+        launch(worker, distributed)
+        for name, module in modules.items():
+            module.load_state_dict(load_file(Path(handoff) / f"{name}.safetensors"))
+            module.eval()
+        if step_logger is not None:
+            step_logger.replay(json.loads((Path(handoff) / "history.json").read_text()))
+    logger.info("%s: trained in %d processes (%s)", desc, distributed.num_processes, distributed.strategy)
+
+
+class _Step(torch.nn.Module):
+    """A step as a module, for Accelerate to wrap (DDP, FSDP and DeepSpeed sync what runs in a wrapped
+    module's forward): it holds the modules being trained and its forward is the step function."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], step_fn: Callable):
+        super().__init__()
+        self.trained = torch.nn.ModuleDict(modules)
+        self.step_fn = step_fn
+
+    def forward(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return self.step_fn(generator)
+
+
+def _run(modules, step_fn, config, seed, step_logger, checkpoint, desc, accelerator, carry) -> dict[str, dict]:
+    """The loop itself, in this process; with an `accelerator`, under it. Returns each module's trained
+    state (gathered from the shards under FSDP / DeepSpeed) as rank 0 holds it."""
     generator = seed_everything(seed)
     trainable = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
     optimizer, schedule = optimizer_and_schedule(trainable, config)
+    main = accelerator is None or accelerator.is_main_process
     start = 1
     state = checkpoint.load() if checkpoint is not None else None
     if state is not None:
@@ -108,29 +187,52 @@ def train_loop(modules: dict[str, torch.nn.Module], step_fn: Callable[[torch.Gen
         if step_logger is not None:
             step_logger.history.update({k: [tuple(p) for p in v] for k, v in state["history"].items()})
         start = state["step"] + 1
-        logger.info("%s: resuming from the checkpoint at step %d of %d", desc, state["step"], config.steps)
+        if main:
+            logger.info("%s: resuming from the checkpoint at step %d of %d", desc, state["step"], config.steps)
     for module in modules.values():
         module.train()
+    step = _Step(modules, step_fn)
+    if accelerator is not None:
+        for module in carry:
+            module.to(accelerator.device)
+        step, optimizer, schedule = accelerator.prepare(step, optimizer, schedule)
+    clip = trainable if accelerator is None else list(step.parameters())
     every = config.checkpoint_every
     progress = tqdm(range(start, config.steps + 1), desc=desc, unit="step", mininterval=2,
-                    initial=start - 1, total=config.steps)
-    for step in progress:
-        losses = step_fn(generator)
+                    initial=start - 1, total=config.steps, disable=not main)
+    for at in progress:
+        losses = step(generator)
         optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        if accelerator is None:
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(clip, config.grad_clip)
+        else:
+            accelerator.backward(losses["loss"])
+            accelerator.clip_grad_norm_(clip, config.grad_clip)
         optimizer.step()
         schedule.step()
-        if step_logger is not None:
-            step_logger.log(step, **{k: v.item() for k, v in losses.items()}, lr=schedule.get_last_lr()[0])
-        if step % 50 == 0:
+        if accelerator is not None and accelerator.num_processes > 1:  # the mean over the processes
+            losses = {k: accelerator.reduce(v.detach().float(), "mean") for k, v in losses.items()}
+        if step_logger is not None and main:
+            step_logger.log(at, **{k: v.item() for k, v in losses.items()}, lr=schedule.get_last_lr()[0])
+        if at % 50 == 0:
             progress.set_postfix(loss=f"{losses['loss'].item():.3f}")
-        if checkpoint is not None and every and step % every == 0 and step < config.steps:
-            history = dict(step_logger.history) if step_logger is not None else {}
-            checkpoint.save(step, modules, optimizer, schedule, generator, history)
+        if checkpoint is not None and every and at % every == 0 and at < config.steps:
+            if main:
+                history = dict(step_logger.history) if step_logger is not None else {}
+                checkpoint.save(at, modules, optimizer, schedule, generator, history)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
     if step_logger is not None:
         step_logger.flush()
-    if checkpoint is not None:
+    states = {}
+    if accelerator is not None and accelerator.num_processes > 1:
+        full = accelerator.get_state_dict(step)  # gathered from the shards on rank 0
+        states = {name: {key[len(f"trained.{name}."):]: value.detach().contiguous().clone()
+                         for key, value in full.items() if key.startswith(f"trained.{name}.")}
+                  for name in modules} if main else {}
+    if checkpoint is not None and main:
         checkpoint.clear()
     for module in modules.values():
         module.eval()
+    return states

@@ -13,6 +13,7 @@ import pandas as pd
 from qmllm_pipeline.constants import IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.clip import decode_images
+from qmllm_pipeline.models.distributed import DistributedSettings
 from qmllm_pipeline.models.guarded import GuardedMLLM
 from qmllm_pipeline.models.lora import LoraSettings
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
@@ -68,16 +69,19 @@ def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, tokenizer,
 
 
 def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, tokenizer, dialog_features: dict,
-                     dialog_examples: list[Example], params: dict, seed: int, checkpoint_dir: str):
+                     dialog_examples: list[Example], params: dict, seed: int, checkpoint_dir: str,
+                     distributed: dict | None = None):
     """Stage 2 for one variant: returns the finetuned LLM, a summary and the loss curve. `params`:
-    finetune.stage2."""
+    finetune.stage2; `distributed`: the processes, strategy and precision it trains under."""
     config = QMLLMConfig.from_dict(qmllm_config)
     seed_everything(seed)
     model = QMLLM.assemble(config, stage1_weights, copy.deepcopy(llm))
     training = TrainingConfig(**params["training"])
+    settings = DistributedSettings.from_params(distributed)
+    processes = {} if settings == DistributedSettings() else {"distributed": settings.as_dict()}
     checkpoint = TrainingCheckpoint(Path(checkpoint_dir) / f"{config.variant}_finetune",
                                     {"config": qmllm_config, "params": params, "seed": seed,
-                                     "examples": len(dialog_examples)})
+                                     "examples": len(dialog_examples), **processes})
     step_logger = StepLogger(f"{config.variant}/finetune", every=params["log_every"])
     started = time.perf_counter()
     finetune(model, dialog_features["cls"], dialog_features["patches"], dialog_examples, training, seed, step_logger,
@@ -85,7 +89,8 @@ def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, tokenizer, d
              image_prefix=tokenizer(f"{IMAGE_TOKEN}\n", add_special_tokens=False)["input_ids"],
              name_features=dialog_features["head_cls"] if model.name_head is not None else None,
              code_augment=params["code_augment"]["fraction"], code_augment_share=params["code_augment"]["max_share"],
-             lora=_lora_settings(params["lora"]))
+             lora=_lora_settings(params["lora"]), distributed=settings,
+             gradient_checkpointing=params["gradient_checkpointing"])
     seconds = time.perf_counter() - started
     _, final_loss = loss_ends([v for _, v in step_logger.history["loss"]])
     summary = {"variant": config.variant, "seconds": round(seconds, 1), "steps": training.steps,

@@ -5,7 +5,8 @@ from qmllm_pipeline.pipelines.finetune import nodes
 
 SHARED = ["dialog_features", "dialog_examples", "text_corpus", "tokenizer", "llm", "clip_model",
           "clip_image_processor", "eval_utility", "eval_neutral", "eval_items", "emoji_catalogue"]
-SHARED_PARAMETERS = ("params:finetune.stage2", "params:finetune.evaluation", "params:seed", "params:checkpoint_dir")
+SHARED_PARAMETERS = ("params:finetune.stage2", "params:finetune.evaluation", "params:seed", "params:checkpoint_dir",
+                     "params:distributed")
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -13,7 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
     template = Pipeline([
         Node(nodes.finetune_variant, ["qmllm_config", "stage1_weights", "llm", "tokenizer", "dialog_features",
                                       "dialog_examples", "params:finetune.stage2", "params:seed",
-                                      "params:checkpoint_dir"],
+                                      "params:checkpoint_dir", "params:distributed"],
              ["finetuned_llm", "finetune_summary", "finetune_loss_curve"], name="finetune_variant"),
         Node(nodes.finetuned_model, ["qmllm_config", "stage1_weights", "finetuned_llm", "clip_model", "tokenizer",
                                      "clip_image_processor"], "finetuned_model", name="finetuned_model"),

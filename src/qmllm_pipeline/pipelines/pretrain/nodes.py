@@ -12,6 +12,7 @@ import torch
 
 from qmllm_pipeline.constants import IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
+from qmllm_pipeline.models.distributed import DistributedSettings
 from qmllm_pipeline.models.names import NameHead, slot_targets
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.models.stages import (
@@ -137,11 +138,13 @@ def semantic_targets(targets: torch.Tensor, standardize: bool) -> torch.Tensor:
 
 def pretrain_variant(qmllm_config: dict, caption_features: dict, caption_examples: list[Example],
                      caption_targets: dict, llm, name_head_weights: dict, params: dict, cls_head: dict,
-                     name_head: dict, seed: int, checkpoint_dir: str) -> tuple[dict, dict, object]:
+                     name_head: dict, seed: int, checkpoint_dir: str,
+                     distributed: dict | None = None) -> tuple[dict, dict, object]:
     """Stage 1 for one variant, then on the decoupled CLS path its CLS head; returns its weights (projectors,
     codebooks and the name head, read frozen), a summary and the loss curve. `params`: pretrain.stage1 (loss
     weights, schedule, logging); `cls_head`: pretrain.cls_head (the decoupled head's own stage 1, losses and
-    schedule); `name_head`: pretrain.name_head (whether stage 1's captions are read with the name tokens).
+    schedule); `name_head`: pretrain.name_head (whether stage 1's captions are read with the name tokens);
+    `distributed`: the processes, strategy and precision stage 1 trains under (`distributed`).
 
     On the decoupled path with `cls_head.stage1: paper`, stage 1 is the shared path's, bit for bit: a
     training-only CLS codebook on `mm_projector` (`cls_head.stage1_cls_codes` codes) learns the paper's CLS
@@ -159,14 +162,15 @@ def pretrain_variant(qmllm_config: dict, caption_features: dict, caption_example
     if model.quantized and not model.decoupled:
         targets = semantic_targets(caption_targets["targets"], params["standardize_semantic_target"])
     training = TrainingConfig(**params["training"])
+    settings = DistributedSettings.from_params(distributed)
     checkpoint = TrainingCheckpoint(Path(checkpoint_dir) / f"{config.variant}_pretrain",
                                     {"config": stage1_config.to_dict(), "params": params, "seed": seed,
-                                     "rows": len(caption_examples)})
+                                     "rows": len(caption_examples), **_processes(settings)})
     step_logger = StepLogger(f"{config.variant}/pretrain", every=params["log_every"])
     started = time.perf_counter()
     pretrain(model, caption_features["cls"], caption_features["patches"], caption_examples, targets, training, seed,
              params["lambda_vq"], params["lambda_semantic"], params["usage_every"], step_logger, checkpoint,
-             name_features, params["lambda_margin"], params["margin"])
+             name_features, params["lambda_margin"], params["margin"], settings, params["gradient_checkpointing"])
     seconds = time.perf_counter() - started
     summary = {"variant": config.variant, "quantized": config.quantized, "seconds": round(seconds, 1),
                "steps": training.steps,
@@ -188,6 +192,12 @@ def pretrain_variant(qmllm_config: dict, caption_features: dict, caption_example
     curves = {k: v for k, v in step_logger.history.items() if k in ("generative", "vq_patch", "vq_cls", "semantic")}
     figure = loss_curve_figure(curves, f"stage 1 ({config.variant})")
     return model.stage1_state(), summary, figure
+
+
+def _processes(settings: DistributedSettings) -> dict:
+    """What a checkpoint's fingerprint adds for the processes it was written under (nothing for one process
+    in full precision, so that the checkpoints of earlier runs stay valid)."""
+    return {} if settings == DistributedSettings() else {"distributed": settings.as_dict()}
 
 
 def _with_name_head(model: QMLLM, weights: dict) -> QMLLM:

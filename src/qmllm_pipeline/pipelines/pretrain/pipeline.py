@@ -7,7 +7,7 @@ SHARED = ["caption_features", "caption_targets", "caption_examples", "tokenizer"
           "name_head_weights"]
 SHARED_PARAMETERS = ("params:pretrain.model", "params:features.vision_tower", "params:features.cls_head",
                      "params:pretrain.name_head", "params:pretrain.stage1",
-                     "params:pretrain.cls_head", "params:seed", "params:checkpoint_dir")
+                     "params:pretrain.cls_head", "params:seed", "params:checkpoint_dir", "params:distributed")
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -21,7 +21,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(nodes.pretrain_variant, ["qmllm_config", "caption_features", "caption_examples", "caption_targets",
                                       "llm", "name_head_weights", "params:pretrain.stage1", "params:pretrain.cls_head",
                                       "params:pretrain.name_head", "params:seed",
-                                      "params:checkpoint_dir"],
+                                      "params:checkpoint_dir", "params:distributed"],
              ["stage1_weights", "pretrain_summary", "pretrain_loss_curve"], name="pretrain_variant"),
     ])
     variants = [

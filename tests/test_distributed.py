@@ -1,0 +1,117 @@
+"""Training on Accelerate: two CPU processes (gloo) train as one process does with the same global batch, a
+killed two-process run resumes from rank 0's checkpoint to the same weights, one process under Accelerate is
+plain PyTorch bit for bit, and gradient checkpointing changes the memory, not the gradients."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from qmllm_pipeline import scaling
+from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
+from qmllm_pipeline.models.distributed import DistributedSettings, rank_share, world
+from qmllm_pipeline.models.stages import pretrain
+from qmllm_pipeline.models.training import TrainingConfig, activation_checkpointing, train_loop
+from qmllm_pipeline.tracking import StepLogger
+
+TOLERANCE = 1e-5  # float reduction order: per-rank means averaged, EMA statistics summed over the processes
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_two_processes_train_as_one_with_the_same_global_batch(stage):
+    one, model_one, _ = scaling.train_stage(stage, 1, steps=12)
+    two, model_two, _ = scaling.train_stage(stage, 2, steps=12)
+    assert len(one) == len(two) == 12
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < TOLERANCE
+    assert scaling.largest_difference(model_one, model_two) < TOLERANCE  # the weights rank 0 handed back
+    assert one[-1] != one[0]  # it trained
+
+
+def test_one_process_under_accelerate_is_plain_pytorch_bit_for_bit():
+    runs = []
+    for settings in (None, DistributedSettings()):
+        world_ = scaling.small_world()
+        model = scaling.small_qmllm(scaling.small_llama())
+        logger = StepLogger("t", every=100)
+        pretrain(model, world_.cls, world_.patches, world_.examples, None,
+                 TrainingConfig(steps=8, batch_size=8, lr=1e-2), 0, step_logger=logger, distributed=settings)
+        runs.append((logger.history["loss"], model.stage1_state()))
+    (loss_a, state_a), (loss_b, state_b) = runs
+    assert loss_a == loss_b
+    assert all(torch.equal(state_a[key], state_b[key]) for key in state_a)
+
+
+def _regression(crash_at: int | None):
+    """A linear model on a fixed regression problem, its step taking the process's share of the batch; the
+    step raises at its `crash_at`-th call in every process (a kill in the middle of a run)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 1)
+    inputs = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+    targets = inputs @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    calls = [0]
+
+    def step(generator):
+        calls[0] += 1
+        if crash_at is not None and calls[0] == crash_at:
+            raise RuntimeError("killed")
+        picks = torch.randint(64, (8,), generator=generator).tolist()
+        picks, _ = rank_share(picks, generator)
+        return {"loss": torch.nn.functional.mse_loss(net(inputs[picks]), targets[picks]),
+                "processes": torch.tensor(float(world()[1]))}
+
+    return net, step
+
+
+def test_a_killed_two_process_run_resumes_from_rank_zeros_checkpoint_to_the_same_weights(tmp_path):
+    config = TrainingConfig(steps=12, batch_size=8, lr=5e-2, checkpoint_every=5)
+    two = DistributedSettings(num_processes=2)
+    net, step = _regression(crash_at=None)
+    logger = StepLogger("t", every=100)
+    train_loop({"net": net}, step, config, 0, logger, TrainingCheckpoint(tmp_path / "straight", {}), distributed=two)
+    assert [value for _, value in logger.history["processes"]] == [2.0] * 12  # the steps ran in two processes
+    assert not (tmp_path / "straight").exists()  # cleared at the end
+
+    checkpoint = TrainingCheckpoint(tmp_path / "killed", {})
+    killed, step = _regression(crash_at=8)
+    with pytest.raises(Exception, match="killed"):
+        train_loop({"net": killed}, step, config, 0, StepLogger("t"), checkpoint, distributed=two)
+    state = json.loads((tmp_path / "killed" / "state.json").read_text())
+    assert state["step"] == 5
+    assert state["written_by"]["rank"] == 0 and state["written_by"]["pid"] != os.getpid()  # a worker, rank 0
+    resumed, step = _regression(crash_at=None)
+    resumed_logger = StepLogger("t", every=100)
+    train_loop({"net": resumed}, step, config, 0, resumed_logger, checkpoint, distributed=two)
+    assert torch.equal(resumed.weight, net.weight) and torch.equal(resumed.bias, net.bias)
+    assert resumed_logger.history["loss"] == logger.history["loss"]  # steps 1-5 from the checkpoint, 6-12 rerun
+
+
+def test_settings_are_checked_and_the_batch_must_split_evenly(tmp_path):
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        DistributedSettings(strategy="horovod")
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        DistributedSettings(mixed_precision=False)  # what a bare `no` in YAML becomes
+    net, step = _regression(crash_at=None)
+    with pytest.raises(ValueError, match="global batch of 8 does not split evenly over 3 processes"):
+        train_loop({"net": net}, step, TrainingConfig(steps=2, batch_size=8, lr=1e-2), 0,
+                   distributed=DistributedSettings(num_processes=3))
+    with pytest.raises(ValueError, match="set checkpoint_every: 0"):
+        train_loop({"net": net}, step, TrainingConfig(steps=2, batch_size=8, lr=1e-2, checkpoint_every=1), 0,
+                   checkpoint=TrainingCheckpoint(tmp_path, {}),
+                   distributed=DistributedSettings(num_processes=2, strategy="deepspeed_zero2"))
+
+
+def test_gradient_checkpointing_keeps_fewer_activations_and_the_same_gradients():
+    grads, saved = [], []
+    for on in (False, True):
+        llm = scaling.small_llama(vocab_size=128, hidden=32, layers=2)
+        saved.append(scaling.saved_activation_bytes(llm, batch=4, length=32, checkpointing=on))
+        grads.append({name: p.grad.clone() for name, p in llm.named_parameters()})
+    assert saved[1] < 0.5 * saved[0]
+    assert all(torch.allclose(grads[0][name], grads[1][name], atol=1e-6) for name in grads[0])
+
+    llm = scaling.small_llama()
+    activation_checkpointing(llm, True)
+    assert llm.is_gradient_checkpointing
+    activation_checkpointing(llm, False)
+    assert not llm.is_gradient_checkpointing
