@@ -73,7 +73,8 @@ def foundation(world, smoke_params) -> dict:
     inputs = {name: world[name] for name in ("text_corpus", "dialogs", "caption_corpus", "emoji_catalogue",
                                               "eval_items")}
     trained = run_in_memory(foundation_pipeline.create_pipeline(), inputs, smoke_params)
-    return {**trained, **{name: trained[f"trained_{name}"] for name in FOUNDATION_MODELS}}
+    shipped = {name: trained[f"trained_{name}"] for name in FOUNDATION_MODELS}
+    return {**trained, **shipped, "clip_tokenizer": shipped["tokenizer"]}  # the stand-ins share one tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +83,7 @@ def stages(world, foundation, smoke_params) -> dict:
     inputs = {name: world[name] for name in ("caption_corpus", "dialogs", "text_corpus", "eval_utility",
                                               "eval_neutral", "dmap", "dmap_validation", "eval_toxic",
                                               "eval_hard_negative", "emoji_catalogue", "eval_items")}
-    inputs.update({name: foundation[name] for name in FOUNDATION_MODELS})
+    inputs.update({name: foundation[name] for name in (*FOUNDATION_MODELS, "clip_tokenizer")})
     chain = (features_pipeline.create_pipeline() + pretrain_pipeline.create_pipeline()
              + finetune_pipeline.create_pipeline() + safety_map_pipeline.create_pipeline())
     return run_in_memory(chain, inputs, smoke_params)
@@ -93,7 +94,8 @@ def evaluation(world, foundation, stages, smoke_params) -> dict:
     """The `evaluate` pipeline run once in memory on the smoke models."""
     inputs = {name: world[name] for name in ("text_corpus", "eval_utility", "eval_neutral", "eval_toxic",
                                               "eval_hard_negative", "emoji_catalogue")}
-    inputs.update({name: foundation[name] for name in ("tokenizer", "clip_model", "clip_image_processor")})
+    inputs.update({name: foundation[name] for name in ("tokenizer", "clip_tokenizer", "clip_model",
+                                                       "clip_image_processor")})
     inputs.update({f"{variant}.{name}": stages[f"{variant}.{name}"] for variant in ("qmllm", "baseline")
                    for name in ("qmllm_config", "stage1_weights", "finetuned_llm")})
     inputs["safety_map"] = stages["safety_map"]

@@ -147,7 +147,8 @@ def test_the_decoupled_path_runs_through_the_pipelines(world, foundation, smoke_
     params = with_overrides(smoke_params, **{"pretrain.model.cls_path": "decoupled", **head})
     inputs = {name: world[name] for name in ("caption_corpus", "dialogs", "dmap", "dmap_validation", "eval_toxic",
                                               "eval_neutral", "eval_hard_negative", "emoji_catalogue")}
-    inputs.update({name: foundation[name] for name in ("tokenizer", "clip_model", "clip_image_processor", "llm")})
+    inputs.update({name: foundation[name] for name in ("tokenizer", "clip_tokenizer", "clip_model",
+                                                       "clip_image_processor", "llm")})
     chain = (features.create_pipeline() + pretrain_pipeline.create_pipeline()
              + safety_map.create_pipeline().to_outputs("safety_metrics"))
     out = run_in_memory(chain, inputs, params)

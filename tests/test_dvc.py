@@ -29,7 +29,7 @@ def _downstream(stage: str) -> set[str]:
 
 
 def test_one_stage_per_pipeline_running_kedro():
-    pipelines = set(register_pipelines()) - {"__default__", "ingest"}
+    pipelines = set(register_pipelines()) - {"__default__", "ingest", "real"}  # real: conf/real's chain, no DVC stage
     assert set(DVC_YAML["stages"]) == pipelines
     for name, spec in DVC_YAML["stages"].items():
         assert spec["cmd"].startswith(f"kedro run --pipelines {name}")

@@ -99,12 +99,16 @@ def test_real_environment_loads_local_directories_offline(tmp_path, monkeypatch)
     for entry in entries.values():
         assert entry["read_only"] is True
         entry["path"] = str(tmp_path / entry["path"])
+        if "tokenizer_path" in entry:  # the tokenizer the LLM's embeddings are sized to
+            entry["tokenizer_path"] = str(tmp_path / entry["tokenizer_path"])
     catalog = DataCatalog.from_config(entries)
     assert isinstance(catalog.load("clip_model"), CLIPModel)
     assert catalog.load("clip_image_processor").crop_size == {"height": 32, "width": 32}
     llm = catalog.load("llm")
     assert isinstance(llm, LlamaForCausalLM) and llm.dtype == torch.bfloat16 and not llm.training
-    assert catalog.load("tokenizer").chat_template is not None
+    tokenizer = catalog.load("tokenizer")
+    assert tokenizer.chat_template is not None and "<image>" in tokenizer.get_vocab()  # prepared as it loads
+    assert llm.get_input_embeddings().weight.shape[0] >= len(tokenizer)
     with pytest.raises(DatasetError, match="read-only model directory"):
         catalog.save("llm", llm)
     assert sorted(os.listdir(llm_dir)) == sorted(os.listdir(llm_dir))  # untouched

@@ -271,7 +271,8 @@ def test_the_name_head_sweep_reproduces_the_pipelines_head(world, foundation, st
 
     head = smoke_params["pretrain"]["name_head"]
     inputs = {name: world[name] for name in ("emoji_catalogue", "caption_corpus", "eval_items", "eval_utility")}
-    inputs.update({name: foundation[name] for name in ("tokenizer", "clip_model", "clip_image_processor")})
+    inputs.update({name: foundation[name] for name in ("tokenizer", "clip_tokenizer", "clip_model",
+                                                                 "clip_image_processor")})
     inputs["caption_features"] = stages["caption_features"]
     table = name_head_sweep(inputs, smoke_params, [head["inputs"], "cls"], [head["hidden"]],
                             [head["training"]["steps"]])

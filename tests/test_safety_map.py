@@ -79,7 +79,8 @@ def test_lever_sweep_reproduces_the_pipeline_and_varies_k(world, foundation, sta
     safety_map pipeline measured (same nodes, same seeds), and every combination gets a row."""
     inputs = {name: world[name] for name in ("emoji_catalogue", "caption_corpus", "dmap_validation", "eval_toxic",
                                               "eval_neutral", "eval_hard_negative")}
-    inputs.update({name: foundation[name] for name in ("clip_model", "clip_image_processor", "tokenizer", "llm")})
+    inputs.update({name: foundation[name] for name in ("clip_model", "clip_image_processor", "tokenizer", "llm",
+                                                                 "clip_tokenizer")})
     inputs.update({name: stages[name] for name in ("caption_features", "caption_targets")})
     configured = smoke_params["pretrain"]["model"]["cls_codes"]
     dmap = smoke_params["data"]["dmap"]

@@ -241,6 +241,39 @@ def bench(env, project, repeats, stage1_steps, out) -> None:
         out.write_text(table + "\n")
 
 
+@main.command("real-fixture")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=Path("data/01_raw/real"))
+@click.option("--force", is_flag=True, help="Write into a directory that already has files.")
+@click.option("--print-params", is_flag=True, help="Only print the fixture's small settings, for `kedro run --params`.")
+def real_fixture(directory, force, print_params) -> None:
+    """Write the real environment's inputs in miniature to DIRECTORY (default data/01_raw/real): tiny random
+    models with CLIP-L's and Vicuna's layouts where conf/real looks for the weights, LLaVA-format data,
+    D_map and evaluation folders and a harmful-instruction file. The whole real path then runs on a CPU in
+    under a minute (the paper's sizes in conf/real shrunk to the fixture's):
+
+    \b
+      qmllm real-fixture
+      kedro run --env real --pipelines real --params "$(qmllm real-fixture --print-params)"
+
+    It refuses a directory that is not empty (real weights may be there) unless --force."""
+    from qmllm_pipeline.fixtures import FIXTURE_PARAMETERS, write_real_fixture
+
+    if print_params:
+        def leaves(node, path=""):
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    yield from leaves(value, f"{path}{key}.")
+                else:
+                    yield f"{path}{key}={str(value).lower() if isinstance(value, bool) else value}"
+
+        click.echo(",".join(leaves(FIXTURE_PARAMETERS)))
+        return
+    if directory.exists() and any(directory.iterdir()) and not force:
+        _fail(f"{directory}: not empty (real weights or data may be there); pass --force to write anyway")
+    write_real_fixture(directory)
+    click.echo(f"wrote the miniature real inputs to {directory}")
+
+
 @main.command("scale-check")
 @click.option("--processes", type=click.IntRange(2, 64), default=2, show_default=True,
               help="Processes to compare one process with (CPU processes over gloo; one per GPU on a GPU machine).")

@@ -108,8 +108,22 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def square(image: Image.Image, size: int | None) -> Image.Image:
+    """`image` as CLIP's processor reads it, once: the shorter side resized to `size` (bicubic), then the
+    centre `size` x `size` crop (None: as it is). Every real image then has one shape, so that a batch stacks
+    and an attack perturbs the very pixels the vision tower sees."""
+    if size is None:
+        return image
+    scale = size / min(image.size)
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
 def load_llava_json(
     json_path: str | Path, image_folder: str | Path, on_bad_input: str = ERROR, max_pixels: int = 89_478_485,
+    image_size: int | None = None,
 ) -> tuple[pd.DataFrame, LoadReport]:
     """Read a LLaVA-format JSON list (`id`, optional `image`, `conversations` of `from`/`value` turns).
 
@@ -139,7 +153,8 @@ def load_llava_json(
             conversations = _check_record(record, where)
             image = None
             if record.get("image") is not None:
-                image = png_bytes(open_image_checked(image_folder / str(record["image"]), max_pixels))
+                image = png_bytes(square(open_image_checked(image_folder / str(record["image"]), max_pixels),
+                                         image_size))
         except BadInputError as error:
             report.bad(error)
             continue
@@ -169,6 +184,7 @@ def _check_record(record, where: str) -> list[dict]:
 def load_dmap_folder(
     root: str | Path, on_bad_input: str = ERROR, max_pixels: int = 89_478_485,
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png"), category_aliases: dict[str, str] | None = None,
+    image_size: int | None = None,
 ) -> tuple[pd.DataFrame, LoadReport]:
     """Read D_map from `<root>/<category>/*` (e.g. HOD). Folder names must be known categories (or map to
     one through `category_aliases`, e.g. {gun: weapon, cigarette: tobacco}); any other file is bad input."""
@@ -193,7 +209,7 @@ def load_dmap_folder(
                 if path.suffix.lower() not in extensions:
                     raise BadInputError(path, f"not an image file (extension {path.suffix or 'none'}; "
                                               f"expected one of {list(extensions)})")
-                image = png_bytes(open_image_checked(path, max_pixels))
+                image = png_bytes(square(open_image_checked(path, max_pixels), image_size))
             except BadInputError as error:
                 report.bad(error)
                 continue
@@ -204,3 +220,38 @@ def load_dmap_folder(
     if frame.empty:
         raise BadInputError(root, "no usable images found")
     return frame, report
+
+
+def load_instructions(path: str | Path, column: str | None = None, target_column: str | None = None,
+                      default_target: str = "Sure, here is") -> pd.DataFrame:
+    """Harmful instructions for the jailbreak evaluation: a text file with one instruction a line (blank lines
+    and `#` comments skipped), or a CSV file (`.csv`) whose `column` holds them and, optionally,
+    `target_column` the affirmative answer each attack aims for (AdvBench's `goal` and `target`); without
+    one, every target is `default_target`. Returns columns instruction, target; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(path, "harmful-instruction file not found")
+    if path.suffix.lower() == ".csv":
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, UnicodeDecodeError) as error:
+            raise BadInputError(path, f"not a readable CSV file ({error})") from None
+        for name in (column, target_column):
+            if name is not None and name not in frame.columns:
+                raise BadInputError(path, f"no column {name!r}; columns are {list(frame.columns)}")
+        if column is None:
+            raise BadInputError(path, "a CSV file needs the instruction column named (instruction_column)")
+        instructions = [text.strip() for text in frame[column]]
+        targets = [text.strip() for text in frame[target_column]] if target_column else None
+    else:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise BadInputError(path, "not UTF-8 text (expected one instruction a line)") from None
+        instructions = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        targets = None
+    kept = [i for i, text in enumerate(instructions) if text]
+    if not kept:
+        raise BadInputError(path, "no instructions in it")
+    return pd.DataFrame({"instruction": [instructions[i] for i in kept],
+                         "target": [targets[i] if targets and targets[i] else default_target for i in kept]})

@@ -1,7 +1,7 @@
 """Project pipelines. `__default__` is the embedded-world chain data -> features -> pretrain -> finetune ->
 safety_map -> evaluate, reading the shipped foundation stand-ins (as a real run reads downloaded CLIP and
 Vicuna weights); `foundation` trains a new set of them. `ingest` is the real-data alternative to `data`
-(both write the same catalogue entries, so they are never run together)."""
+(both write the same catalogue entries, so they are never run together); `real` is the chain from it."""
 
 from kedro.pipeline import Pipeline
 
@@ -21,4 +21,6 @@ def register_pipelines() -> dict[str, Pipeline]:
     }
     chain = ("data", "features", "pretrain", "finetune", "safety_map", "evaluate")
     pipelines["__default__"] = sum((pipelines[name] for name in chain), Pipeline([]))
+    # the real configuration's chain, from real data: `kedro run --env real --pipelines real`
+    pipelines["real"] = sum((pipelines[name] for name in ("ingest", *chain[1:])), Pipeline([]))
     return pipelines

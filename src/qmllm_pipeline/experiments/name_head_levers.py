@@ -21,8 +21,8 @@ from qmllm_pipeline.pipelines.pretrain.nodes import build_name_head
 logger = logging.getLogger(__name__)
 
 # what the sweep reads from a trained project (catalogue entries)
-INPUTS = ("emoji_catalogue", "caption_corpus", "caption_features", "tokenizer", "clip_model", "clip_image_processor",
-          "eval_items", "eval_utility")
+INPUTS = ("emoji_catalogue", "caption_corpus", "caption_features", "tokenizer", "clip_tokenizer", "clip_model",
+          "clip_image_processor", "eval_items", "eval_utility")
 
 
 def held_out_scores(head, cls_features: torch.Tensor, patch_features: torch.Tensor, targets: torch.Tensor,

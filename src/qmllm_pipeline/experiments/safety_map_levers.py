@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 
 # what the sweep reads from a trained project (catalogue entries)
 INPUTS = ("emoji_catalogue", "caption_corpus", "caption_features", "caption_targets", "dmap_validation", "eval_toxic",
-          "eval_neutral", "eval_hard_negative", "clip_model", "clip_image_processor", "tokenizer", "llm")
+          "eval_neutral", "eval_hard_negative", "clip_model", "clip_image_processor", "tokenizer", "llm",
+          "clip_tokenizer")
 
 # named CLS designs: parameter overrides on top of the configured run (`--design`)
 DESIGNS: dict[str, dict] = {

@@ -54,3 +54,12 @@ def prepare_for_images(tokenizer, llm=None, conversation_format: str | None = No
                     layer.weight[old:] = layer.weight[:old].mean(0)
             done["embedding_rows"][1] = len(tokenizer)
     return done
+
+
+def conversation_format_of(tokenizer) -> str | None:
+    """The name of the conversation format `tokenizer`'s chat template is (None: a template of its own, as
+    the embedded world's tokenizer has, which it keeps when saved)."""
+    for name, template in CONVERSATION_FORMATS.items():
+        if tokenizer.chat_template == template:
+            return name
+    return None

@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, CLIPImageProcessor
 
 from qmllm_pipeline.constants import IMAGE_TOKEN
 from qmllm_pipeline.models.clip import pixel_values
+from qmllm_pipeline.models.conversation import prepare_for_images
 from qmllm_pipeline.models.qmllm import QMLLM, ImageEncoding
 from qmllm_pipeline.models.safeclip import SafeCLIPFilter
 from qmllm_pipeline.models.safety_map import NEUTRAL
@@ -205,6 +206,11 @@ class GuardedQMLLM(GuardedMLLM):
             config = model.config
             tokenizer = AutoTokenizer.from_pretrained(config.reference("tokenizer", model_directory),
                                                       local_files_only=True)
+            if config.conversation_format is not None:  # a real LLM's tokenizer, prepared as in training
+                prepare_for_images(tokenizer, None, config.conversation_format)
+                if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != config.image_token_id:
+                    raise ModelNotReadyError(f"{path}: the referenced tokenizer gives {IMAGE_TOKEN} another id than "
+                                             f"the model was trained with ({config.image_token_id})")
             processor = CLIPImageProcessor.from_pretrained(config.reference("image_processor", model_directory),
                                                            local_files_only=True)
         except FileNotFoundError as error:

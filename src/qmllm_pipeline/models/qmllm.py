@@ -87,6 +87,8 @@ class QMLLMConfig:
     name_head_hidden: int = 512
     name_head_patch_dim: int = 32
     name_counted: int = 0                  # object slots filled by the head's count pick (0: each slot on its own)
+    conversation_format: str | None = None  # the tokenizer prepared for images with this format when loaded
+                                           # (models/conversation.py; None: the tokenizer reads images as saved)
     references: dict[str, str] = field(default_factory=dict)  # vision_tower, image_processor, tokenizer, llm
 
     def __post_init__(self):

@@ -73,6 +73,9 @@ def caption_examples(captions: list[str], tokenizer, instruction: str, max_lengt
             messages = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{instruction}"},
                         {"role": "assistant", "content": text}]
             encoded[text] = encode_chat(tokenizer, messages, max_length)
+            if all(label == IGNORE_INDEX for label in encoded[text][1]):
+                raise ValueError(f"caption row {row}: no caption token within max_length {max_length} (the prompt "
+                                 "alone is longer; a real LLM's conversation format needs more: pretrain.max_length)")
         ids, labels = encoded[text]
         examples.append((ids, labels, row))
     return examples

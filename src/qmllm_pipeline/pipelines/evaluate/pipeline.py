@@ -51,7 +51,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                                     **{f"params:attacker_{a}": f"params:evaluate.attackers.{a}" for a in ATTACKERS}})
                for budget in BUDGETS]
     shared = Pipeline([
-        Node(systems.safeclip_guard, ["clip_model", "tokenizer", "clip_image_processor", "emoji_catalogue",
+        Node(systems.safeclip_guard, ["clip_model", "clip_tokenizer", "clip_image_processor", "emoji_catalogue",
                                       "params:data.layout.backgrounds", "params:foundation.clip.text_side",
                                       "params:safety_map.safeclip_threshold"], "safeclip_guard",
              name="safeclip_guard"),

@@ -16,10 +16,10 @@ def frozen_model(qmllm_config: dict, stage1_weights: dict, finetuned_llm, clip_m
     return QMLLM.assemble(qmllm_config, stage1_weights, finetuned_llm, clip_model)
 
 
-def safeclip_guard(clip_model, tokenizer, clip_image_processor, emoji_catalogue: pd.DataFrame, backgrounds: dict,
+def safeclip_guard(clip_model, clip_tokenizer, clip_image_processor, emoji_catalogue: pd.DataFrame, backgrounds: dict,
                    text_side: str, threshold: float) -> SafeCLIPFilter:
     """The SafeCLIP-style filter: one class per catalogue item, prompted in the style CLIP was trained on."""
-    return SafeCLIPFilter(clip_model, tokenizer, clip_image_processor,
+    return SafeCLIPFilter(clip_model, clip_tokenizer, clip_image_processor,
                           category_prompts(emoji_catalogue, list(backgrounds), text_side), threshold)
 
 

@@ -54,27 +54,29 @@ def extract_dialog_features(dialogs: pd.DataFrame, clip_model, clip_image_proces
     return _extract(dialogs["image"], clip_model, clip_image_processor, params, "dialogs")
 
 
-def caption_semantic_targets(caption_corpus: pd.DataFrame, tokenizer, llm, clip_model, source: str, text_side: str,
+def caption_semantic_targets(caption_corpus: pd.DataFrame, tokenizer, llm, clip_model, clip_tokenizer,
+                             source: str, text_side: str,
                              cls_head: dict, batch_size: int) -> dict[str, torch.Tensor]:
     """The L_semantic targets of the caption corpus, one row per image: `targets` from `source` / `text_side`
     (stage 1's, the paper's H_caption by default), `head_targets` from `cls_head`'s `semantic_target_source` /
     `semantic_target_text` (a decoupled CLS head's). Stored raw; whether to standardise them is a training
     parameter."""
     targets = {"targets": semantic_target_vectors(caption_corpus, tokenizer, llm, clip_model, source, text_side,
-                                                  batch_size)}
+                                                  batch_size, clip_tokenizer)}
     head = (cls_head["semantic_target_source"], cls_head["semantic_target_text"])
     targets["head_targets"] = (targets["targets"] if head == (source, text_side) else
-                               semantic_target_vectors(caption_corpus, tokenizer, llm, clip_model, *head, batch_size))
+                               semantic_target_vectors(caption_corpus, tokenizer, llm, clip_model, *head, batch_size,
+                                                       clip_tokenizer))
     return targets
 
 
 @torch.no_grad()
 def semantic_target_vectors(caption_corpus: pd.DataFrame, tokenizer, llm, clip_model, source: str, text_side: str,
-                            batch_size: int) -> torch.Tensor:
+                            batch_size: int, clip_tokenizer=None) -> torch.Tensor:
     """One target per caption-corpus row, from the text `text_side` names (the whole caption, or its object
     phrase only). `source` says whose representation: `llm`, the frozen LLM's last hidden states averaged over
     the text's tokens (the paper's H_caption); `clip_text`, CLIP's text embedding of it (a semantic space made
-    for matching images)."""
+    for matching images), its text read by `clip_tokenizer` (None: `tokenizer`; the stand-ins share one)."""
     if source not in SEMANTIC_TARGET_SOURCES:
         raise ValueError(f"semantic_target_source must be one of {SEMANTIC_TARGET_SOURCES}, got {source!r}")
     captions = scene_texts(caption_corpus, text_side)
@@ -84,7 +86,7 @@ def semantic_target_vectors(caption_corpus: pd.DataFrame, tokenizer, llm, clip_m
                       mininterval=2):
         chunk = unique[start:start + batch_size]
         if source == "clip_text":
-            vectors.append(text_embeddings(clip_model, tokenizer, chunk,
+            vectors.append(text_embeddings(clip_model, clip_tokenizer or tokenizer, chunk,
                                            clip_model.config.text_config.max_position_embeddings))
             continue
         encoded = tokenizer(chunk, add_special_tokens=False, padding=True, return_tensors="pt")

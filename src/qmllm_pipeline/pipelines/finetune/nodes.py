@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qmllm_pipeline.constants import IMAGE_TOKEN
+from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.clip import decode_images
 from qmllm_pipeline.models.distributed import DistributedSettings
@@ -45,6 +45,11 @@ def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, tokenizer,
     (then a draw of the rest) until the share is met."""
     examples = [(*encode_chat(tokenizer, chat_messages(turns), params["max_length"]), row)
                 for row, turns in enumerate(dialogs["conversations"])]
+    empty = [row for ids, labels, row in examples if all(label == IGNORE_INDEX for label in labels)]
+    if empty:
+        raise ValueError(f"dialogs rows {empty[:5]} ({len(empty)} in all): no answer token within max_length "
+                         f"{params['max_length']} (finetune.data.max_length; a real LLM's conversation format needs "
+                         "more)")
     train = text_corpus[(text_corpus["split"] == "train") & text_corpus["kind"].isin(["benign", "harmful"])]
     fraction = params["text_replay_fraction"]
     wanted = round(len(examples) * fraction / (1 - fraction))
@@ -129,21 +134,24 @@ def evaluate_variant(model: GuardedMLLM, eval_utility: pd.DataFrame, eval_neutra
 
     predictions = ask(questions_without_placeholder(eval_utility["question"]), eval_utility["image"])
     scores = utility_scores(predictions, eval_utility)
-    naming = naming_scores(ask([QUESTIONS["object"][0]] * len(eval_items), eval_items["image"]), eval_items,
-                           emoji_catalogue, model.name_picks(decode_images(eval_items["image"], desc=None),
-                                                             params["batch_size"]))
+    naming = {}  # real data has no single-item scenes to name
+    if len(eval_items):
+        naming = naming_scores(ask([QUESTIONS["object"][0]] * len(eval_items), eval_items["image"]), eval_items,
+                               emoji_catalogue, model.name_picks(decode_images(eval_items["image"], desc=None),
+                                                                 params["batch_size"]))
     heldout = text_corpus[(text_corpus["split"] == "heldout") & text_corpus["kind"].isin(["harmful", "benign"])]
     # a fixed draw of neutral images (the same whatever the seed): one per held-out instruction
     images = eval_neutral["image"].sample(n=len(heldout), replace=True, random_state=0).reset_index(drop=True)
     refused = refusal_rates(ask(list(heldout["instruction"]), images), heldout["kind"])
-    names = {kind: f"heldout_{kind}_refused_with_neutral_image" for kind in ("harmful", "benign")}
+    names = {kind: f"heldout_{kind}_refused_with_neutral_image" for kind in ("harmful", "benign")
+             if kind in refused}  # real data brings harmful instructions only
     safety = {name: refused[kind]["value"] for kind, name in names.items()}
     samples = eval_utility.assign(prediction=predictions).groupby("question_type").head(2)
     return {"variant": model.model.config.variant, "utility": scores["accuracy"], "caption_f1": scores["caption_f1"],
             "safety": safety, "naming": naming,
             "intervals": {**{f"utility.{k.removeprefix('accuracy.')}": v for k, v in scores["intervals"].items()},
                           **{f"safety.{name}": refused[kind] for kind, name in names.items()},
-                          **{f"naming.{k}": v for k, v in naming.pop("intervals").items()}},
+                          **{f"naming.{k}": v for k, v in naming.pop("intervals", {}).items()}},
             "utility_samples": samples[["question_type", "answer", "prediction"]].to_dict("records")}
 
 
@@ -185,6 +193,8 @@ def blind_guess(dialogs: pd.DataFrame, eval_utility: pd.DataFrame) -> dict:
             if kind in answers:
                 answers[kind].append(answer["value"])
     guess = {t: pd.Series(a).mode().iloc[0] for t, a in answers.items() if a}
+    if eval_utility.empty:
+        return {"utility": {}, "guesses": guess}
     correct = eval_utility.apply(
         lambda r: normalise_answer(guess.get(r["question_type"], "")) == normalise_answer(r["answer"]), axis=1)
     return {"utility": {str(k): float(v) for k, v in correct.groupby(eval_utility["question_type"]).mean().items()},

@@ -12,6 +12,7 @@ import torch
 
 from qmllm_pipeline.constants import IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
+from qmllm_pipeline.models.conversation import conversation_format_of
 from qmllm_pipeline.models.distributed import DistributedSettings
 from qmllm_pipeline.models.names import NameHead, slot_targets
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
@@ -43,6 +44,7 @@ def model_config(tokenizer, llm, caption_features: dict, caption_targets: dict, 
     config = QMLLMConfig(
         vision_width=int(caption_features["patches"].shape[-1]), llm_width=llm.config.hidden_size,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), variant=variant["name"],
+        conversation_format=conversation_format_of(tokenizer),
         quantized=variant["quantized"], mm_vision_select_layer=vision_tower["select_layer"],
         cls_source=cls_head_features["cls_source"] if decoupled else vision_tower["cls_source"],
         mm_patch_pool=vision_tower["patch_pool"], num_patches=int(caption_features["patches"].shape[1]), **model,

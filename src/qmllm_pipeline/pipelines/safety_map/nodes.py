@@ -44,8 +44,9 @@ def cls_codes(model: QMLLM, clip_image_processor, **splits: pd.DataFrame) -> dic
     """cls_index of every image of each split (D_map, its validation part, the evaluation splits), and the
     CLS codebook they index."""
     codes = {}
-    for name, frame in splits.items():
-        codes[name] = model.cls_index(png_pixel_values(frame["image"], clip_image_processor)).numpy()
+    for name, frame in splits.items():  # an empty split (real data has no hard negatives) has no codes
+        codes[name] = (model.cls_index(png_pixel_values(frame["image"], clip_image_processor)).numpy()
+                       if len(frame) else np.zeros(0, dtype=np.int64))
     codes["codebook"] = model.cls_quantizer.codebook.detach().clone()
     return codes
 
@@ -76,10 +77,10 @@ def qmllm_refusals(safety_map: pd.DataFrame, codes: dict) -> np.ndarray:
     return np.concatenate([verdicts(safety_map, codes[split])["refused"].to_numpy() for split in EVALUATION_SPLITS])
 
 
-def safeclip_filter(clip_model, tokenizer, clip_image_processor, emoji_catalogue: pd.DataFrame, backgrounds: dict,
+def safeclip_filter(clip_model, clip_tokenizer, clip_image_processor, emoji_catalogue: pd.DataFrame, backgrounds: dict,
                     text_side: str, threshold: float) -> SafeCLIPFilter:
     """The SafeCLIP-style filter with one class per catalogue item, prompted in the style CLIP was trained on."""
-    return SafeCLIPFilter(clip_model, tokenizer, clip_image_processor,
+    return SafeCLIPFilter(clip_model, clip_tokenizer, clip_image_processor,
                           category_prompts(emoji_catalogue, list(backgrounds), text_side), threshold)
 
 

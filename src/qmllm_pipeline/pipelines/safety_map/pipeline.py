@@ -13,7 +13,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                                **{split: split for split in SPLITS}}, "cls_codes", name="cls_codes"),
         Node(nodes.fit_safety_map, ["cls_codes", "dmap", "dmap_validation", "params:safety_map"],
              ["safety_map", "tau_trade_off", "safety_map_choice"], name="fit_safety_map"),
-        Node(nodes.safeclip_filter, ["clip_model", "tokenizer", "clip_image_processor", "emoji_catalogue",
+        Node(nodes.safeclip_filter, ["clip_model", "clip_tokenizer", "clip_image_processor", "emoji_catalogue",
                                      "params:data.layout.backgrounds", "params:foundation.clip.text_side",
                                      "params:safety_map.safeclip_threshold"], "safeclip_filter",
              name="safeclip_filter"),
