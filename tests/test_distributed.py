@@ -115,3 +115,14 @@ def test_gradient_checkpointing_keeps_fewer_activations_and_the_same_gradients()
     assert llm.is_gradient_checkpointing
     activation_checkpointing(llm, False)
     assert not llm.is_gradient_checkpointing
+
+
+def test_scale_check_prints_the_process_comparison():
+    from click.testing import CliRunner
+
+    from qmllm_pipeline.commands import main
+
+    result = CliRunner().invoke(main, ["scale-check", "--steps", "3", "--no-memory"])
+    assert result.exit_code == 0, result.output
+    assert "1 vs 2 processes (DDP), same global batch" in result.output
+    assert "| stage 2 (LoRA) | 3 |" in result.output

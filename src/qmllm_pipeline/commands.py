@@ -278,13 +278,15 @@ def real_fixture(directory, force, print_params) -> None:
 @click.option("--processes", type=click.IntRange(2, 64), default=2, show_default=True,
               help="Processes to compare one process with (CPU processes over gloo; one per GPU on a GPU machine).")
 @click.option("--steps", type=click.IntRange(2, 10_000), default=20, show_default=True, help="Steps per trainer.")
-@click.option("--hidden", type=click.IntRange(8, 8192), default=128, show_default=True,
+@click.option("--hidden", type=click.IntRange(8, 8192), default=256, show_default=True,
               help="Hidden width of the Llama the gradient-checkpointing table measures.")
 @click.option("--layers", type=click.IntRange(1, 128), default=4, show_default=True,
               help="Layers of that Llama.")
+@click.option("--memory/--no-memory", default=True, show_default=True,
+              help="Also measure gradient checkpointing's memory (each setting in a fresh process).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the tables as Markdown to this file.")
-def scale_check(processes, steps, hidden, layers, out) -> None:
+def scale_check(processes, steps, hidden, layers, memory, out) -> None:
     """Check that training scales out, on small random models (no weights, no GPU needed): stage 1 and stage 2
     (full and LoRA) on 1 and on N processes with the same global batch, their losses and weights side by side
     (they should agree to float precision); and the activation memory of a stage-2 step with and without
@@ -301,10 +303,11 @@ def scale_check(processes, steps, hidden, layers, out) -> None:
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, " \
               f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}"
     ddp = scaling.format_rows(scaling.ddp_rows(processes, steps))
-    memory = scaling.format_rows(scaling.checkpointing_rows(hidden, layers))
     table = (f"qmllm scale-check, {datetime.date.today()}, {machine}\n\n"
-             f"1 vs {processes} processes (DDP), same global batch:\n\n{ddp}\n\n"
-             f"A stage-2 step with and without gradient checkpointing:\n\n{memory}")
+             f"1 vs {processes} processes (DDP), same global batch:\n\n{ddp}")
+    if memory:
+        rows = scaling.format_rows(scaling.checkpointing_rows(hidden, layers))
+        table += f"\n\nA stage-2 step with and without gradient checkpointing:\n\n{rows}"
     click.echo(table)
     if out is not None:
         out.write_text(table + "\n")
