@@ -78,6 +78,27 @@ def test_the_real_tokenizer_gets_the_image_token_and_the_llm_its_row(real_run):
     assert "lora_A" not in " ".join(llm)  # stage 2's LoRA adapters are merged into the saved LLM
 
 
+def test_the_lora_adapter_is_saved_alone_and_gives_the_merged_llm_on_the_base(real_run):
+    import torch
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from qmllm_pipeline.datasets import HFModelDirectoryDataset
+
+    root, _ = real_run
+    adapter = root / "data/real/06_models/qmllm/lora_adapter"
+    assert {p.name for p in adapter.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}  # peft's layout
+    raw = root / "data/01_raw/real" / LLM_DIR
+    base = HFModelDirectoryDataset(str(raw), "transformers.LlamaForCausalLM", load_args={"torch_dtype": "bfloat16"},
+                                   prepare_for_images="vicuna_v1", tokenizer_path=str(raw)).load()
+    adapted = PeftModel.from_pretrained(base, adapter).eval()
+    merged = LlamaForCausalLM.from_pretrained(root / "data/real/06_models/qmllm/llm").eval()
+    ids = torch.tensor([[1, 40, 50, 60, 70, 2]])
+    with torch.no_grad():
+        difference = (adapted(input_ids=ids).logits.float() - merged(input_ids=ids).logits.float()).abs().max()
+    assert difference < 0.05  # bfloat16 weights: the merge rounds once
+
+
 def test_the_saved_real_model_loads_and_answers_from_its_directory(real_run):
     from PIL import Image
 

@@ -10,6 +10,7 @@ from qmllm_pipeline.datasets.atomic import (
     AtomicJSONDataset,
     AtomicParquetDataset,
     AtomicTextDataset,
+    FileFolderDataset,
     atomic_directory,
     atomic_path,
 )
@@ -17,5 +18,5 @@ from qmllm_pipeline.datasets.hf_model import HFModelDirectoryDataset
 from qmllm_pipeline.datasets.tensors import SafetensorsDataset
 
 __all__ = ["AtomicImageDataset", "AtomicJSONDataset", "AtomicParquetDataset", "AtomicTextDataset",
-           "HFModelDirectoryDataset",
+           "FileFolderDataset", "HFModelDirectoryDataset",
            "SafetensorsDataset", "atomic_directory", "atomic_path"]

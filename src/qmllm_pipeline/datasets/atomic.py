@@ -137,3 +137,32 @@ class AtomicTextDataset(_LocalFileDataset):
     def save(self, data: str) -> None:
         with atomic_path(self._filepath) as temporary:
             temporary.write_text(data)
+
+
+class FileFolderDataset(AbstractDataset):
+    """A folder of named files, `{file name: bytes}` (stage 2's LoRA adapter in peft's own layout:
+    `adapter_config.json` and `adapter_model.safetensors`, which `PeftModel.from_pretrained` reads). Saved
+    whole into a staging folder and swapped in; an empty dict writes an empty folder (nothing to keep)."""
+
+    def __init__(self, path: str, metadata: dict[str, Any] | None = None):
+        self._path = Path(path)
+        self.metadata = metadata
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}
+
+    def _exists(self) -> bool:
+        return self._path.is_dir()
+
+    def load(self) -> dict[str, bytes]:
+        if not self._path.is_dir():
+            raise DatasetError(f"{self._path}: folder not found (run the pipeline that writes it)")
+        return {p.name: p.read_bytes() for p in sorted(self._path.iterdir()) if p.is_file()}
+
+    def save(self, data: dict[str, bytes]) -> None:
+        bad = [name for name in data if Path(name).name != name or name.startswith(".")]
+        if bad:
+            raise DatasetError(f"{self._path}: file names must be plain names, got {bad}")
+        with atomic_directory(self._path) as staging:
+            for name, content in data.items():
+                (staging / name).write_bytes(content)

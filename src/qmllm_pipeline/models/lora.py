@@ -4,6 +4,7 @@ miniature trains its LLM fully; the real environment's default is LoRA.
 
     with_lora(llm, LoraSettings(...))  ->  a peft model: the base frozen, the adapters trainable
     merged(model)                      ->  the plain LLM with the adapters folded into its weights
+    adapter_files(model)               ->  the adapters alone, as `save_pretrained` writes them
 
 Why `peft` rather than a hand-written adapter: it is the library LLaVA, the Hugging Face stack and every
 reader of this code already use, and its adapters load with `PeftModel.from_pretrained`.
@@ -11,7 +12,9 @@ reader of this code already use, and its adapters load with `PeftModel.from_pret
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -43,3 +46,13 @@ def merged(model):
     """The plain LLM with the adapters folded into its weights (what `save_pretrained` of a whole model writes);
     a model without adapters is returned as it is."""
     return model.merge_and_unload() if isinstance(model, PeftModel) else model
+
+
+def adapter_files(model) -> dict[str, bytes]:
+    """The adapters of a peft model as peft saves them (`adapter_config.json`, `adapter_model.safetensors`:
+    `PeftModel.from_pretrained(base_llm, folder)` loads them onto the base LLM again); {} for a plain model."""
+    if not isinstance(model, PeftModel):
+        return {}
+    with tempfile.TemporaryDirectory(prefix="qmllm-adapter-") as folder:
+        model.save_pretrained(folder, safe_serialization=True)
+        return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}

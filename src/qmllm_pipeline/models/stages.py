@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.distributed import DistributedSettings, rank_share
-from qmllm_pipeline.models.lora import LoraSettings, merged, with_lora
+from qmllm_pipeline.models.lora import LoraSettings, adapter_files, merged, with_lora
 from qmllm_pipeline.models.names import NameHead, name_head_losses
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.models.tokenizer import encode_chat
@@ -254,7 +254,8 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
              distill_weight: float = 0.0, image_prefix: list[int] | None = None,
              name_features: torch.Tensor | None = None, code_augment: float = 0.0,
              code_augment_share: float = 1.0, lora: LoraSettings | None = None,
-             distributed: DistributedSettings | None = None, gradient_checkpointing: bool = False) -> QMLLM:
+             distributed: DistributedSettings | None = None, gradient_checkpointing: bool = False,
+             adapter_sink: dict | None = None) -> QMLLM:
     """Stage 2: train the LLM on dialogs (image rows >= 0) and text-only replay (row -1).
 
     The first `len(cls_features)` examples are the dialogs (example i reads feature row i); the rest replay
@@ -270,7 +271,8 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
     instruction behind an image reads `perturbed_codes` of its image's codes (up to `code_augment_share` of
     the positions) instead; drawn afresh at every step, from the loop's generator. With `lora` the LLM's
     weights stay frozen and adapters train (`models/lora.py`); the returned model's LLM has them merged.
-    `distributed` and `gradient_checkpointing` as for `pretrain`."""
+    `adapter_sink`, with LoRA: filled with the trained adapters alone (`lora.adapter_files`) before they are
+    merged. `distributed` and `gradient_checkpointing` as for `pretrain`."""
     for frozen in (model.mm_projector, model.cls_projector, model.cls_quantizer, model.patch_quantizer,
                    model.name_head):
         if frozen is not None:
@@ -331,6 +333,8 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
                carry=(model,) if teacher is None else (model, teacher))
     if gradient_checkpointing:
         activation_checkpointing(model.llm, False)
+    if adapter_sink is not None:
+        adapter_sink.update(adapter_files(model.llm))
     model.llm = merged(model.llm)
     return model
 

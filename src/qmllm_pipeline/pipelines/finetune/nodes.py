@@ -76,8 +76,9 @@ def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, tokenizer,
 def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, tokenizer, dialog_features: dict,
                      dialog_examples: list[Example], params: dict, seed: int, checkpoint_dir: str,
                      distributed: dict | None = None):
-    """Stage 2 for one variant: returns the finetuned LLM, a summary and the loss curve. `params`:
-    finetune.stage2; `distributed`: the processes, strategy and precision it trains under."""
+    """Stage 2 for one variant: returns the finetuned LLM (LoRA adapters merged into it), the adapters alone
+    ({} for full fine-tuning), a summary and the loss curve. `params`: finetune.stage2; `distributed`: the
+    processes, strategy and precision it trains under."""
     config = QMLLMConfig.from_dict(qmllm_config)
     seed_everything(seed)
     model = QMLLM.assemble(config, stage1_weights, copy.deepcopy(llm))
@@ -89,20 +90,21 @@ def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, tokenizer, d
                                      "examples": len(dialog_examples), **processes})
     step_logger = StepLogger(f"{config.variant}/finetune", every=params["log_every"])
     started = time.perf_counter()
+    adapter: dict[str, bytes] = {}
     finetune(model, dialog_features["cls"], dialog_features["patches"], dialog_examples, training, seed, step_logger,
              checkpoint, teacher=llm, distill_weight=params["distill_weight"],
              image_prefix=tokenizer(f"{IMAGE_TOKEN}\n", add_special_tokens=False)["input_ids"],
              name_features=dialog_features["head_cls"] if model.name_head is not None else None,
              code_augment=params["code_augment"]["fraction"], code_augment_share=params["code_augment"]["max_share"],
              lora=_lora_settings(params["lora"]), distributed=settings,
-             gradient_checkpointing=params["gradient_checkpointing"])
+             gradient_checkpointing=params["gradient_checkpointing"], adapter_sink=adapter)
     seconds = time.perf_counter() - started
     _, final_loss = loss_ends([v for _, v in step_logger.history["loss"]])
     summary = {"variant": config.variant, "seconds": round(seconds, 1), "steps": training.steps,
                "examples": len(dialog_examples), "final_loss": final_loss}
     logger.info("finetune %s: %.0f s, final loss %.3f", config.variant, seconds, final_loss)
-    return model.llm, summary, loss_curve_figure({"LM loss": step_logger.history["loss"]},
-                                                 f"stage 2 ({config.variant})")
+    return model.llm, adapter, summary, loss_curve_figure({"LM loss": step_logger.history["loss"]},
+                                                          f"stage 2 ({config.variant})")
 
 
 def _lora_settings(params: dict) -> LoraSettings | None:

@@ -15,7 +15,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(nodes.finetune_variant, ["qmllm_config", "stage1_weights", "llm", "tokenizer", "dialog_features",
                                       "dialog_examples", "params:finetune.stage2", "params:seed",
                                       "params:checkpoint_dir", "params:distributed"],
-             ["finetuned_llm", "finetune_summary", "finetune_loss_curve"], name="finetune_variant"),
+             ["finetuned_llm", "lora_adapter", "finetune_summary", "finetune_loss_curve"], name="finetune_variant"),
         Node(nodes.finetuned_model, ["qmllm_config", "stage1_weights", "finetuned_llm", "clip_model", "tokenizer",
                                      "clip_image_processor"], "finetuned_model", name="finetuned_model"),
         Node(nodes.evaluate_variant, ["finetuned_model", "eval_utility", "eval_neutral", "eval_items",
