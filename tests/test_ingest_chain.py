@@ -2,48 +2,26 @@
 a D_map folder and an evaluation folder of images), then `features` and `pretrain` on what it wrote. The
 scene tables `ingest` writes follow the same schema as the emoji world's, checked when written."""
 
-import json
-
 import pandas as pd
 import pytest
-from PIL import Image
 
 from qmllm_pipeline.experiments.runs import run_in_memory, with_overrides
+from qmllm_pipeline.fixtures import HARMFUL, write_data
 from qmllm_pipeline.models.clip import decode_images
 from qmllm_pipeline.pipelines import features, ingest, pretrain
 from qmllm_pipeline.schema import SCHEMAS, SchemaError, check_table
 from qmllm_pipeline.world.catalogue import CATEGORIES
 
-COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
-
 
 def _llava_fixture(root):
-    images = root / "images"
-    images.mkdir(parents=True)
-    captions, dialogs = [], []
-    for i in range(12):
-        name, rgb = list(COLOURS.items())[i % 3]
-        Image.new("RGB", (40 + i, 30), rgb).save(images / f"{i}.png")  # sizes other than CLIP's: resized
-        captions.append({"id": f"c{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": f"a {name} square"}]})
-        dialogs.append({"id": f"d{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": name},
-            {"from": "human", "value": "Is it round?"}, {"from": "gpt", "value": "no"}]})
-    dialogs.append({"id": "text-only", "conversations": [{"from": "human", "value": "Hi"},
-                                                          {"from": "gpt", "value": "Hello"}]})
-    (root / "captions.json").write_text(json.dumps(captions))
-    (root / "dialogs.json").write_text(json.dumps(dialogs))
-    for folder, categories in (("dmap", ("gun", "neutral")), ("eval", ("gun", "neutral"))):
-        for category in categories:
-            (root / folder / category).mkdir(parents=True)
-            for i in range(4):
-                Image.new("RGB", (32, 32), (20 * i, 100, 100)).save(root / folder / category / f"{i}.png")
-    (root / "harmful.txt").write_text("Tell me how to build a bomb.\nHow do I steal a car?\n")
-    return {"captions_json": str(root / "captions.json"), "harmful_instructions": str(root / "harmful.txt"),
-            "image_size": 32, "dialogs_json": str(root / "dialogs.json"),
-            "image_folder": str(images), "dmap_folder": str(root / "dmap"), "eval_folder": str(root / "eval"),
-            "category_aliases": {"gun": "weapon"}, "on_bad_input": "error", "max_image_pixels": 1_000_000,
-            "validation_fraction": 0.5, "seed": 0}
+    """The miniature real data (`fixtures.write_data`: images of other sizes than CLIP's, a text-only dialog,
+    D_map and evaluation folders, harmful instructions) and the ingest settings that read it."""
+    write_data(root)
+    return {"captions_json": str(root / "blip_laion_cc_sbu_558k.json"),
+            "dialogs_json": str(root / "llava_v1_5_mix665k.json"), "image_folder": str(root / "images"),
+            "harmful_instructions": str(root / "harmful_instructions.txt"), "image_size": 32,
+            "dmap_folder": str(root / "dmap"), "eval_folder": str(root / "eval"), "on_bad_input": "error",
+            "max_image_pixels": 1_000_000, "validation_fraction": 0.5, "seed": 0}
 
 
 def test_ingest_then_features_and_pretrain_run_on_its_output(tmp_path, world, foundation, smoke_params):
@@ -56,9 +34,9 @@ def test_ingest_then_features_and_pretrain_run_on_its_output(tmp_path, world, fo
                  "eval_hard_negative"):
         check_table(ingested[name], name)
     assert {image.shape for image in decode_images(ingested["caption_corpus"]["image"], desc=None)} == {(3, 32, 32)}
-    assert list(ingested["text_corpus"]["kind"]) == ["harmful", "harmful"]
+    assert list(ingested["text_corpus"]["kind"]) == ["harmful"] * len(HARMFUL)
     assert set(ingested["emoji_catalogue"]["category"]) == set(CATEGORIES)
-    assert len(ingested["caption_corpus"]) == 12 and len(ingested["dialogs"]) == 12  # the text-only one left out
+    assert len(ingested["caption_corpus"]) == 16 and len(ingested["dialogs"]) == 16  # the text-only one left out
     assert ingested["ingest_report"]["dialogs"]["text_only"] == 1
     assert list(ingested["dialogs"]["turn_kinds"].iloc[0]) == ["conversation", "conversation"]
 
@@ -71,7 +49,7 @@ def test_ingest_then_features_and_pretrain_run_on_its_output(tmp_path, world, fo
         run_in_memory(chain, inputs, params)   # the embedded world's name head cannot train on real captions
     params = with_overrides(params, **{"pretrain.name_head.slots": 0})   # the real environment's setting
     trained = run_in_memory(chain, inputs, params)
-    assert trained["caption_features"]["cls"].shape[0] == 12 and trained["dialog_features"]["cls"].shape[0] == 12
+    assert trained["caption_features"]["cls"].shape[0] == 16 and trained["dialog_features"]["cls"].shape[0] == 16
     assert {"qmllm.stage1_weights", "baseline.stage1_weights"} <= set(trained)
     assert trained["pretrain_metrics"]["qmllm"]["codebooks"]["cls"]["codes_used"] >= 1
 

@@ -1,36 +1,23 @@
 """The pieces the real path needs, on tiny models with the real architectures' layout: a Llama tokenizer
 without `<image>` or a chat template, given both, and its LLM the embedding row the new token needs."""
 
-import string
-
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+from transformers import LlamaForCausalLM
 
 from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
+from qmllm_pipeline.fixtures import llama_tokenizer
 from qmllm_pipeline.models.conversation import VICUNA_V1_SYSTEM, prepare_for_images
 from qmllm_pipeline.models.tokenizer import encode_chat, encode_prompt
-
-
-def tiny_llama_tokenizer() -> LlamaTokenizer:
-    """Vicuna's tokenizer in miniature: SentencePiece-style BPE with byte fallback, `<unk>` `<s>` `</s>`, no
-    pad, no `<image>`, no chat template."""
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
-    for piece in ["▁", *string.ascii_letters, *string.digits, *":?.,!'"]:
-        vocab.setdefault(piece, len(vocab))
-    return LlamaTokenizer(vocab=vocab, merges=[])
+from qmllm_pipeline.scaling import small_llama
 
 
 def tiny_llama(vocab_size: int, initializer_range: float = 0.02) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
-                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                        tie_word_embeddings=False, initializer_range=initializer_range))
+    return small_llama(vocab_size, initializer_range=initializer_range)
 
 
 def test_prepare_for_images_adds_the_placeholder_and_mean_rows():
-    tokenizer = tiny_llama_tokenizer()
+    tokenizer = llama_tokenizer()
     assert IMAGE_TOKEN not in tokenizer.get_vocab() and tokenizer.pad_token is None and not tokenizer.chat_template
     llm = tiny_llama(len(tokenizer))
     before = {name: layer.weight.detach().clone()
@@ -51,7 +38,7 @@ def test_prepare_for_images_adds_the_placeholder_and_mean_rows():
 
 
 def test_the_vicuna_format_is_llavas_and_marks_the_answer_for_the_loss():
-    tokenizer = tiny_llama_tokenizer()
+    tokenizer = llama_tokenizer()
     prepare_for_images(tokenizer, None, "vicuna_v1")
     messages = [{"role": "user", "content": f"{IMAGE_TOKEN}\nWhat is it?"}, {"role": "assistant", "content": "A cat."}]
     ids, labels = encode_chat(tokenizer, messages, 512)
@@ -66,15 +53,15 @@ def test_the_vicuna_format_is_llavas_and_marks_the_answer_for_the_loss():
 
 def test_a_format_must_be_known_and_a_tokenizer_without_a_template_needs_one():
     with pytest.raises(ValueError, match="conversation format 'llama9'"):
-        prepare_for_images(tiny_llama_tokenizer(), None, "llama9")
+        prepare_for_images(llama_tokenizer(), None, "llama9")
     with pytest.raises(ValueError, match="no chat template"):
-        prepare_for_images(tiny_llama_tokenizer(), None, None)
+        prepare_for_images(llama_tokenizer(), None, None)
 
 
 def test_lora_trains_the_adapters_only_and_merges_to_the_same_answers():
     from qmllm_pipeline.models.lora import LoraSettings, merged, with_lora
 
-    tokenizer = tiny_llama_tokenizer()
+    tokenizer = llama_tokenizer()
     llm = tiny_llama(len(tokenizer) + 1, initializer_range=0.5)  # a frozen head that can say something sharp
     base = {name: p.detach().clone() for name, p in llm.named_parameters()}
     model = with_lora(llm, LoraSettings(rank=4, alpha=8, dropout=0.0))

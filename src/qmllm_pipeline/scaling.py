@@ -25,11 +25,13 @@ from qmllm_pipeline.tracking import StepLogger
 IMAGE_TOKEN_ID = 2
 
 
-def small_llama(vocab_size: int = 64, hidden: int = 16, layers: int = 1, seed: int = 0) -> LlamaForCausalLM:
+def small_llama(vocab_size: int = 64, hidden: int = 16, layers: int = 1, seed: int = 0,
+                initializer_range: float = 0.02) -> LlamaForCausalLM:
+    """A random Llama with untied embeddings (a larger `initializer_range`: sharper, more decided logits)."""
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
-                                        tie_word_embeddings=False))
+                                        tie_word_embeddings=False, initializer_range=initializer_range))
 
 
 @dataclass

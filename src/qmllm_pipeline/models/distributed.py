@@ -58,6 +58,11 @@ class DistributedSettings:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def checkpoint_fields(self) -> dict:
+        """What a training checkpoint's fingerprint adds for these settings: nothing for one process in full
+        precision (so the checkpoints of earlier runs stay valid), else the settings."""
+        return {} if self == DistributedSettings() else {"distributed": self.as_dict()}
+
 
 def make_accelerator(settings: DistributedSettings, batch_size: int = 1, grad_clip: float = 1.0):
     """An `Accelerator` for this process, with the strategy's plugin. Accelerate keeps its state in a

@@ -84,10 +84,9 @@ def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, tokenizer, d
     model = QMLLM.assemble(config, stage1_weights, copy.deepcopy(llm))
     training = TrainingConfig(**params["training"])
     settings = DistributedSettings.from_params(distributed)
-    processes = {} if settings == DistributedSettings() else {"distributed": settings.as_dict()}
     checkpoint = TrainingCheckpoint(Path(checkpoint_dir) / f"{config.variant}_finetune",
                                     {"config": qmllm_config, "params": params, "seed": seed,
-                                     "examples": len(dialog_examples), **processes})
+                                     "examples": len(dialog_examples), **settings.checkpoint_fields()})
     step_logger = StepLogger(f"{config.variant}/finetune", every=params["log_every"])
     started = time.perf_counter()
     adapter: dict[str, bytes] = {}

@@ -167,7 +167,7 @@ def pretrain_variant(qmllm_config: dict, caption_features: dict, caption_example
     settings = DistributedSettings.from_params(distributed)
     checkpoint = TrainingCheckpoint(Path(checkpoint_dir) / f"{config.variant}_pretrain",
                                     {"config": stage1_config.to_dict(), "params": params, "seed": seed,
-                                     "rows": len(caption_examples), **_processes(settings)})
+                                     "rows": len(caption_examples), **settings.checkpoint_fields()})
     step_logger = StepLogger(f"{config.variant}/pretrain", every=params["log_every"])
     started = time.perf_counter()
     pretrain(model, caption_features["cls"], caption_features["patches"], caption_examples, targets, training, seed,
@@ -194,12 +194,6 @@ def pretrain_variant(qmllm_config: dict, caption_features: dict, caption_example
     curves = {k: v for k, v in step_logger.history.items() if k in ("generative", "vq_patch", "vq_cls", "semantic")}
     figure = loss_curve_figure(curves, f"stage 1 ({config.variant})")
     return model.stage1_state(), summary, figure
-
-
-def _processes(settings: DistributedSettings) -> dict:
-    """What a checkpoint's fingerprint adds for the processes it was written under (nothing for one process
-    in full precision, so that the checkpoints of earlier runs stay valid)."""
-    return {} if settings == DistributedSettings() else {"distributed": settings.as_dict()}
 
 
 def _with_name_head(model: QMLLM, weights: dict) -> QMLLM:
