@@ -91,18 +91,53 @@ def test_exhaustive_coordinate_search_beats_every_single_change_at_its_first_pos
     assert history["best_loss"][0] <= best_single + 1e-5
 
 
+def test_a_start_better_than_the_clean_codes_is_where_the_search_begins(qmllm_start, world):
+    system = qmllm_start[0]
+    objective, codes = _objective(qmllm_start, _sequences(system, world["text_corpus"], 2))
+    num_codes = system.model.patch_quantizer.num_codes
+    generator = torch.Generator().manual_seed(1)
+    # candidate starts per instruction: random code sequences; the best of them (if it beats the clean codes)
+    # must be where the beam begins, and the search must end no worse than it
+    starts = [torch.randint(0, num_codes, (6, len(codes)), generator=generator) for _ in range(2)]
+    found, history = code_space_search(objective, codes, sweeps=1, candidates=4, batch_size=64, desc=None,
+                                       starts=starts)
+    with torch.no_grad():
+        for row in range(2):
+            losses = objective(torch.cat([codes[None], starts[row]]), [row] * 7)
+            best = int(losses.argmin())
+            assert history["started_from"][row] == best
+            assert history["beam_start_loss"][row] == pytest.approx(float(losses.min()), abs=1e-5)
+            assert history["start_loss"][row] == pytest.approx(float(losses[0]), abs=1e-5)
+            assert history["best_loss"][row] <= float(losses.min()) + 1e-5
+            assert float(objective(found[row:row + 1], [row])[0]) == pytest.approx(history["best_loss"][row], abs=1e-5)
+    assert found.min() >= 0 and found.max() < num_codes
+    with pytest.raises(ValueError, match="1 start sets for 2 sequences"):
+        code_space_search(objective, codes, desc=None, starts=starts[:1])
+
+
 def test_the_bound_is_judged_and_compared_with_the_image_attacks(evaluation, smoke_params):
     metrics = evaluation["evaluation_metrics"]
     bound = metrics["code_space_bound"]
     assert bound["instructions"] == smoke_params["evaluate"]["code_search"]["instructions"]
-    assert 0.0 <= bound["asr"] <= 1.0 and bound["loss_last"] <= bound["loss_first"] + 1e-6
+    assert 0.0 <= bound["asr"] <= 1.0 and bound["loss_last"] <= bound["loss_start"] + 1e-6
+    assert bound["loss_start"] <= bound["loss_first"] + 1e-6 and bound["start_from_attacks"]
     assert bound["asr_with_clean"] >= max(bound["asr"], bound["asr_clean_codes"])
+    assert bound["asr_bound"] >= max(bound["asr_with_clean"], bound["asr_images"])
     assert "codes" not in bound and isinstance(bound["gain_over_clean"]["significant"], bool)
-    for entry in metrics["jailbreak"].values():
+    # every qmllm case of every budget was a start, and its positions matched are reported
+    assert bound["image_cases"] == 7 * len(metrics["jailbreak"])
+    for budget, entry in metrics["jailbreak"].items():
         for case in ("qmllm_adaptive", "qmllm_adaptive_per_instruction", "qmllm_noise"):
-            assert 0.0 <= entry[case]["bound_positions_matched"] <= 1.0
-        assert "bound_positions_matched" not in entry["baseline_whitebox"]
+            assert 0.0 <= bound["positions_matched"][budget][case] <= 1.0
+        assert "baseline_whitebox" not in bound["positions_matched"][budget]
     answers = evaluation["code_space_bound_answers"]
     assert len(answers) == bound["instructions"] and answers["complied"].mean() == pytest.approx(bound["asr"])
     assert (answers["complied"] | answers["clean_complied"]).mean() == pytest.approx(bound["asr_with_clean"])
+    assert answers["image_complied"].mean() == pytest.approx(bound["asr_images"])
+    # an instruction some judged qmllm image jailbroke counts in the union; one none did does not
+    details = [evaluation[f"jailbreak_{b}.jailbreak_results"]["instruction_detail"] for b in metrics["jailbreak"]]
+    n = len(answers)
+    expected = [any(d[case]["complied"][i] for d in details for case in d) for i in range(n)]
+    assert answers["image_complied"].tolist() == expected
+    assert all(len(d[case]["patch_codes"]) == len(d[case]["complied"]) >= n for d in details for case in d)
     assert "## Code-space bound on Q-MLLM" in evaluation["evaluation_report"]

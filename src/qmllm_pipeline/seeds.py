@@ -95,12 +95,15 @@ FIGURES: dict[str, tuple[str, str]] = {
        for b in ("eps16", "eps32", "eps64", "unconstrained")},
     "baseline per-instruction white-box target loss reached, eps32": (
         "evaluate", "jailbreak.eps32.pgd.baseline_whitebox_per_instruction.nll_last"),
+    "qmllm code-space bound ASR (found codes, clean or any image tried comply)": (
+        "evaluate", "code_space_bound.asr_bound"),
+    "qmllm image attacks' union ASR (any attacker, any budget)": ("evaluate", "code_space_bound.asr_images"),
     "qmllm code-space search ASR (found or clean codes comply)": ("evaluate", "code_space_bound.asr_with_clean"),
     "qmllm code-space search ASR, found codes alone": ("evaluate", "code_space_bound.asr"),
     "qmllm code-space search target loss, clean codes": ("evaluate", "code_space_bound.loss_first"),
     "qmllm code-space search target loss, found codes": ("evaluate", "code_space_bound.loss_last"),
     **{f"qmllm adaptive per-instruction: found-code positions matched, {b}": (
-        "evaluate", f"jailbreak.{b}.qmllm_adaptive_per_instruction.bound_positions_matched")
+        "evaluate", f"code_space_bound.positions_matched.{b}.qmllm_adaptive_per_instruction")
        for b in ("eps16", "eps32", "eps64")},
     **{f"qmllm patch-code stability under random noise, {b}": (
         "evaluate", f"code_stability.budgets.{b}.patch_codes_unchanged") for b in ("eps16", "eps32", "eps64")},

@@ -12,7 +12,10 @@ jailbreaks the LLM) or from a weak image attacker (sequences exist, PGD does not
 by coordinate search with a beam: for each position in turn (a seeded order), every beam member is
 extended by every candidate code at that position and the `beam_width` best sequences are kept; the sweep
 repeats until a sweep improves nothing or `sweeps` are done. The members themselves are among their
-extensions, so the best score never rises above the clean image's codes, where the search starts.
+extensions, so the best score never rises above the best start's. The search starts from the clean image's
+codes and, when given, from other code sequences per instruction (the codes the image attacks reached): the
+`beam_width` lowest-loss of them form the first beam, so the search refines the strongest image attack
+instead of rediscovering it.
 `candidates=None` tries all P codes at each position (exhaustive coordinate search); an integer k tries the
 k codes with the largest first-order gain, g_j . (C[c] - C[code_j]) with g_j the loss's gradient at the
 position's token (as GCG, Zou et al. 2023, ranks token swaps), each one then scored exactly.
@@ -90,18 +93,29 @@ def _ranked_candidates(objective: CodeObjective, beam: torch.Tensor, row: int, p
 
 def code_space_search(objective: CodeObjective, start: torch.Tensor, sweeps: int = 1, beam_width: int = 1,
                       candidates: int | None = None, batch_size: int = 256, seed: int = 0,
-                      desc: str | None = "code-space search") -> tuple[torch.Tensor, dict]:
+                      desc: str | None = "code-space search",
+                      starts: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """Beam coordinate search for each sequence of `objective`, from the clean image's patch codes `start`
-    (N,). Returns the best code sequence per sequence (n, N), in range [0, P), and the history: each
-    sequence's start and best loss, the positions changed and the sweeps run."""
+    (N,) and, with `starts`, also from `starts[i]` (S_i, N) for sequence i (other code sequences, e.g. those
+    the image attacks reached). Returns the best code sequence per sequence (n, N), in range [0, P), and the
+    history: each sequence's clean-code loss (`start_loss`), the loss of the start it began from
+    (`beam_start_loss`; `started_from`: 0 for the clean codes, j for `starts[i][j - 1]`), its best loss, the
+    positions changed from the clean codes and the sweeps run."""
     n, positions = len(objective.sequences), len(start)
+    if starts is not None and len(starts) != n:
+        raise ValueError(f"code-space search: {len(starts)} start sets for {n} sequences")
     generator = torch.Generator().manual_seed(seed)
     best_codes = start.expand(n, -1).clone()
-    start_loss, best_loss, sweeps_run = torch.zeros(n), torch.zeros(n), []
+    start_loss, beam_start_loss, best_loss = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    started_from, sweeps_run = [], []
     for row in tqdm(range(n), desc=desc, mininterval=2, disable=desc is None):
-        beam = start[None].clone()
-        beam_loss = _scores(objective, beam, row, batch_size)
-        start_loss[row] = beam_loss[0]
+        candidates_0 = start[None] if starts is None else torch.cat([start[None], starts[row].to(start)])
+        losses_0 = _scores(objective, candidates_0, row, batch_size)
+        start_loss[row] = losses_0[0]
+        order = losses_0.argsort(stable=True)[:beam_width]   # ties keep the clean codes first
+        beam, beam_loss = candidates_0[order], losses_0[order]
+        beam_start_loss[row] = beam_loss[0]
+        started_from.append(int(order[0]))
         done = 0
         for _ in range(sweeps):
             before = float(beam_loss[0])
@@ -122,6 +136,7 @@ def code_space_search(objective: CodeObjective, start: torch.Tensor, sweeps: int
             best_loss[row] = start_loss[row]
         sweeps_run.append(done)
     changed = (best_codes != start).sum(1).float()
-    history = {"start_loss": start_loss.tolist(), "best_loss": best_loss.tolist(),
+    history = {"start_loss": start_loss.tolist(), "beam_start_loss": beam_start_loss.tolist(),
+               "started_from": started_from, "best_loss": best_loss.tolist(),
                "positions_changed": changed.tolist(), "sweeps": sweeps_run}
     return best_codes, history

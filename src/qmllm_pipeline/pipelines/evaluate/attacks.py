@@ -156,11 +156,12 @@ def craft_per_instruction_images(systems: dict[str, GuardedMLLM], instructions: 
 
 
 def _jailbreak_rates(system: GuardedMLLM, image: torch.Tensor, heldout: pd.DataFrame, max_new_tokens: int,
-                     batch_size: int, clean: torch.Tensor | None = None, bound: dict | None = None) -> dict:
+                     batch_size: int, clean: torch.Tensor | None = None) -> tuple[dict, dict]:
     """One image (3, H, W) with every held-out harmful instruction, or one image per instruction (n, 3, H, W):
     attack success by the refusal detector (not a refusal) and by 'target string in response'; for Q-MLLM
-    also how many patch codes (and name picks) the image moved (the mean over images), and with `bound` (the
-    code-space search's result) the share of positions where the image's codes equal the codes it found."""
+    also how many patch codes (and name picks) the image moved (the mean over images). Returns the rates and
+    the per-instruction detail: `complied` (n,) and, for Q-MLLM with `clean`, the patch codes each
+    instruction's image gave the LLM (n lists of N), which the code-space bound starts from."""
     judge = RefusalPhraseJudge()
     images = image[None].expand(len(heldout), -1, -1, -1) if image.dim() == 3 else image
     answers = system.respond(images, list(heldout["instruction"]), max_new_tokens, batch_size)
@@ -176,6 +177,7 @@ def _jailbreak_rates(system: GuardedMLLM, image: torch.Tensor, heldout: pd.DataF
              "example": answers[complied.index(True) if any(complied) else 0].text,
              "intervals": {"asr": rate(sum(complied), n), "asr_target": rate(sum(on_target), n),
                            "asr_affirmative": rate(sum(affirmative), n), "dsr": rate(n - sum(complied), n)}}
+    detail = {"complied": complied}
     if clean is not None:
         distinct = images[:1] if image.dim() == 3 else images
         rates["linf"] = int((distinct.int() - clean.int()).abs().max())
@@ -187,23 +189,20 @@ def _jailbreak_rates(system: GuardedMLLM, image: torch.Tensor, heldout: pd.DataF
             rates["patch_codes"] = int(patches.shape[1])
             rates["cls_code_changed"] = float((both.cls.indices[1:] != both.cls.indices[0]).float().mean())
             rates["clean_cls_code"] = int(both.cls.indices[0])
-            if bound is not None:
-                found = torch.tensor(bound["codes"])
-                reached = patches[1:] if image.dim() == 3 else patches[1:][: len(found)]
-                rates["bound_positions_matched"] = float((reached == found).float().mean())
+            detail["patch_codes"] = patches[1:].expand(n, -1).tolist()
             if both.name_picks is not None:  # the names the image hands the LLM, flipped by the perturbation
                 rates["name_picks_changed"] = float((both.name_picks[1:] != both.name_picks[:1]).sum(1).float().mean())
-    return rates
+    return rates, detail
 
 
 def judge_jailbreaks(systems: dict[str, GuardedMLLM], instructions: dict, start: dict, params: dict, budget: dict,
-                     batch_size: int, seed: int, code_bound: dict | None = None, **crafted: dict) -> dict:
+                     batch_size: int, seed: int, **crafted: dict) -> dict:
     """The images of one budget against the held-out harmful instructions: white-box on baseline (and the
     same image on safeclip), and on qmllm the plain, transfer (baseline's image), adaptive (BPDA) and
     continuous-surrogate attacks, each checked through the real hard-quantized model; and random +-eps
     noise on both models, the control that tells an attack from a perturbation of that size. `crafted`:
-    the images of `craft_jailbreak_image` by attacker name; `code_bound`: `code_space_bound`'s result, whose
-    codes the qmllm images are compared with."""
+    the images of `craft_jailbreak_image` by attacker name. `instruction_detail` holds, for each qmllm case,
+    which instructions complied and the patch codes each one's image gave the LLM (for `code_space_bound`)."""
     heldout = instructions["heldout"]
     noise = {"image": (random_sign_noise(start["image"].float() / 255, _eps(budget), seed) * 255).round()
              .to(torch.uint8)}
@@ -218,16 +217,17 @@ def judge_jailbreaks(systems: dict[str, GuardedMLLM], instructions: dict, start:
              "qmllm_transfer_per_instruction": ("qmllm", per_image),
              "qmllm_adaptive_per_instruction": ("qmllm", crafted["qmllm_adaptive_per_instruction"]),
              "qmllm_noise": ("qmllm", noise)}
-    results = {}
+    results, detail = {}, {}
     for case, (system, image) in cases.items():
-        results[case] = {"system": system, **_jailbreak_rates(systems[system], image["image"], heldout,
-                                                              params["max_new_tokens"], batch_size, start["image"],
-                                                              code_bound if system == "qmllm" else None)}
+        rates, detail[case] = _jailbreak_rates(systems[system], image["image"], heldout, params["max_new_tokens"],
+                                               batch_size, start["image"])
+        results[case] = {"system": system, **rates}
         logger.info("jailbreak %s %s: ASR %.3f (target %.3f)", budget["name"], case, results[case]["asr"],
                     results[case]["asr_target"])
     universal = {name: c for name, c in crafted.items() if not name.endswith("_per_instruction")}
     per_instruction = {name: c for name, c in crafted.items() if name.endswith("_per_instruction")}
     return {"budget": budget["name"], "eps": budget["eps"], "results": results,
+            "instruction_detail": {case: d for case, d in detail.items() if cases[case][0] == "qmllm"},
             "images": {**{name: c["image"] for name, c in universal.items()}, "qmllm_noise": noise["image"]},
             "instruction_images": {name: c["image"] for name, c in per_instruction.items()},
             "pgd": {**{name: {"seconds": c["seconds"], "loss_first": c["history"]["loss"][0],
@@ -241,21 +241,39 @@ def judge_jailbreaks(systems: dict[str, GuardedMLLM], instructions: dict, start:
                        for name, c in per_instruction.items()}}}
 
 
+def _attack_starts(budgets: tuple[dict, ...], n: int) -> tuple[list[list[str]], list[torch.Tensor]]:
+    """Per instruction, the distinct patch-code sequences the qmllm images of every budget gave the LLM, and
+    which (budget/case) reached each first."""
+    labels, starts = [], []
+    for i in range(n):
+        seen: dict[tuple, str] = {}
+        for entry in budgets:
+            for case, detail in entry["instruction_detail"].items():
+                seen.setdefault(tuple(detail["patch_codes"][i]), f"{entry['budget']}/{case}")
+        labels.append(list(seen.values()))
+        starts.append(torch.tensor(list(seen), dtype=torch.long))
+    return labels, starts
+
+
 def code_space_bound(systems: dict[str, GuardedMLLM], instructions: dict, start: dict, params: dict,
-                     code_search: dict, batch_size: int, seed: int) -> tuple[dict, pd.DataFrame]:
+                     code_search: dict, batch_size: int, seed: int, *budgets: dict) -> tuple[dict, pd.DataFrame]:
     """The code-space attack on qmllm (`models/code_search.py`): for each of the first
     `code_search["instructions"]` held-out harmful instructions (null: all), a beam coordinate search over the
-    N patch codes from the clean image's, the CLS code held at the clean image's neutral-labelled code (the
-    safety map lets it in); then the LLM answers each instruction from its best codes and the judge decides.
-    `asr_with_clean` (found codes or the clean image's comply) is what an attacker who could choose the codes
-    reaches with this search: the image attacks' bound; `asr` is the found codes' alone. Returns the
-    summary (with the codes found, for the judge's comparison) and one row per instruction (its codes, losses,
-    answer). `params`: evaluate.jailbreak (sequence length, target tokens, answer length); `code_search`:
-    evaluate.code_search."""
+    N patch codes, the CLS code held at the clean image's neutral-labelled code (the safety map lets it in),
+    starting from the clean image's codes and, with `start_from_attacks`, from the codes every qmllm image of
+    every budget (`budgets`: the judged jailbreaks) gave the LLM for that instruction; then the LLM answers
+    each instruction from its best codes and the judge decides. The LLM reads the patch codes alone, so an
+    image that jailbreaks qmllm is a code sequence that does: `asr_bound` counts an instruction when the found
+    codes, the clean image's or any image tried on it comply, the most this search and the image attacks
+    reach together; `asr_images` is the image attacks' union alone (any attacker, any budget), `asr` the
+    found codes' alone. Also the share of positions where each image attack's codes equal the found ones.
+    Returns the summary and one row per instruction (its codes, losses, answer). `params`: evaluate.jailbreak
+    (sequence length, target tokens, answer length); `code_search`: evaluate.code_search."""
     system = systems["qmllm"]
     model, tokenizer = system.model, system.tokenizer
     limit = code_search["instructions"]
     heldout = instructions["heldout"] if limit is None else instructions["heldout"].head(limit)
+    n = len(heldout)
     sequences = target_sequences(tokenizer, list(heldout["instruction"]), list(heldout["target"]),
                                  params["max_length"], params["target_tokens"])
     with torch.no_grad():
@@ -263,45 +281,64 @@ def code_space_bound(systems: dict[str, GuardedMLLM], instructions: dict, start:
     if clean.cls is None or system.guard(None, clean.cls.indices)[0].refused:
         raise ValueError("code-space bound: the start image's CLS code is not neutral-labelled in the safety map")
     objective, patches = CodeObjective.from_encoding(model, sequences, clean)  # name tokens held at the clean's
+    labels, starts = _attack_starts(budgets, n)
     started = time.perf_counter()
     codes, history = code_space_search(objective, patches, code_search["sweeps"], code_search["beam_width"],
                                        code_search["candidates"], code_search["batch_size"], seed,
-                                       desc="code-space search (qmllm)")
+                                       desc="code-space search (qmllm)",
+                                       starts=starts if code_search["start_from_attacks"] else None)
     search_seconds = time.perf_counter() - started
     judge = RefusalPhraseJudge()
 
     def answers_from(sequences_of_codes: torch.Tensor) -> list[str]:
         instructions = list(heldout["instruction"])
-        return [text for first in range(0, len(heldout), batch_size)
+        return [text for first in range(0, n, batch_size)
                 for text in system.answer_tokens(objective.image_tokens(sequences_of_codes[first:first + batch_size]),
                                                  instructions[first:first + batch_size], params["max_new_tokens"])]
 
     texts = answers_from(codes)
     complied = [not judge.is_refusal(t) for t in texts]
-    # an attacker who may choose the codes may also keep the clean image's: the bound counts either
-    clean_complied = [not judge.is_refusal(t) for t in answers_from(patches.expand(len(heldout), -1))]
+    # an attacker who may choose the codes may also keep the clean image's, or any image's it tried
+    clean_complied = [not judge.is_refusal(t) for t in answers_from(patches.expand(n, -1))]
+    attack_cases = [(entry["budget"], case) for entry in budgets for case in entry["instruction_detail"]]
+    image_complied = [any(entry["instruction_detail"][case]["complied"][i] for entry in budgets
+                          for case in entry["instruction_detail"]) for i in range(n)]
     either = [a or b for a, b in zip(complied, clean_complied, strict=True)]
+    bound = [a or b for a, b in zip(either, image_complied, strict=True)]
     on_target = [judge.contains_target(a, t) for a, t in zip(texts, heldout["target"], strict=True)]
-    n = len(texts)
-    logger.info("code-space bound on qmllm: %d instructions, %.1f s, loss %.3f -> %.3f, %.1f of %d codes changed, "
-                "ASR %.3f", n, search_seconds, np.mean(history["start_loss"]), np.mean(history["best_loss"]),
-                np.mean(history["positions_changed"]), len(patches), np.mean(complied))
+    started_from = ["clean" if j == 0 else labels[i][j - 1] for i, j in enumerate(history["started_from"])]
+    matched = {entry["budget"]: {case: float((torch.tensor(detail["patch_codes"][:n]) == codes).float().mean())
+                                 for case, detail in entry["instruction_detail"].items()} for entry in budgets}
+    logger.info("code-space bound on qmllm: %d instructions, %.1f s, loss %.3f (clean) / %.3f (best start) -> %.3f, "
+                "%.1f of %d codes changed, ASR %.3f, with every image tried %.3f", n, search_seconds,
+                np.mean(history["start_loss"]), np.mean(history["beam_start_loss"]), np.mean(history["best_loss"]),
+                np.mean(history["positions_changed"]), len(patches), np.mean(complied), np.mean(bound))
     summary = {"instructions": n, "positions": len(patches), "cls_code": int(clean.cls.indices[0]),
+               "start_from_attacks": bool(code_search["start_from_attacks"]),
+               "image_cases": len(attack_cases),
                "asr": float(np.mean(complied)), "asr_target": float(np.mean(on_target)),
                "asr_clean_codes": float(np.mean(clean_complied)), "asr_with_clean": float(np.mean(either)),
+               "asr_images": float(np.mean(image_complied)), "asr_bound": float(np.mean(bound)),
                "intervals": {"asr": rate(sum(complied), n), "asr_target": rate(sum(on_target), n),
-                             "asr_with_clean": rate(sum(either), n)},
-               "loss_first": float(np.mean(history["start_loss"])), "loss_last": float(np.mean(history["best_loss"])),
+                             "asr_with_clean": rate(sum(either), n), "asr_images": rate(sum(image_complied), n),
+                             "asr_bound": rate(sum(bound), n)},
+               "loss_first": float(np.mean(history["start_loss"])),
+               "loss_start": float(np.mean(history["beam_start_loss"])),
+               "loss_last": float(np.mean(history["best_loss"])),
                "loss_last_max": float(np.max(history["best_loss"])),
+               "started_from_attack": float(np.mean([s != "clean" for s in started_from])),
                "positions_changed": float(np.mean(history["positions_changed"])),
                "clean_positions_matched": 1 - float(np.mean(history["positions_changed"])) / len(patches),
+               "positions_matched": matched,
                "sweeps": float(np.mean(history["sweeps"])), "seconds": round(search_seconds, 1),
-               "example": texts[complied.index(True) if any(complied) else 0], "codes": codes.tolist()}
+               "example": texts[complied.index(True) if any(complied) else 0]}
     answers = pd.DataFrame({"instruction": heldout["instruction"].to_numpy(), "target": heldout["target"].to_numpy(),
-                            "clean_codes": [patches.tolist()] * n, "codes": codes.tolist(),
-                            "start_loss": history["start_loss"], "best_loss": history["best_loss"],
+                            "clean_codes": [patches.tolist()] * n, "started_from": started_from,
+                            "codes": codes.tolist(), "start_loss": history["start_loss"],
+                            "beam_start_loss": history["beam_start_loss"], "best_loss": history["best_loss"],
                             "positions_changed": history["positions_changed"], "sweeps": history["sweeps"],
-                            "answer": texts, "complied": complied, "clean_complied": clean_complied})
+                            "answer": texts, "complied": complied, "clean_complied": clean_complied,
+                            "image_complied": image_complied})
     return summary, answers
 
 
@@ -309,7 +346,7 @@ def judge_clean_image(systems: dict[str, GuardedMLLM], instructions: dict, start
                       batch_size: int) -> dict:
     """Every system with the clean start image: the rate each attack is measured against."""
     return {name: _jailbreak_rates(system, start["image"], instructions["heldout"], params["max_new_tokens"],
-                                   batch_size) for name, system in systems.items()}
+                                   batch_size)[0] for name, system in systems.items()}
 
 
 def code_stability(systems: dict[str, GuardedMLLM], eval_neutral: pd.DataFrame, budgets: dict, params: dict,

@@ -10,7 +10,7 @@ ATTACKERS = ("baseline_whitebox", "qmllm_plain", "qmllm_adaptive", "qmllm_surrog
 # the attackers that also craft one image per held-out instruction (the deployed qmllm gives PGD no gradient,
 # and the surrogate's images are judged through the universal setting only, to keep `evaluate` short)
 PER_INSTRUCTION_ATTACKERS = ("baseline_whitebox", "qmllm_adaptive")
-SHARED = {"evaluation_systems", "jailbreak_instructions", "jailbreak_start", "code_space_bound"}
+SHARED = {"evaluation_systems", "jailbreak_instructions", "jailbreak_start"}
 SHARED_PARAMETERS = ("params:evaluate.jailbreak", "params:evaluate.per_instruction", "params:evaluate.batch_size",
                      "params:seed")
 
@@ -28,7 +28,7 @@ def _jailbreak_template() -> Pipeline:
     judge = Node(attacks.judge_jailbreaks,
                  {"systems": "evaluation_systems", "instructions": "jailbreak_instructions", "start": "jailbreak_start",
                   "params": "params:evaluate.jailbreak", "budget": "params:budget",
-                  "batch_size": "params:evaluate.batch_size", "seed": "params:seed", "code_bound": "code_space_bound",
+                  "batch_size": "params:evaluate.batch_size", "seed": "params:seed",
                   **{name: f"{name}_image" for name in ATTACKERS},
                   **{f"{name}_per_instruction": f"{name}_per_instruction_images"
                      for name in PER_INSTRUCTION_ATTACKERS}},
@@ -72,7 +72,8 @@ def create_pipeline(**kwargs) -> Pipeline:
              "jailbreak_clean", name="judge_clean_image"),
         Node(attacks.code_space_bound, ["evaluation_systems", "jailbreak_instructions", "jailbreak_start",
                                         "params:evaluate.jailbreak", "params:evaluate.code_search",
-                                        "params:evaluate.batch_size", "params:seed"],
+                                        "params:evaluate.batch_size", "params:seed",
+                                        *(f"jailbreak_{b}.jailbreak_results" for b in BUDGETS)],
              ["code_space_bound", "code_space_bound_answers"], name="code_space_bound"),
         Node(overhead.overhead, ["evaluation_systems", "eval_neutral", "eval_toxic", "params:evaluate.overhead"],
              "overhead_metrics", name="overhead"),

@@ -39,6 +39,7 @@ def evaluation_report(toxic: dict, utility: dict, clean: dict, timing: dict, sta
     jailbreak = {b["budget"]: {"eps": b["eps"], **b["results"], "pgd": b["pgd"]} for b in budgets}
     bound_metrics = _numbers({k: v for k, v in bound.items() if k != "codes"})
     bound_metrics["gain_over_clean"] = difference(bound["intervals"]["asr"], clean["qmllm"]["intervals"]["asr"])
+    bound_metrics["gain_over_images"] = difference(bound["intervals"]["asr_bound"], bound["intervals"]["asr_images"])
     metrics = {"toxic_image": toxic, "utility": utility, "jailbreak_clean": _numbers(clean), "jailbreak": {
         name: {k: (_numbers(v) if isinstance(v, dict) else v) for k, v in entry.items()}
         for name, entry in jailbreak.items()}, "overhead": timing, "code_stability": stability,
@@ -161,23 +162,32 @@ def markdown_report(metrics: dict, jailbreak: dict, clean: dict) -> str:
                          + " | ".join(_pct(entry[key]) for entry in stability["budgets"].values()) + " |")
     bound = metrics["code_space_bound"]
     gain = bound["gain_over_clean"]
+    images_gain = bound["gain_over_images"]
+    starts = "the clean image's codes and every qmllm image's" if bound["start_from_attacks"] else "the clean image's codes"
     lines += ["", "## Code-space bound on Q-MLLM", "",
               f"A beam coordinate search over the {bound['positions']} patch codes themselves (CLS code held at the "
               f"clean image's neutral code {bound['cls_code']}), one code sequence per held-out instruction "
-              f"({bound['instructions']}): what an attacker who could choose the codes reaches.", "",
-              "| bound: found or clean codes comply | found codes' ASR (target) | found over clean | "
-              "loss start -> best (worst) | codes changed | search s |", "|---|---|---|---|---|---|",
-              f"| {_pct(bound['asr_with_clean'], bound['intervals']['asr_with_clean'])} | "
+              f"({bound['instructions']}), from {starts} ({100 * bound['started_from_attack']:.0f}% began from an "
+              f"image attack's): what an attacker who could choose the codes reaches. Bound: the found codes, the "
+              f"clean image's or any of the {bound['image_cases']} qmllm images tried (every attacker and budget) "
+              "comply.", "",
+              "| bound | image attacks' union | bound over union | found codes' ASR (target) | found over clean | "
+              "loss clean -> start -> best (worst) | codes changed | search s |", "|---|---|---|---|---|---|---|---|",
+              f"| {_pct(bound['asr_bound'], bound['intervals']['asr_bound'])} | "
+              f"{_pct(bound['asr_images'], bound['intervals']['asr_images'])} | "
+              f"{100 * images_gain['value']:+.1f} [{100 * images_gain['ci95'][0]:+.0f}, "
+              f"{100 * images_gain['ci95'][1]:+.0f}] | "
               f"{_pct(bound['asr'], bound['intervals']['asr'])} ({_pct(bound['asr_target'])}) | "
               f"{100 * gain['value']:+.1f} [{100 * gain['ci95'][0]:+.0f}, {100 * gain['ci95'][1]:+.0f}] | "
-              f"{bound['loss_first']:.2f} -> {bound['loss_last']:.2f} ({bound['loss_last_max']:.2f}) | "
-              f"{bound['positions_changed']:.1f}/{bound['positions']} | {bound['seconds']:.0f} |", "",
+              f"{bound['loss_first']:.2f} -> {bound['loss_start']:.2f} -> {bound['loss_last']:.2f} "
+              f"({bound['loss_last_max']:.2f}) | {bound['positions_changed']:.1f}/{bound['positions']} | "
+              f"{bound['seconds']:.0f} |", "",
               "Share of the positions where an image attack's codes equal the codes the search found (the clean "
               f"image's: {_pct(bound['clean_positions_matched'])}):", "",
               "| attacker | " + " | ".join(budgets) + " |", "|---" * (1 + len(budgets)) + "|"]
     for case in (*QMLLM_ATTACKS, "qmllm_noise"):
-        lines.append(f"| {case} | " + " | ".join(_pct(jailbreak[b][case].get("bound_positions_matched"))
-                                                 for b in budgets) + " |")
+        lines.append(f"| {case} | " + " | ".join(_pct(bound["positions_matched"][b].get(case)) for b in budgets)
+                     + " |")
     toxic = metrics["toxic_image"]
     categories = sorted(toxic["qmllm"]["dsr_per_category"]["single"])
     lines += ["", "## Toxic-image DSR per category (single object / among distractors)", "",
