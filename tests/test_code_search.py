@@ -126,7 +126,7 @@ def test_the_bound_is_judged_and_compared_with_the_image_attacks(evaluation, smo
     assert "codes" not in bound and isinstance(bound["gain_over_clean"]["significant"], bool)
     # every qmllm case of every budget was a start, and its positions matched are reported
     assert bound["image_cases"] == 7 * len(metrics["jailbreak"])
-    for budget, entry in metrics["jailbreak"].items():
+    for budget in metrics["jailbreak"]:
         for case in ("qmllm_adaptive", "qmllm_adaptive_per_instruction", "qmllm_noise"):
             assert 0.0 <= bound["positions_matched"][budget][case] <= 1.0
         assert "baseline_whitebox" not in bound["positions_matched"][budget]

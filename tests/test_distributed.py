@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from conftest import PROJECT_ROOT
 from qmllm_pipeline import scaling
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.distributed import DistributedSettings, rank_share, world
@@ -90,7 +91,7 @@ def test_settings_are_checked_and_the_batch_must_split_evenly(tmp_path):
     with pytest.raises(ValueError, match="strategy must be one of"):
         DistributedSettings(strategy="horovod")
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
-        DistributedSettings(mixed_precision=False)  # what a bare `no` in YAML becomes
+        DistributedSettings(mixed_precision="yes")
     net, step = _regression(crash_at=None)
     with pytest.raises(ValueError, match="global batch of 8 does not split evenly over 3 processes"):
         train_loop({"net": net}, step, TrainingConfig(steps=2, batch_size=8, lr=1e-2), 0,
@@ -126,3 +127,20 @@ def test_scale_check_prints_the_process_comparison():
     assert result.exit_code == 0, result.output
     assert "1 vs 2 processes (DDP), same global batch" in result.output
     assert "| stage 2 (LoRA) | 3 |" in result.output
+
+
+def test_the_shipped_settings_survive_dvcs_rewrite_of_the_parameters_file(tmp_path):
+    """`qmllm seeds run` sets the seed with `dvc exp run -S`, which rewrites parameters.yml and drops the
+    quotes around "no": the settings Kedro then reads must still be valid (a seed sweep failed on it)."""
+    import shutil
+
+    import yaml
+    from dvc.utils.serialize import modify_yaml
+
+    copy = tmp_path / "parameters.yml"
+    shutil.copy(PROJECT_ROOT / "conf" / "base" / "parameters.yml", copy)
+    with modify_yaml(copy) as data:
+        data["seed"] = 1
+    rewritten = yaml.safe_load(copy.read_text())["distributed"]
+    assert rewritten["mixed_precision"] is False  # what DVC writes, as YAML reads it
+    assert DistributedSettings.from_params(rewritten) == DistributedSettings()

@@ -53,7 +53,12 @@ class DistributedSettings:
 
     @classmethod
     def from_params(cls, params: dict | None) -> DistributedSettings:
-        return cls(**(params or {}))
+        """From `distributed:` in parameters.yml. A bare YAML `no` reads as false: it is taken as "no", because
+        DVC's `-S` rewrite of a parameters file (every `qmllm seeds run`) drops the quotes around "no"."""
+        params = dict(params or {})
+        if params.get("mixed_precision") is False:
+            params["mixed_precision"] = "no"
+        return cls(**params)
 
     def as_dict(self) -> dict:
         return asdict(self)

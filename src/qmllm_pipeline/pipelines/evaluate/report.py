@@ -163,7 +163,8 @@ def markdown_report(metrics: dict, jailbreak: dict, clean: dict) -> str:
     bound = metrics["code_space_bound"]
     gain = bound["gain_over_clean"]
     images_gain = bound["gain_over_images"]
-    starts = "the clean image's codes and every qmllm image's" if bound["start_from_attacks"] else "the clean image's codes"
+    starts = ("the clean image's codes and every qmllm image's" if bound["start_from_attacks"]
+              else "the clean image's codes")
     lines += ["", "## Code-space bound on Q-MLLM", "",
               f"A beam coordinate search over the {bound['positions']} patch codes themselves (CLS code held at the "
               f"clean image's neutral code {bound['cls_code']}), one code sequence per held-out instruction "
