@@ -6,11 +6,15 @@ import pandas as pd
 import pytest
 import torch
 
+from qmllm_pipeline.judge import RefusalPhraseJudge
 from qmllm_pipeline.models.attack import (
     JailbreakObjective,
     PerInstructionObjective,
     first_target_tokens,
     per_instruction_pgd,
+    refusal_logprob,
+    refusal_start_ids,
+    sequence_nll,
     step_sizes,
     target_sequences,
     universal_pgd,
@@ -141,3 +145,29 @@ def test_the_step_schedule_stays_on_the_grid():
     assert min(step_sizes(100, 4, "linear")) == 1
     with pytest.raises(ValueError, match="step schedule"):
         step_sizes(4, 4, "cosine")
+
+
+def test_the_refusal_objective_is_the_log_probability_of_opening_with_a_refusal(evaluation, world, start):
+    system = evaluation["evaluation_systems"]["baseline"]
+    # the shipped refusals open with "I" ("I cannot ...", "I'm sorry ..."): that token is among the starts
+    starts = refusal_start_ids(system.tokenizer, RefusalPhraseJudge().phrases)
+    assert system.tokenizer.convert_tokens_to_ids("I") in starts and len(starts) == len(set(starts))
+    harmful = world["text_corpus"][(world["text_corpus"]["kind"] == "harmful")].head(3)
+    sequences = target_sequences(system.tokenizer, list(harmful["instruction"]), list(harmful["target"]), 96, 1)
+    images = start.expand(3, -1, -1, -1)
+    first = [next(label for label in labels if label != -100) for _, labels in sequences]
+    with torch.no_grad():
+        tokens = system.model.encode_images(normalise_pixels(images, system.processor)).image_tokens
+        ids, labels = map(list, zip(*sequences, strict=True))
+        # with the target's own first token as the one "refusal" token it is -nll of that token, row by row
+        for row in range(3):
+            own = refusal_logprob(system.model, ids, labels, tokens, [first[row]])[row]
+            assert float(own) == pytest.approx(-float(sequence_nll(system.model, ids, labels, tokens)[row]), abs=1e-5)
+        # several tokens: their probabilities add up (log-sum-exp), so it is never below any one of them
+        both = refusal_logprob(system.model, ids, labels, tokens, starts)
+        alone = torch.stack([refusal_logprob(system.model, ids, labels, tokens, [s]) for s in starts])
+        torch.testing.assert_close(both, alone.logsumexp(0))
+    objective = PerInstructionObjective(system.model, system.processor, sequences, refusal_ids=starts)
+    crafted, history = per_instruction_pgd(objective, start, eps=16 / 255, steps=4, step_size=2, desc=None)
+    assert all(b <= a + 1e-6 for a, b in zip(history["start_loss"], history["best_loss"], strict=True))
+    assert (crafted - start).abs().max() <= 16 / 255 + 1e-6

@@ -92,3 +92,21 @@ def test_per_instruction_attacks_are_judged_and_their_loss_reported(evaluation):
             pgd = entry["pgd"][f"{name}_per_instruction"]
             assert pgd["loss_last"] <= pgd["loss_first"] + 1e-6 and pgd["nll_last"] <= pgd["nll_last_max"]
     assert "Per-instruction PGD" in evaluation["evaluation_report"]
+
+
+def test_the_attack_strength_sweep_reruns_the_pipelines_attack_under_each_setting(evaluation, smoke_params):
+    from qmllm_pipeline.experiments.attack_strength import SETUP, attack_strength
+
+    setup = {name: evaluation[name] for name in SETUP}
+    table = attack_strength(setup, smoke_params, [{}, {"steps": 3, "target_tokens": 1}], [16])
+    assert len(table) == 2 and table["eps"].tolist() == [16, 16]
+    assert table["steps"].tolist() == [smoke_params["evaluate"]["per_instruction"]["steps"], 3]
+    assert table["target_tokens"].tolist() == [smoke_params["evaluate"]["jailbreak"]["target_tokens"], 1]
+    assert ((table["asr_low"] <= table["asr"]) & (table["asr"] <= table["asr_high"])).all()
+    assert (table["loss_best"] <= table["loss_start"] + 1e-6).all()
+    assert (table["loss_worst"] >= table["loss_best"]).all()
+    # the configured setting is the pipeline's own attack: the same ASR as the evaluate run's at that budget
+    assert table["asr"][0] == pytest.approx(evaluation["evaluation_metrics"]["jailbreak"]["eps16"]
+                                            ["baseline_per_instruction"]["asr"])
+    with pytest.raises(ValueError, match="unknown setting keys"):
+        attack_strength(setup, smoke_params, [{"stepz": 3}], [16])

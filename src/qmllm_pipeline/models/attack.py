@@ -158,11 +158,36 @@ def sequence_nll(model: QMLLM, input_ids: list[list[int]], labels: list[list[int
     return nll.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp(min=1)
 
 
+def refusal_start_ids(tokenizer, phrases: tuple[str, ...]) -> list[int]:
+    """The token each refusal phrase opens an answer with ("i'm sorry" -> "I"), tokenised as the assistant's
+    first word: what a judge-aware attacker keeps the LLM from saying first."""
+    starts = set()
+    for phrase in phrases:
+        ids, labels = encode_chat(tokenizer, [{"role": "user", "content": "x"},
+                                              {"role": "assistant", "content": phrase[:1].upper() + phrase[1:]}], 64)
+        starts.add(next(i for i, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX))
+    return sorted(starts)
+
+
+def refusal_logprob(model: QMLLM, input_ids: list[list[int]], labels: list[list[int]], image_tokens: torch.Tensor,
+                    refusal_ids: list[int]) -> torch.Tensor:
+    """(B,) log p(the answer opens with a refusal token): the log of the summed probability of `refusal_ids` at
+    each sequence's first answer position (its first label). Lower is better for an attacker whose success is
+    judged as 'not a refusal', whatever the answer then says; row i depends on image row i only."""
+    batch = model.splice(input_ids, labels, image_tokens)
+    logits = model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]).logits
+    first = (batch["labels"][:, 1:] != IGNORE_INDEX).int().argmax(1)      # logits[:, t] predicts labels[:, t + 1]
+    at_first = logits[torch.arange(len(first)), first].float().log_softmax(-1)
+    return at_first[:, refusal_ids].logsumexp(-1)
+
+
 @dataclass
 class PerInstructionObjective:
     """-log p(target_i | image_i, instruction_i) for each image i and its own sequence (lower is better for
     the attacker), plus the adaptive attacker's CLS term per image. The same switches as
-    `JailbreakObjective`; `sequences[i]` is the (input_ids, labels) image row i is crafted for."""
+    `JailbreakObjective`; `sequences[i]` is the (input_ids, labels) image row i is crafted for. With
+    `refusal_ids` the first term is `refusal_logprob` instead (the judge-aware objective: open with anything
+    but a refusal)."""
     model: QMLLM
     processor: object
     sequences: list[tuple[list[int], list[int]]]
@@ -170,13 +195,15 @@ class PerInstructionObjective:
     continuous_surrogate: bool = False
     cls_anchor: torch.Tensor | None = None
     cls_weight: float = 0.0
+    refusal_ids: list[int] | None = None
 
     def __call__(self, images: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, nll), each (B,), for `images` (B, 3, H, W) crafted for `sequences[rows]`."""
         encoding = self.model.encode_images(normalise_pixels(images, self.processor), self.straight_through)
         tokens = encoding.continuous_tokens if self.continuous_surrogate else encoding.image_tokens
         ids, labels = zip(*(self.sequences[i] for i in rows), strict=True)
-        nll = sequence_nll(self.model, list(ids), list(labels), tokens)
+        nll = (sequence_nll(self.model, list(ids), list(labels), tokens) if self.refusal_ids is None
+               else refusal_logprob(self.model, list(ids), list(labels), tokens, self.refusal_ids))
         loss = nll
         if self.cls_anchor is not None and self.cls_weight > 0:
             loss = loss + self.cls_weight * (encoding.h_cls - self.cls_anchor).pow(2).mean(-1)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from qmllm_pipeline.models.attack import sequence_nll
+from qmllm_pipeline.models.attack import refusal_logprob, sequence_nll
 from qmllm_pipeline.models.qmllm import QMLLM, ImageEncoding
 
 
@@ -39,19 +39,21 @@ from qmllm_pipeline.models.qmllm import QMLLM, ImageEncoding
 class CodeObjective:
     """-log p(target_i | codes, instruction_i) of code sequences (B, N) for `sequences[rows]` (lower is better
     for the attacker). `name_tokens` (M, d_h): a name head's tokens, held fixed at the clean image's (the
-    search moves patch codes only)."""
+    search moves patch codes only). With `refusal_ids`, log p(the answer opens with a refusal token) instead
+    (`refusal_logprob`)."""
     model: QMLLM
     sequences: list[tuple[list[int], list[int]]]
     name_tokens: torch.Tensor | None = None
+    refusal_ids: list[int] | None = None
 
     @classmethod
-    def from_encoding(cls, model: QMLLM, sequences: list[tuple[list[int], list[int]]],
-                      encoding: ImageEncoding) -> tuple[CodeObjective, torch.Tensor]:
+    def from_encoding(cls, model: QMLLM, sequences: list[tuple[list[int], list[int]]], encoding: ImageEncoding,
+                      refusal_ids: list[int] | None = None) -> tuple[CodeObjective, torch.Tensor]:
         """The objective around one encoded (clean) image, and that image's patch codes (N,): where the
         search starts. A name head's tokens are taken from the image and held fixed."""
         codes = encoding.patches.indices[0]
         names = model.name_tokens_of(encoding.image_tokens[:1], len(codes))
-        return cls(model, sequences, None if names is None else names[0]), codes
+        return cls(model, sequences, None if names is None else names[0], refusal_ids), codes
 
     def image_tokens(self, codes: torch.Tensor) -> torch.Tensor:
         """What the LLM reads for code sequences (B, N): the codebook rows, with the fixed name tokens."""
@@ -68,6 +70,8 @@ class CodeObjective:
         """(B,) each code sequence's own loss; `tokens` replaces the lookup (the gradient's leaf)."""
         ids, labels = zip(*(self.sequences[i] for i in rows), strict=True)
         tokens = self.image_tokens(codes) if tokens is None else tokens
+        if self.refusal_ids is not None:
+            return refusal_logprob(self.model, list(ids), list(labels), tokens, self.refusal_ids)
         return sequence_nll(self.model, list(ids), list(labels), tokens)
 
 

@@ -20,6 +20,7 @@ from qmllm_pipeline.models.attack import (
     neutral_cls_anchor,
     per_instruction_pgd,
     random_sign_noise,
+    refusal_start_ids,
     target_sequences,
     universal_pgd,
 )
@@ -87,6 +88,17 @@ def jailbreak_instructions(text_corpus: pd.DataFrame, params: dict, seed: int) -
             "heldout": draw("heldout", params["heldout_instructions"])}
 
 
+OBJECTIVES = ("target", "refusal")
+
+
+def _refusal_ids(tokenizer, objective: str) -> list[int] | None:
+    """None for the `target` objective (-log p of the affirmative target, Qi et al.'s); the refusal phrases'
+    opening tokens for `refusal` (minimise log p of opening with one: what the refusal judge decides on)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"attack objective must be one of {OBJECTIVES}, got {objective!r}")
+    return refusal_start_ids(tokenizer, RefusalPhraseJudge().phrases) if objective == "refusal" else None
+
+
 def _eps(budget: dict) -> float | None:
     """A budget's L_inf bound on the [0, 1] pixel scale (parameters give it in 1/255); None: unconstrained."""
     return None if budget["eps"] is None else budget["eps"] / 255
@@ -141,7 +153,8 @@ def craft_per_instruction_images(systems: dict[str, GuardedMLLM], instructions: 
     clean = start["image"].float() / 255
     objective = PerInstructionObjective(system.model, system.processor, sequences, attacker["straight_through"],
                                         attacker.get("continuous_surrogate", False),
-                                        _cls_anchor(system, attacker, clean), attacker["cls_weight"])
+                                        _cls_anchor(system, attacker, clean), attacker["cls_weight"],
+                                        _refusal_ids(system.tokenizer, per_instruction.get("objective", "target")))
     started = time.perf_counter()
     images, history = per_instruction_pgd(
         objective, clean, _eps(budget), per_instruction["steps"], per_instruction["step_size"],
@@ -280,7 +293,8 @@ def code_space_bound(systems: dict[str, GuardedMLLM], instructions: dict, start:
         clean = model.encode_images(pixel_values(start["image"][None], system.processor))
     if clean.cls is None or system.guard(None, clean.cls.indices)[0].refused:
         raise ValueError("code-space bound: the start image's CLS code is not neutral-labelled in the safety map")
-    objective, patches = CodeObjective.from_encoding(model, sequences, clean)  # name tokens held at the clean's
+    objective, patches = CodeObjective.from_encoding(  # name tokens held at the clean image's
+        model, sequences, clean, _refusal_ids(tokenizer, code_search.get("objective", "target")))
     labels, starts = _attack_starts(budgets, n)
     started = time.perf_counter()
     codes, history = code_space_search(objective, patches, code_search["sweeps"], code_search["beam_width"],

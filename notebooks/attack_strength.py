@@ -1,0 +1,46 @@
+"""Measure the per-instruction attack (white-box on the trained baseline by default, or any configured
+attacker) at more budget or another objective: steps, restarts, first step size, target tokens, objective
+(issue 19's eps-32 goal). Reads what `kedro run` wrote and changes none of
+it: the table is printed and saved to --out. Each setting is a JSON object of `evaluate.per_instruction`
+keys (steps, restarts, step_size, schedule, momentum, batch_size) and `target_tokens`. Example (the default
+attack, then the `full` profile's):
+
+    python notebooks/attack_strength.py --eps 32 --settings '[{}, {"steps": 500, "restarts": 3}]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="base", help="Kedro environment to read (default: base)")
+    parser.add_argument("--eps", default="32", help="comma list of budgets in 1/255 (default: 32)")
+    parser.add_argument("--settings", default='[{}, {"steps": 500, "restarts": 3}]',
+                        help="JSON list of settings; {} is the configured attack (default: it and full's)")
+    parser.add_argument("--attacker", default="baseline_whitebox",
+                        help="an evaluate.attackers entry (default: baseline_whitebox; qmllm_adaptive: BPDA on qmllm)")
+    parser.add_argument("--out", type=Path, default=PROJECT / "data/08_reporting/attack_strength.csv",
+                        help="CSV written (via a temporary file) with one row per setting and budget")
+    args = parser.parse_args()
+    settings = json.loads(args.settings)
+    budgets = [int(eps) for eps in args.eps.split(",")]
+
+    # the project is imported only now: --help stays quick and quiet
+    from qmllm_pipeline.experiments.attack_strength import attack_strength, evaluation_setup
+    from qmllm_pipeline.experiments.runs import project_context, write_table
+
+    with project_context(PROJECT, args.env) as context:
+        params = context.params
+        setup = evaluation_setup(context.catalog.load, params)
+        table = attack_strength(setup, params, settings, budgets, args.attacker)
+    write_table(table, args.out)
+
+
+if __name__ == "__main__":
+    main()
