@@ -8,6 +8,7 @@ safety map lets the image in), tells whether Q-MLLM's robustness comes from the 
 jailbreaks the LLM) or from a weak image attacker (sequences exist, PGD does not find them).
 
     minimise over codes in {0..P-1}^N:   -log p(target | C_patch[codes], instruction)
+                                     or  log p(answer opens with a refusal token | ...)   (`refusal_ids`)
 
 by coordinate search with a beam: for each position in turn (a seeded order), every beam member is
 extended by every candidate code at that position and the `beam_width` best sequences are kept; the sweep
