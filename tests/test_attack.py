@@ -10,12 +10,14 @@ from qmllm_pipeline.judge import RefusalPhraseJudge
 from qmllm_pipeline.models.attack import (
     JailbreakObjective,
     PerInstructionObjective,
+    attack_term,
     first_target_tokens,
     per_instruction_pgd,
     refusal_logprob,
     refusal_start_ids,
     sequence_nll,
     step_sizes,
+    target_margin,
     target_sequences,
     universal_pgd,
 )
@@ -171,3 +173,56 @@ def test_the_refusal_objective_is_the_log_probability_of_opening_with_a_refusal(
     crafted, history = per_instruction_pgd(objective, start, eps=16 / 255, steps=4, step_size=2, desc=None)
     assert all(b <= a + 1e-6 for a, b in zip(history["start_loss"], history["best_loss"], strict=True))
     assert (crafted - start).abs().max() <= 16 / 255 + 1e-6
+
+
+def _greedy_sequence(model, ids: list[int], labels: list[int], tokens: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The sequence with its target tokens replaced by what greedy decoding says there, one token at a time."""
+    ids = list(ids)
+    positions = [at for at, label in enumerate(labels) if label != -100]
+    for at in positions:
+        with torch.no_grad():
+            batch = model.splice([ids[:at]], None, tokens)
+            ids[at] = int(model.llm(inputs_embeds=batch["inputs_embeds"]).logits[0, -1].argmax())
+    return ids, [token if at in positions else -100 for at, token in enumerate(ids)]
+
+
+def test_the_target_margin_is_won_exactly_where_greedy_decoding_opens_with_the_target(evaluation, world, start):
+    system = evaluation["evaluation_systems"]["baseline"]
+    model = system.model
+    harmful = world["text_corpus"][world["text_corpus"]["kind"] == "harmful"].head(3)
+    shipped = target_sequences(system.tokenizer, list(harmful["instruction"]), list(harmful["target"]), 96, 3)
+    with torch.no_grad():
+        tokens = model.encode_images(normalise_pixels(start[None], system.processor)).image_tokens
+        greedy = [_greedy_sequence(model, ids, labels, tokens) for ids, labels in shipped]
+        # the first target token swapped for another: greedy decoding no longer opens with this target
+        lost = []
+        for ids, labels in greedy:
+            first = next(at for at, label in enumerate(labels) if label != -100)
+            other = (ids[first] + 1) % model.llm.config.vocab_size
+            lost.append((ids[:first] + [other] + ids[first + 1:], labels[:first] + [other] + labels[first + 1:]))
+        rows = greedy + lost
+        ids, labels = map(list, zip(*rows, strict=True))
+        images = tokens.expand(len(rows), -1, -1)
+        won = target_margin(model, ids, labels, images, kappa=0.0)
+        assert torch.equal(won[:3], torch.zeros(3)) and (won[3:] > 0).all()
+        # kappa large: the plain mean margin, checked one sequence and one position at a time
+        for row, (row_ids, row_labels) in enumerate(rows):
+            batch = model.splice([row_ids], [row_labels], tokens)
+            logits = model.llm(inputs_embeds=batch["inputs_embeds"]).logits[0, :-1]
+            margins = [float(torch.cat([logits[t, :y], logits[t, y + 1:]]).max() - logits[t, y])
+                       for t, y in enumerate(batch["labels"][0, 1:].tolist()) if y != -100]
+            assert float(target_margin(model, ids, labels, images, kappa=1e9)[row]) == pytest.approx(
+                sum(margins) / len(margins), abs=1e-4)
+        # kappa caps what a won position contributes: the greedy rows sit at -kappa or above
+        assert (target_margin(model, ids, labels, images, kappa=0.5)[:3] >= -0.5 - 1e-6).all()
+    with pytest.raises(ValueError, match="not both"):
+        attack_term(model, ids, labels, images, refusal_ids=[1], kappa=1.0)
+
+
+def test_the_margin_objective_is_descended_within_the_budget(evaluation, world, start):
+    objective = _per_instruction(evaluation["evaluation_systems"]["baseline"], world["text_corpus"], n=3, kappa=2.0)
+    crafted, history = per_instruction_pgd(objective, start, eps=16 / 255, steps=4, step_size=2, desc=None)
+    assert all(b <= a + 1e-6 for a, b in zip(history["start_loss"], history["best_loss"], strict=True))
+    assert min(b - a for a, b in zip(history["start_loss"], history["best_loss"], strict=True)) < 0
+    assert (crafted - start).abs().max() <= 16 / 255 + 1e-6
+    assert torch.equal(crafted, (crafted * 255).round() / 255)

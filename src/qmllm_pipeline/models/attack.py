@@ -181,13 +181,45 @@ def refusal_logprob(model: QMLLM, input_ids: list[list[int]], labels: list[list[
     return at_first[:, refusal_ids].logsumexp(-1)
 
 
+def attack_term(model: QMLLM, input_ids: list[list[int]], labels: list[list[int]], image_tokens: torch.Tensor,
+                refusal_ids: list[int] | None = None, kappa: float | None = None) -> torch.Tensor:
+    """(B,) the attacker's main term, lower is better: the target's mean nll (Qi et al.'s objective), or with
+    `refusal_ids` log p(opening with a refusal token), or with `kappa` the target's margin."""
+    if refusal_ids is not None and kappa is not None:
+        raise ValueError("an attack objective is the refusal log-probability or the target margin, not both")
+    if refusal_ids is not None:
+        return refusal_logprob(model, input_ids, labels, image_tokens, refusal_ids)
+    if kappa is not None:
+        return target_margin(model, input_ids, labels, image_tokens, kappa)
+    return sequence_nll(model, input_ids, labels, image_tokens)
+
+
+def target_margin(model: QMLLM, input_ids: list[list[int]], labels: list[list[int]], image_tokens: torch.Tensor,
+                  kappa: float) -> torch.Tensor:
+    """(B,) each sequence's mean over its target tokens of max(best other logit - the target token's logit,
+    -kappa): the Carlini-Wagner margin of every target position. It is below zero at every position exactly
+    when greedy decoding, fed the target so far, picks each target token: when the answer opens with the
+    target. Positions already won by `kappa` stop pulling, so the descent goes to the ones still lost, where
+    the mean nll keeps polishing the easy ones. Row i depends on image row i only."""
+    batch = model.splice(input_ids, labels, image_tokens)
+    logits = model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    kept = targets != IGNORE_INDEX
+    logits = logits.float()
+    own = logits.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    other = logits.scatter(-1, targets.clamp(min=0)[..., None], float("-inf")).amax(-1)
+    margins = (other - own).clamp(min=-kappa) * kept
+    return margins.sum(1) / kept.sum(1).clamp(min=1)
+
+
 @dataclass
 class PerInstructionObjective:
     """-log p(target_i | image_i, instruction_i) for each image i and its own sequence (lower is better for
     the attacker), plus the adaptive attacker's CLS term per image. The same switches as
     `JailbreakObjective`; `sequences[i]` is the (input_ids, labels) image row i is crafted for. With
     `refusal_ids` the first term is `refusal_logprob` instead (the judge-aware objective: open with anything
-    but a refusal)."""
+    but a refusal); with `kappa` it is `target_margin` (the target's opening won at every position by
+    `kappa` logits)."""
     model: QMLLM
     processor: object
     sequences: list[tuple[list[int], list[int]]]
@@ -196,14 +228,14 @@ class PerInstructionObjective:
     cls_anchor: torch.Tensor | None = None
     cls_weight: float = 0.0
     refusal_ids: list[int] | None = None
+    kappa: float | None = None
 
     def __call__(self, images: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, nll), each (B,), for `images` (B, 3, H, W) crafted for `sequences[rows]`."""
         encoding = self.model.encode_images(normalise_pixels(images, self.processor), self.straight_through)
         tokens = encoding.continuous_tokens if self.continuous_surrogate else encoding.image_tokens
-        ids, labels = zip(*(self.sequences[i] for i in rows), strict=True)
-        nll = (sequence_nll(self.model, list(ids), list(labels), tokens) if self.refusal_ids is None
-               else refusal_logprob(self.model, list(ids), list(labels), tokens, self.refusal_ids))
+        ids, labels = map(list, zip(*(self.sequences[i] for i in rows), strict=True))
+        nll = attack_term(self.model, ids, labels, tokens, self.refusal_ids, self.kappa)
         loss = nll
         if self.cls_anchor is not None and self.cls_weight > 0:
             loss = loss + self.cls_weight * (encoding.h_cls - self.cls_anchor).pow(2).mean(-1)

@@ -9,6 +9,7 @@ jailbreaks the LLM) or from a weak image attacker (sequences exist, PGD does not
 
     minimise over codes in {0..P-1}^N:   -log p(target | C_patch[codes], instruction)
                                      or  log p(answer opens with a refusal token | ...)   (`refusal_ids`)
+                                     or  the target's mean margin, max(other - target logit, -kappa)   (`kappa`)
 
 by coordinate search with a beam: for each position in turn (a seeded order), every beam member is
 extended by every candidate code at that position and the `beam_width` best sequences are kept; the sweep
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from qmllm_pipeline.models.attack import refusal_logprob, sequence_nll
+from qmllm_pipeline.models.attack import attack_term
 from qmllm_pipeline.models.qmllm import QMLLM, ImageEncoding
 
 
@@ -41,20 +42,22 @@ class CodeObjective:
     """-log p(target_i | codes, instruction_i) of code sequences (B, N) for `sequences[rows]` (lower is better
     for the attacker). `name_tokens` (M, d_h): a name head's tokens, held fixed at the clean image's (the
     search moves patch codes only). With `refusal_ids`, log p(the answer opens with a refusal token) instead
-    (`refusal_logprob`)."""
+    (`refusal_logprob`); with `kappa`, the target's margin (`target_margin`)."""
     model: QMLLM
     sequences: list[tuple[list[int], list[int]]]
     name_tokens: torch.Tensor | None = None
     refusal_ids: list[int] | None = None
+    kappa: float | None = None
 
     @classmethod
     def from_encoding(cls, model: QMLLM, sequences: list[tuple[list[int], list[int]]], encoding: ImageEncoding,
-                      refusal_ids: list[int] | None = None) -> tuple[CodeObjective, torch.Tensor]:
+                      refusal_ids: list[int] | None = None,
+                      kappa: float | None = None) -> tuple[CodeObjective, torch.Tensor]:
         """The objective around one encoded (clean) image, and that image's patch codes (N,): where the
         search starts. A name head's tokens are taken from the image and held fixed."""
         codes = encoding.patches.indices[0]
         names = model.name_tokens_of(encoding.image_tokens[:1], len(codes))
-        return cls(model, sequences, None if names is None else names[0], refusal_ids), codes
+        return cls(model, sequences, None if names is None else names[0], refusal_ids, kappa), codes
 
     def image_tokens(self, codes: torch.Tensor) -> torch.Tensor:
         """What the LLM reads for code sequences (B, N): the codebook rows, with the fixed name tokens."""
@@ -69,11 +72,9 @@ class CodeObjective:
 
     def __call__(self, codes: torch.Tensor, rows: list[int], tokens: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) each code sequence's own loss; `tokens` replaces the lookup (the gradient's leaf)."""
-        ids, labels = zip(*(self.sequences[i] for i in rows), strict=True)
+        ids, labels = map(list, zip(*(self.sequences[i] for i in rows), strict=True))
         tokens = self.image_tokens(codes) if tokens is None else tokens
-        if self.refusal_ids is not None:
-            return refusal_logprob(self.model, list(ids), list(labels), tokens, self.refusal_ids)
-        return sequence_nll(self.model, list(ids), list(labels), tokens)
+        return attack_term(self.model, ids, labels, tokens, self.refusal_ids, self.kappa)
 
 
 def _scores(objective: CodeObjective, codes: torch.Tensor, row: int, batch_size: int) -> torch.Tensor:

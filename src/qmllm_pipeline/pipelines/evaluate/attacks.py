@@ -88,15 +88,22 @@ def jailbreak_instructions(text_corpus: pd.DataFrame, params: dict, seed: int) -
             "heldout": draw("heldout", params["heldout_instructions"])}
 
 
-OBJECTIVES = ("target", "refusal")
+OBJECTIVES = ("target", "margin", "refusal")
 
 
-def _refusal_ids(tokenizer, objective: str) -> list[int] | None:
-    """None for the `target` objective (-log p of the affirmative target, Qi et al.'s); the refusal phrases'
-    opening tokens for `refusal` (minimise log p of opening with one: what the refusal judge decides on)."""
+def _objective_terms(tokenizer, settings: dict) -> dict:
+    """The keyword arguments of the attack's main term (`models.attack.attack_term`) for `settings["objective"]`:
+    `target` (-log p of the affirmative target, Qi et al.'s): none; `margin` (the target's opening won at each
+    position by `settings["kappa"]` logits): `kappa`; `refusal` (minimise log p of opening with a refusal
+    phrase, what the refusal judge decides on): the phrases' opening tokens."""
+    objective = settings.get("objective", "target")
     if objective not in OBJECTIVES:
         raise ValueError(f"attack objective must be one of {OBJECTIVES}, got {objective!r}")
-    return refusal_start_ids(tokenizer, RefusalPhraseJudge().phrases) if objective == "refusal" else None
+    if objective == "refusal":
+        return {"refusal_ids": refusal_start_ids(tokenizer, RefusalPhraseJudge().phrases)}
+    if objective == "margin":
+        return {"kappa": float(settings["kappa"])}
+    return {}
 
 
 def _eps(budget: dict) -> float | None:
@@ -154,7 +161,7 @@ def craft_per_instruction_images(systems: dict[str, GuardedMLLM], instructions: 
     objective = PerInstructionObjective(system.model, system.processor, sequences, attacker["straight_through"],
                                         attacker.get("continuous_surrogate", False),
                                         _cls_anchor(system, attacker, clean), attacker["cls_weight"],
-                                        _refusal_ids(system.tokenizer, per_instruction.get("objective", "target")))
+                                        **_objective_terms(system.tokenizer, per_instruction))
     started = time.perf_counter()
     images, history = per_instruction_pgd(
         objective, clean, _eps(budget), per_instruction["steps"], per_instruction["step_size"],
@@ -294,7 +301,7 @@ def code_space_bound(systems: dict[str, GuardedMLLM], instructions: dict, start:
     if clean.cls is None or system.guard(None, clean.cls.indices)[0].refused:
         raise ValueError("code-space bound: the start image's CLS code is not neutral-labelled in the safety map")
     objective, patches = CodeObjective.from_encoding(  # name tokens held at the clean image's
-        model, sequences, clean, _refusal_ids(tokenizer, code_search.get("objective", "target")))
+        model, sequences, clean, **_objective_terms(tokenizer, code_search))
     labels, starts = _attack_starts(budgets, n)
     started = time.perf_counter()
     codes, history = code_space_search(objective, patches, code_search["sweeps"], code_search["beam_width"],
