@@ -2,7 +2,8 @@
 attacker) at more budget or another objective: steps, restarts, first step size, target tokens, objective
 (issue 19's eps-32 goal). Reads what `kedro run` wrote and changes none of
 it: the table is printed and saved to --out. Each setting is a JSON object of `evaluate.per_instruction`
-keys (steps, restarts, step_size, schedule, momentum, batch_size, objective, kappa) and `target_tokens`. Example (the default
+keys (steps, restarts, step_size, schedule, momentum, batch_size, objective, kappa, stop_on,
+check_every) and `target_tokens`. Example (the default
 attack, then the `full` profile's):
 
     python notebooks/attack_strength.py --eps 32 --settings '[{}, {"steps": 500, "restarts": 3}]'

@@ -141,6 +141,30 @@ def test_per_instruction_restarts_never_lose_the_best_image(evaluation, world, s
     assert all(b <= a + 1e-6 for a, b in zip(one["best_loss"], three["best_loss"], strict=True))
 
 
+def test_per_instruction_success_test_keeps_won_images_and_only_attacks_the_rest(evaluation, world, start):
+    objective = _per_instruction(evaluation["evaluation_systems"]["baseline"], world["text_corpus"], n=4)
+    plain, plain_history = per_instruction_pgd(objective, start, eps=16 / 255, steps=4, step_size=2, batch_size=3,
+                                               desc=None)
+    never, never_history = per_instruction_pgd(objective, start, eps=16 / 255, steps=4, step_size=2, batch_size=3,
+                                               succeeded=lambda x, rows: torch.zeros(len(rows), dtype=torch.bool),
+                                               check_every=1, desc=None)
+    assert torch.equal(plain, never) and plain_history["best_loss"] == never_history["best_loss"]  # checks only look
+    assert never_history["won_step"] == [-1] * 4
+    asked = []
+
+    def succeeded(images, rows):  # row 1 already succeeds at the start, row 2 after two steps
+        asked.append(list(rows))
+        return torch.tensor([r == 1 or (r == 2 and len(asked) >= 2) for r in rows])
+
+    images, history = per_instruction_pgd(objective, start, eps=16 / 255, steps=4, step_size=2, batch_size=3,
+                                          succeeded=succeeded, check_every=2, desc=None)
+    assert asked[:3] == [[0, 1, 2], [0, 2], [0]]  # steps 0, 2, 4 of the first batch, won rows left out
+    assert history["won_step"][:3] == [-1, 0, 2]
+    assert torch.equal(images[1], (start * 255).round() / 255)  # a success at the start keeps the clean image
+    assert torch.equal(images[0], plain[0])  # the rows still lost descend as without the test
+    assert (images[2] - start).abs().max() <= 16 / 255 + 1e-6
+
+
 def test_the_step_schedule_stays_on_the_grid():
     assert step_sizes(4, 3, "constant") == [3, 3, 3, 3]
     assert step_sizes(4, 4, "linear") == [4, 3, 2, 1]

@@ -91,6 +91,9 @@ def test_per_instruction_attacks_are_judged_and_their_loss_reported(evaluation):
         for name in PER_INSTRUCTION_ATTACKERS:
             pgd = entry["pgd"][f"{name}_per_instruction"]
             assert pgd["loss_last"] <= pgd["loss_first"] + 1e-6 and pgd["nll_last"] <= pgd["nll_last_max"]
+            # an image that passed the attacker's success test is judged again, in another batch: it complies
+            judged = entry["baseline_per_instruction" if name == "baseline_whitebox" else f"{name}_per_instruction"]
+            assert 0.0 <= pgd["won"] <= judged["asr"] + 0.05, (budget, name)
     assert "Per-instruction PGD" in evaluation["evaluation_report"]
 
 
@@ -110,3 +113,13 @@ def test_the_attack_strength_sweep_reruns_the_pipelines_attack_under_each_settin
                                             ["baseline_per_instruction"]["asr"])
     with pytest.raises(ValueError, match="unknown setting keys"):
         attack_strength(setup, smoke_params, [{"stepz": 3}], [16])
+
+
+def test_an_unknown_per_instruction_success_test_is_refused():
+    import pandas as pd
+
+    from qmllm_pipeline.pipelines.evaluate.attacks import _success_test
+
+    with pytest.raises(ValueError, match="stop_on must be one of"):
+        _success_test(None, pd.DataFrame({"instruction": [], "target": []}), "sometimes", 16, 8)
+    assert _success_test(None, pd.DataFrame({"instruction": [], "target": []}), "none", 16, 8) is None

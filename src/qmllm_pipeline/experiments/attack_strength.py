@@ -18,7 +18,8 @@ from qmllm_pipeline.pipelines.evaluate import pipeline as evaluate_pipeline
 
 SETUP = ("evaluation_systems", "jailbreak_instructions", "jailbreak_start")
 # what a setting may change: evaluate.per_instruction's keys, and target_tokens of evaluate.jailbreak
-PER_INSTRUCTION_KEYS = ("steps", "restarts", "step_size", "schedule", "momentum", "batch_size", "objective", "kappa")
+PER_INSTRUCTION_KEYS = ("steps", "restarts", "step_size", "schedule", "momentum", "batch_size", "objective", "kappa",
+                        "stop_on", "check_every")
 
 
 def evaluation_setup(load, params: dict) -> dict:
@@ -67,5 +68,7 @@ def attack_strength(setup: dict, params: dict, settings: list[dict], budgets: li
                          "asr_affirmative": rates["asr_affirmative"], "clean_asr": clean["asr"],
                          "loss_start": sum(history["start_loss"]) / len(history["start_loss"]),
                          "loss_best": sum(history["best_loss"]) / len(history["best_loss"]),
-                         "loss_worst": max(history["best_loss"]), "seconds": round(seconds, 1)})
+                         "loss_worst": max(history["best_loss"]),
+                         "won": sum(step >= 0 for step in history["won_step"]) / len(history["won_step"]),
+                         "seconds": round(seconds, 1)})
     return pd.DataFrame(rows)

@@ -23,6 +23,7 @@ in one forward pass, each by the gradient of its own loss.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -255,14 +256,23 @@ def step_sizes(steps: int, step_size: int, schedule: str) -> list[int]:
 def per_instruction_pgd(objective: PerInstructionObjective, start: torch.Tensor, eps: float | None, steps: int,
                         step_size: int = 1, schedule: str = "constant", restarts: int = 1, batch_size: int = 32,
                         seed: int = 0, momentum: float = 0.0,
+                        succeeded: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
+                        check_every: int = 10,
                         desc: str | None = "per-instruction PGD") -> tuple[torch.Tensor, dict]:
     """Signed-gradient descent on one image per sequence of `objective`, all starting from `start` (3, H, W)
     in [0, 1] on the 8-bit grid, `batch_size` images per forward pass. Restart 0 starts at `start`, later ones
     at a uniform draw within eps (unconstrained: uniform noise every time); each image keeps the lowest loss
     it reached over steps and restarts. `step_size` is in 1/255; `momentum` > 0 steps along the sign of a
     running sum of L1-normalised gradients (MI-FGSM, Dong et al. 2018) instead of the last gradient's sign.
-    Returns the images (n, 3, H, W) on the grid
-    and the history: mean loss per step (first restart), each instruction's start and best loss and nll."""
+
+    `succeeded(images, rows)` -> (B,) bool, when given, is the attacker's own success test (decode and
+    judge, as GCG checks its suffixes): it runs on the start image and every `check_every` steps, and an
+    image that passes is kept as it is and leaves the batch, so later steps cost only the images still
+    lost, and an image that already succeeds is never descended into a refusal of lower loss.
+
+    Returns the images (n, 3, H, W) on the grid and the history: mean loss per step (first restart; an image
+    that left the batch keeps its last loss), each instruction's start and best loss and nll, and the step
+    (counted over restarts) at which its success test passed (-1: never, or no test)."""
     generator = torch.Generator().manual_seed(seed)
     n = len(objective.sequences)
     start = (start * 255).round() / 255
@@ -273,14 +283,19 @@ def per_instruction_pgd(objective: PerInstructionObjective, start: torch.Tensor,
     best = start.expand(n, -1, -1, -1).clone()
     best_loss = torch.full((n,), float("inf"))
     best_nll = torch.full((n,), float("inf"))
-    start_loss = torch.zeros(n)
+    start_loss, last_loss = torch.zeros(n), torch.zeros(n)
+    won_step = torch.full((n,), -1)
     mean_loss = [0.0] * (steps + 1)
     sizes = step_sizes(steps, step_size, schedule)
     chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     bar = tqdm(total=restarts * len(chunks) * steps, desc=desc, mininterval=2, disable=desc is None)
     for restart in range(restarts):
-        for rows in chunks:
-            shape = (len(rows), *start.shape)
+        for chunk in chunks:
+            active = torch.tensor([r for r in chunk if won_step[r] < 0], dtype=torch.long)
+            if len(active) == 0:
+                bar.update(steps)
+                continue
+            shape = (len(active), *start.shape)
             if eps is None:
                 x = torch.rand(shape, generator=generator)
             elif restart == 0:
@@ -293,16 +308,29 @@ def per_instruction_pgd(objective: PerInstructionObjective, start: torch.Tensor,
             for t in range(steps + 1):  # the last pass only scores the final images
                 x.requires_grad_(t < steps)
                 with torch.set_grad_enabled(t < steps):
-                    loss, nll = objective(x, rows)
+                    loss, nll = objective(x, active.tolist())
                 done = loss.detach()
-                better = done < best_loss[rows]
-                index = torch.tensor(rows)[better]
+                better = done < best_loss[active]
+                index = active[better]
                 best[index], best_loss[index], best_nll[index] = x.detach()[better], done[better], nll.detach()[better]
+                last_loss[active] = done
                 if restart == 0:
-                    mean_loss[t] += float(done.sum()) / n
+                    mean_loss[t] += float(last_loss[chunk].sum()) / n
                     if t == 0:
-                        start_loss[rows] = done
-                if t == steps:
+                        start_loss[active] = done
+                lost = torch.ones(len(active), dtype=torch.bool)
+                if succeeded is not None and (t % check_every == 0 or t == steps):
+                    with torch.no_grad():
+                        won = succeeded(x.detach(), active.tolist()).bool()
+                    index = active[won]
+                    best[index], best_loss[index], best_nll[index] = x.detach()[won], done[won], nll.detach()[won]
+                    won_step[index] = restart * steps + t
+                    lost = ~won
+                if t == steps or not lost.any():
+                    if restart == 0:  # every image left: the mean stays where they left it
+                        for later in range(t + 1, steps + 1):
+                            mean_loss[later] += float(last_loss[chunk].sum()) / n
+                    bar.update(steps - t)
                     break
                 grad = torch.autograd.grad(loss.sum(), x, allow_unused=True)[0]
                 grad = torch.zeros_like(x) if grad is None else grad
@@ -311,9 +339,10 @@ def per_instruction_pgd(objective: PerInstructionObjective, start: torch.Tensor,
                     grad = velocity
                 with torch.no_grad():
                     x = torch.minimum(torch.maximum(x - sizes[t] / 255 * grad.sign(), lower), upper)
-                    x = (x * 255).round() / 255
+                    x = ((x * 255).round() / 255)[lost]
+                velocity, active = velocity[lost], active[lost]
                 bar.update()
     bar.close()
     history = {"loss": mean_loss, "start_loss": start_loss.tolist(), "best_loss": best_loss.tolist(),
-               "best_nll": best_nll.tolist()}
+               "best_nll": best_nll.tolist(), "won_step": won_step.tolist()}
     return best.clamp(0, 1), history
