@@ -1,7 +1,8 @@
 """How strong the white-box per-instruction attack on the baseline gets with budget (issue 19: ASR >= 50% at
 eps 32/255 is the goal, and if it is not reached, the loss reached is the figure): the evaluate pipeline's
 own systems, start image and held-out instructions, then `craft_per_instruction_images` under each setting
-(steps, restarts, first step size, target tokens, momentum, objective and its margin kappa), judged as `judge_jailbreaks` judges it.
+(steps, restarts, first step size, target tokens, momentum, objective and its margin kappa, success
+test), judged as `judge_jailbreaks` judges it.
 
 A setting changes the attacker only: the baseline model, its instructions and the judge stay the run's.
 """
