@@ -149,8 +149,10 @@ REPRODUCIBILITY = [
     "committed run matched it in every non-timing metric). Across machines only the inputs are identical: the",
     "world's data (numpy, integer rendering) and the shipped foundation set (files in git). Everything trained",
     "from there on (stage 1, stage 2, the safety map's codes, the attacks) differs in torch's last floating-point",
-    "bits from machine to machine, which training grows like a change of seed: across machines, a trained figure",
-    "reproduces only within its seed spread above, and a claim holds only if it holds in every seed.", ""]
+    "bits from machine to machine, which training grows like a change of seed: a trained figure moves across",
+    "machines about as far as across seeds (qmllm's clean-image jailbreak ASR at seed 0, same commit: 11.1% on",
+    "one machine, 16.7% on another, docs/experiments.md), so a claim holds only if it holds in every seed, and a",
+    "seed sweep run on another machine is a second sample, not a replication.", ""]
 
 
 def results_markdown(metrics: dict[str, dict]) -> str:
