@@ -17,6 +17,7 @@ from qmllm_pipeline.models.attack import (
     refusal_start_ids,
     sequence_nll,
     step_sizes,
+    target_logits,
     target_margin,
     target_sequences,
     universal_pgd,
@@ -171,6 +172,35 @@ def test_the_step_schedule_stays_on_the_grid():
     assert min(step_sizes(100, 4, "linear")) == 1
     with pytest.raises(ValueError, match="step schedule"):
         step_sizes(4, 4, "cosine")
+
+
+def test_target_logits_are_the_models_own_at_the_target_positions(evaluation, world, start):
+    system = evaluation["evaluation_systems"]["qmllm"]
+    model = system.model
+    harmful = world["text_corpus"][world["text_corpus"]["kind"] == "harmful"].head(4)
+    # unequal lengths (the batch is padded) and unequal target counts (one row keeps 2 targets, the rest 5)
+    sequences = target_sequences(system.tokenizer, list(harmful["instruction"]), list(harmful["target"]), 96, 5)
+    short = target_sequences(system.tokenizer, list(harmful["instruction"])[:1], list(harmful["target"])[:1], 96, 2)
+    sequences = short + sequences[1:]
+    ids, labels = map(list, zip(*sequences, strict=True))
+    assert len({len(row) for row in ids}) > 1
+    with torch.no_grad():
+        tokens = model.encode_images(normalise_pixels(start.expand(4, -1, -1, -1), system.processor)).image_tokens
+        logits, targets = target_logits(model, ids, labels, tokens)
+        assert targets.shape == (4, 5) and (targets[0, 2:] == -100).all() and (targets[1:] != -100).all()
+        nll = sequence_nll(model, ids, labels, tokens)
+        for row in range(4):
+            batch = model.splice([ids[row]], [labels[row]], tokens[row:row + 1])
+            out = model.llm(inputs_embeds=batch["inputs_embeds"], labels=batch["labels"])
+            shifted = batch["labels"][0, 1:]
+            at = (shifted != -100).nonzero().flatten()
+            kept = targets[row] != -100
+            torch.testing.assert_close(logits[row, kept], out.logits[0, :-1][at].float(), atol=1e-4, rtol=1e-4)
+            assert torch.equal(targets[row, kept], shifted[at])
+            assert float(nll[row]) == pytest.approx(float(out.loss), abs=1e-5)
+        # the universal attack's batch loss: the token mean, as the LLM's own loss over the padded batch
+        batch_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100)
+        assert float(batch_loss) == pytest.approx(float(model(ids, labels, tokens).loss), abs=1e-5)
 
 
 def test_the_refusal_objective_is_the_log_probability_of_opening_with_a_refusal(evaluation, world, start):

@@ -94,7 +94,8 @@ class JailbreakObjective:
         ids, labels = zip(*(self.sequences[i] for i in picks), strict=True)
         tokens = (encoding.continuous_tokens if self.continuous_surrogate else encoding.image_tokens)
         tokens = tokens.expand(len(picks), -1, -1)
-        nll = self.model(list(ids), list(labels), tokens).loss
+        logits, targets = target_logits(self.model, list(ids), list(labels), tokens)
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX)  # the LLM's own loss
         loss = nll
         if self.cls_anchor is not None and self.cls_weight > 0:
             loss = loss + self.cls_weight * F.mse_loss(encoding.h_cls[0], self.cls_anchor)
@@ -146,16 +147,35 @@ def random_sign_noise(start: torch.Tensor, eps: float | None, seed: int = 0) -> 
     return (noisy.clamp(0, 1) * 255).round() / 255
 
 
+def target_logits(model: QMLLM, input_ids: list[list[int]], labels: list[list[int]],
+                  image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, T, V) in float32, targets (B, T)): the LLM's next-token logits at each sequence's T target
+    positions only, in order, and the tokens they must predict (IGNORE_INDEX where a sequence has fewer).
+
+    The attack's losses read 5 target tokens of a 40-token sequence, so the vocabulary projection and its
+    log-softmax run on those rows alone instead of every position: the decoder body runs as in `llm(...)`, and
+    `lm_head` is applied to the gathered hidden states (what a causal LM's forward does to all of them; a
+    test checks the logits against the model's own)."""
+    batch = model.splice(input_ids, labels, image_tokens)
+    hidden = model.llm.get_decoder()(inputs_embeds=batch["inputs_embeds"],
+                                     attention_mask=batch["attention_mask"]).last_hidden_state[:, :-1]
+    shifted = batch["labels"][:, 1:]                  # hidden[:, t] predicts labels[:, t + 1]
+    kept = shifted != IGNORE_INDEX
+    counts = kept.sum(1)
+    width = max(int(counts.max()), 1)
+    order = torch.argsort((~kept).int(), dim=1, stable=True)[:, :width]    # target positions first, in order
+    targets = shifted.gather(1, order).masked_fill(torch.arange(width) >= counts[:, None], IGNORE_INDEX)
+    picked = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+    return model.llm.get_output_embeddings()(picked).float(), targets
+
+
 def sequence_nll(model: QMLLM, input_ids: list[list[int]], labels: list[list[int]],
                  image_tokens: torch.Tensor) -> torch.Tensor:
     """(B,) each sequence's own mean -log p over its target tokens (the LLM's loss, not averaged over the
     batch): row i's value depends on image row i only, so the gradient of the sum reaches each image from
     its own sequence alone."""
-    batch = model.splice(input_ids, labels, image_tokens)
-    logits = model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX,
-                          reduction="none")
+    logits, targets = target_logits(model, input_ids, labels, image_tokens)
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
     return nll.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp(min=1)
 
 
@@ -175,11 +195,8 @@ def refusal_logprob(model: QMLLM, input_ids: list[list[int]], labels: list[list[
     """(B,) log p(the answer opens with a refusal token): the log of the summed probability of `refusal_ids` at
     each sequence's first answer position (its first label). Lower is better for an attacker whose success is
     judged as 'not a refusal', whatever the answer then says; row i depends on image row i only."""
-    batch = model.splice(input_ids, labels, image_tokens)
-    logits = model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]).logits
-    first = (batch["labels"][:, 1:] != IGNORE_INDEX).int().argmax(1)      # logits[:, t] predicts labels[:, t + 1]
-    at_first = logits[torch.arange(len(first)), first].float().log_softmax(-1)
-    return at_first[:, refusal_ids].logsumexp(-1)
+    logits, _ = target_logits(model, input_ids, labels, image_tokens)
+    return logits[:, 0].log_softmax(-1)[:, refusal_ids].logsumexp(-1)
 
 
 def attack_term(model: QMLLM, input_ids: list[list[int]], labels: list[list[int]], image_tokens: torch.Tensor,
@@ -202,11 +219,8 @@ def target_margin(model: QMLLM, input_ids: list[list[int]], labels: list[list[in
     when greedy decoding, fed the target so far, picks each target token: when the answer opens with the
     target. Positions already won by `kappa` stop pulling, so the descent goes to the ones still lost, where
     the mean nll keeps polishing the easy ones. Row i depends on image row i only."""
-    batch = model.splice(input_ids, labels, image_tokens)
-    logits = model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    targets = batch["labels"][:, 1:]
+    logits, targets = target_logits(model, input_ids, labels, image_tokens)
     kept = targets != IGNORE_INDEX
-    logits = logits.float()
     own = logits.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     other = logits.scatter(-1, targets.clamp(min=0)[..., None], float("-inf")).amax(-1)
     margins = (other - own).clamp(min=-kappa) * kept
