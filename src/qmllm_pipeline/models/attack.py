@@ -152,10 +152,11 @@ def target_logits(model: QMLLM, input_ids: list[list[int]], labels: list[list[in
     """(logits (B, T, V) in float32, targets (B, T)): the LLM's next-token logits at each sequence's T target
     positions only, in order, and the tokens they must predict (IGNORE_INDEX where a sequence has fewer).
 
-    The attack's losses read 5 target tokens of a 40-token sequence, so the vocabulary projection and its
-    log-softmax run on those rows alone instead of every position: the decoder body runs as in `llm(...)`, and
-    `lm_head` is applied to the gathered hidden states (what a causal LM's forward does to all of them; a
-    test checks the logits against the model's own)."""
+    The attack's losses read the target's first tokens (`evaluate.jailbreak.target_tokens`, 5) of a sequence
+    of 37-49 in the default world, so the vocabulary projection and its log-softmax run on those rows alone
+    instead of every position: the decoder body runs as in `llm(...)`, and `lm_head` is applied to the
+    gathered hidden states (what a causal LM's forward does to all of them; a test checks the logits against
+    the model's own)."""
     batch = model.splice(input_ids, labels, image_tokens)
     hidden = model.llm.get_decoder()(inputs_embeds=batch["inputs_embeds"],
                                      attention_mask=batch["attention_mask"]).last_hidden_state[:, :-1]
@@ -164,7 +165,8 @@ def target_logits(model: QMLLM, input_ids: list[list[int]], labels: list[list[in
     counts = kept.sum(1)
     width = max(int(counts.max()), 1)
     order = torch.argsort((~kept).int(), dim=1, stable=True)[:, :width]    # target positions first, in order
-    targets = shifted.gather(1, order).masked_fill(torch.arange(width) >= counts[:, None], IGNORE_INDEX)
+    padding = torch.arange(width, device=shifted.device) >= counts[:, None]
+    targets = shifted.gather(1, order).masked_fill(padding, IGNORE_INDEX)
     picked = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
     return model.llm.get_output_embeddings()(picked).float(), targets
 
