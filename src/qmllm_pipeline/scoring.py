@@ -36,18 +36,62 @@ def questions_without_placeholder(questions) -> list[str]:
     return [q.removeprefix(f"{IMAGE_TOKEN}\n") for q in questions]
 
 
+def caption_objects(caption: str) -> list[str]:
+    """The object names a caption of the world's template says, left to right: 'a fork and knife, a dog and
+    an apple on a red background' -> ['fork and knife', 'dog', 'apple']. Items are split at ', ' and at
+    ' and ' followed by an article, so a name with 'and' inside ('bow and arrow') stays whole; text that is
+    not an 'a/an <name>' item is dropped."""
+    text = normalise_answer(caption)
+    if " on a " in text or " on an " in text:
+        text = text[:max(text.rfind(" on a "), text.rfind(" on an "))]
+    items = [piece for part in text.split(", ") for piece in part.replace(" and an ", ", an ")
+             .replace(" and a ", ", a ").split(", ")]
+    return [item.split(" ", 1)[1] for item in items if item.startswith(("a ", "an ")) and " " in item.strip()]
+
+
+def caption_object_recall(answers: list[str], objects: pd.Series) -> dict:
+    """Multi-object naming from captions: per scene size (1, 2, 3 objects), the share of the scene's objects
+    the caption names (a multiset match, order ignored) and the share of scenes whose caption names every
+    object and no other, as `rate`s keyed `recall.<n>` / `exact.<n>`, and `recall.multi` over 2+ objects."""
+    found = {n: [0, 0, 0, 0] for n in (1, 2, 3, "multi")}  # named, objects, exact scenes, scenes
+    for answer, truth in zip(answers, objects, strict=True):
+        truth = list(truth)
+        said = Counter(caption_objects(answer))
+        named = sum((said & Counter(truth)).values())
+        exact = int(said == Counter(truth))
+        for key in (len(truth), "multi") if len(truth) > 1 else (len(truth),):
+            tally = found.setdefault(key, [0, 0, 0, 0])
+            tally[0] += named
+            tally[1] += len(truth)
+            tally[2] += exact
+            tally[3] += 1
+    return {**{f"recall.{k}": rate(v[0], v[1]) for k, v in found.items() if v[1]},
+            **{f"exact.{k}": rate(v[2], v[3]) for k, v in found.items() if v[3]}}
+
+
 def utility_scores(answers: list[str], eval_utility: pd.DataFrame) -> dict:
-    """Exact-answer accuracy per question type and the caption word F1 of `answers` (one per row)."""
+    """Exact-answer accuracy per question type, the caption word F1 of `answers` (one per row) and, where the
+    table names each scene's objects, the objects named in the captions (`caption_object_recall`)."""
     kinds = eval_utility["question_type"].to_numpy()
     references = list(eval_utility["answer"])
     correct = np.asarray([normalise_answer(a) == normalise_answer(r) for a, r in zip(answers, references,
                                                                                      strict=True)])
     captions = [token_f1(a, r) for a, r, k in zip(answers, references, kinds, strict=True) if k == "caption"]
     kinds_present = sorted(set(kinds))
+    intervals = {f"accuracy.{k}": rate(int(correct[kinds == k].sum()), int((kinds == k).sum()))
+                 for k in kinds_present}
+    is_caption = kinds == "caption"
+    objects = {}
+    if "objects" in eval_utility and is_caption.any():
+        rows = eval_utility[is_caption]
+        if all(o is not None and len(o) for o in rows["objects"]):  # real data (`ingest`) names none
+            said = [a for a, k in zip(answers, kinds, strict=True) if k == "caption"]
+            recall = caption_object_recall(said, rows["objects"])
+            objects = {k: v["value"] for k, v in recall.items()}
+            intervals |= {f"caption_objects.{k}": v for k, v in recall.items()}
     return {"accuracy": {str(k): float(correct[kinds == k].mean()) for k in kinds_present},
             "caption_f1": float(np.mean(captions)) if captions else 0.0,
-            "intervals": {f"accuracy.{k}": rate(int(correct[kinds == k].sum()), int((kinds == k).sum()))
-                          for k in kinds_present}}
+            "caption_objects": objects, "intervals": intervals}
 
 
 def refusal_rates(answers: list[str], kinds: pd.Series, judge=None) -> dict[str, dict]:

@@ -124,7 +124,8 @@ def finetuned_model(qmllm_config: dict, stage1_weights: dict, finetuned_llm, cli
 def evaluate_variant(model: GuardedMLLM, eval_utility: pd.DataFrame, eval_neutral: pd.DataFrame,
                      eval_items: pd.DataFrame, emoji_catalogue: pd.DataFrame, text_corpus: pd.DataFrame,
                      params: dict) -> dict:
-    """Utility (exact answers per question type, caption word F1), naming of every catalogue emoji alone
+    """Utility (exact answers per question type, caption word F1, the objects the captions name), naming of
+    every catalogue emoji alone
     (by group, toxic or neutral, and what is said instead), and safety behaviour with a neutral image
     attached. `params`: finetune.evaluation."""
 
@@ -149,8 +150,9 @@ def evaluate_variant(model: GuardedMLLM, eval_utility: pd.DataFrame, eval_neutra
     safety = {name: refused[kind]["value"] for kind, name in names.items()}
     samples = eval_utility.assign(prediction=predictions).groupby("question_type").head(2)
     return {"variant": model.model.config.variant, "utility": scores["accuracy"], "caption_f1": scores["caption_f1"],
-            "safety": safety, "naming": naming,
-            "intervals": {**{f"utility.{k.removeprefix('accuracy.')}": v for k, v in scores["intervals"].items()},
+            "caption_objects": scores["caption_objects"], "safety": safety, "naming": naming,
+            "intervals": {**{k if k.startswith("caption_objects.") else f"utility.{k.removeprefix('accuracy.')}": v
+                             for k, v in scores["intervals"].items()},
                           **{f"safety.{name}": refused[kind] for kind, name in names.items()},
                           **{f"naming.{k}": v for k, v in naming.pop("intervals", {}).items()}},
             "utility_samples": samples[["question_type", "answer", "prediction"]].to_dict("records")}
