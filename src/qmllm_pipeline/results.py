@@ -220,14 +220,11 @@ def results_markdown(metrics: dict[str, dict]) -> str:
         if all("caption_f1" in finetune[s] for s in ("qmllm", "baseline")):
             f1 = [pct(finetune[s]["caption_f1"]) for s in ("qmllm", "baseline")]
             rows.insert(len(kinds), ["caption word F1", *f1, ""])
-        if all(finetune[s].get("caption_objects") for s in ("qmllm", "baseline")):
-            at = len(kinds) + 1
-            for n in ("1", "2", "3"):
-                key = f"recall.{n}"
-                if all(key in finetune[s]["caption_objects"] for s in ("qmllm", "baseline")):
-                    rows.insert(at, [f"caption names the objects, {n}-object scenes (share of objects)",
-                                     *(cell(s, "caption_objects", key) for s in ("qmllm", "baseline")), ""])
-                    at += 1
+            named = [[f"caption names the objects, {n}-object scenes (share of objects)",
+                      *(cell(s, "caption_objects", f"recall.{n}") for s in ("qmllm", "baseline")), ""]
+                     for n in ("1", "2", "3")
+                     if all(f"recall.{n}" in finetune[s].get("caption_objects", {}) for s in ("qmllm", "baseline"))]
+            rows[len(kinds) + 1:len(kinds) + 1] = named
         lines += _table(["held-out", "qmllm", "baseline", "blind guess"], rows)
         lines.append("")
         if all("naming" in finetune[s] for s in ("qmllm", "baseline")):

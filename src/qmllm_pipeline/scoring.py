@@ -42,31 +42,28 @@ def caption_objects(caption: str) -> list[str]:
     ' and ' followed by an article, so a name with 'and' inside ('bow and arrow') stays whole; text that is
     not an 'a/an <name>' item is dropped."""
     text = normalise_answer(caption)
-    if " on a " in text or " on an " in text:
-        text = text[:max(text.rfind(" on a "), text.rfind(" on an "))]
-    items = [piece for part in text.split(", ") for piece in part.replace(" and an ", ", an ")
-             .replace(" and a ", ", a ").split(", ")]
-    return [item.split(" ", 1)[1] for item in items if item.startswith(("a ", "an ")) and " " in item.strip()]
+    background = max(text.rfind(" on a "), text.rfind(" on an "))
+    if background >= 0:
+        text = text[:background]
+    items = text.replace(" and an ", ", an ").replace(" and a ", ", a ").split(", ")
+    return [item.split(" ", 1)[1] for item in items if item.startswith(("a ", "an "))]
 
 
 def caption_object_recall(answers: list[str], objects: pd.Series) -> dict:
     """Multi-object naming from captions: per scene size (1, 2, 3 objects), the share of the scene's objects
     the caption names (a multiset match, order ignored) and the share of scenes whose caption names every
-    object and no other, as `rate`s keyed `recall.<n>` / `exact.<n>`, and `recall.multi` over 2+ objects."""
-    found = {n: [0, 0, 0, 0] for n in (1, 2, 3, "multi")}  # named, objects, exact scenes, scenes
+    object and no other, as `rate`s keyed `recall.<n>` / `exact.<n>`; `multi` pools the 2+ object scenes."""
+    named, total, exact, scenes = Counter(), Counter(), Counter(), Counter()
     for answer, truth in zip(answers, objects, strict=True):
-        truth = list(truth)
-        said = Counter(caption_objects(answer))
-        named = sum((said & Counter(truth)).values())
-        exact = int(said == Counter(truth))
-        for key in (len(truth), "multi") if len(truth) > 1 else (len(truth),):
-            tally = found.setdefault(key, [0, 0, 0, 0])
-            tally[0] += named
-            tally[1] += len(truth)
-            tally[2] += exact
-            tally[3] += 1
-    return {**{f"recall.{k}": rate(v[0], v[1]) for k, v in found.items() if v[1]},
-            **{f"exact.{k}": rate(v[2], v[3]) for k, v in found.items() if v[3]}}
+        said, truth = Counter(caption_objects(answer)), Counter(truth)
+        n = truth.total()
+        for key in (n, "multi") if n > 1 else (n,):
+            named[key] += (said & truth).total()
+            total[key] += n
+            exact[key] += said == truth
+            scenes[key] += 1
+    return {**{f"recall.{k}": rate(named[k], total[k]) for k in total},
+            **{f"exact.{k}": rate(exact[k], scenes[k]) for k in scenes}}
 
 
 def utility_scores(answers: list[str], eval_utility: pd.DataFrame) -> dict:
