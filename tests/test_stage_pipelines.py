@@ -94,8 +94,12 @@ def test_finetune_metrics_cover_every_question_type_and_both_safety_rates(stages
         assert set(report[system]["utility"]) == {"object", "color", "count", "caption"}
         assert all(0.0 <= v <= 1.0 for v in report[system]["utility"].values())
     for system in ("qmllm", "baseline"):
-        assert set(report[system]["safety"]) == {"heldout_harmful_refused_with_neutral_image",
-                                                 "heldout_benign_refused_with_neutral_image"}
+        assert set(report[system]["safety"]) == {f"{split}_{kind}_refused_with_neutral_image"
+                                                 for split in ("heldout", "validation")
+                                                 for kind in ("harmful", "benign")}
+        misses = report[system]["safety_misses"]
+        harmful = report[system]["intervals"]["safety.heldout_harmful_refused_with_neutral_image"]
+        assert len(misses) == harmful["n"] - harmful["count"]   # every held-out harmful request answered
 
 
 def test_image_replay_puts_a_dialog_image_behind_the_replayed_instructions(world, foundation, smoke_params):
@@ -103,7 +107,7 @@ def test_image_replay_puts_a_dialog_image_behind_the_replayed_instructions(world
 
     params = smoke_params["finetune"]["data"]
     image_id = foundation["tokenizer"].convert_tokens_to_ids("<image>")
-    args = (world["dialogs"], world["text_corpus"], foundation["tokenizer"])
+    args = (world["dialogs"], world["text_corpus"], world["text_corpus"].iloc[:0], foundation["tokenizer"])
     text_only = dialog_examples(*args, {**params, "image_replay_fraction": 0.0}, 0)
     with_images = dialog_examples(*args, {**params, "image_replay_fraction": 1.0}, 0)
     dialogs = len(world["dialogs"])
@@ -116,11 +120,46 @@ def test_image_replay_puts_a_dialog_image_behind_the_replayed_instructions(world
                                                                       with_images[dialogs:]]
 
 
+def test_stage2_validation_leaves_whole_training_topics_out_of_stage2(world, foundation, smoke_params):
+    """The validation split is whole training topics of each kind, the same draw whatever the run's seed, and no
+    stage-2 sequence reads one of its instructions: not replayed, and the dialogs that asked one ask another."""
+    from qmllm_pipeline.pipelines.finetune.nodes import dialog_examples, stage2_validation
+
+    corpus, dialogs, tokenizer = world["text_corpus"], world["dialogs"], foundation["tokenizer"]
+    params = {**smoke_params["finetune"]["data"], "validation_fraction": 0.25}
+    validation = stage2_validation(corpus, params)
+    train = corpus[(corpus["split"] == "train") & corpus["kind"].isin(["harmful", "benign"])]
+    for kind in ("harmful", "benign"):
+        topics = set(validation.loc[validation["kind"] == kind, "topic"])
+        assert len(topics) == round(0.25 * train.loc[train["kind"] == kind, "topic"].nunique()) > 0
+        assert (train["topic"].isin(topics) & (train["kind"] == kind)).sum() == (validation["kind"] == kind).sum()
+    assert (validation["split"] == "train").all()
+    assert validation.equals(stage2_validation(corpus, params))
+    assert stage2_validation(corpus, {**params, "validation_fraction": 0.0}).empty
+    with pytest.raises(ValueError, match="validation_fraction"):
+        stage2_validation(corpus, {**params, "validation_fraction": 1.0})
+
+    asked = {turn["value"].removeprefix("<image>\n") for turns in dialogs["conversations"] for turn in turns}
+    assert asked & set(validation["instruction"])  # the smoke dialogs do ask some of them
+    examples = dialog_examples(dialogs, corpus, validation, tokenizer, params, 0)
+    assert [row for _, _, row in examples[:len(dialogs)]] == list(range(len(dialogs)))  # every dialog kept
+    kept = dialog_examples(dialogs, corpus, corpus.iloc[:0], tokenizer, params, 0)   # stage 2 without the split
+
+    def read(some):
+        texts = [tokenizer.decode(ids) for ids, _, _ in some]
+        return [i for i in validation["instruction"] if any(i in text for text in texts)]
+
+    assert read(kept) and not read(examples)
+    # a dialog's replaced turn asks a training instruction of the same kind: as many refusals as before
+    refusals = [sum("I'm sorry" in tokenizer.decode(ids) for ids, _, _ in e[:len(dialogs)]) for e in (examples, kept)]
+    assert refusals[0] == refusals[1]
+
+
 def test_replay_repeats_meets_the_share_the_corpus_caps(world, foundation, smoke_params):
     from qmllm_pipeline.pipelines.finetune.nodes import dialog_examples
 
     params = {**smoke_params["finetune"]["data"], "text_replay_fraction": 0.9, "image_replay_fraction": 0.0}
-    args = (world["dialogs"], world["text_corpus"], foundation["tokenizer"])
+    args = (world["dialogs"], world["text_corpus"], world["text_corpus"].iloc[:0], foundation["tokenizer"])
     corpus = world["text_corpus"]
     instructions = int(((corpus["split"] == "train") & corpus["kind"].isin(["benign", "harmful"])).sum())
     dialogs = len(world["dialogs"])
@@ -158,3 +197,25 @@ def test_naming_is_scored_on_every_catalogue_emoji(stages, world):
         assert set(naming["by_group"]) == set(world["emoji_catalogue"]["group"])
         assert naming.get("confusions") is not None
         assert stages["finetune_metrics"][system]["intervals"]["naming.all"]["n"] == len(world["eval_items"])
+
+
+def test_stage2_lever_screen_reproduces_the_pipelines_stage2(stages, world, foundation, smoke_params):
+    """The screen's configured row is the finetune pipeline's own qmllm stage 2 (same nodes, same seed); another
+    setting is named by its keys; a key outside finetune.* is refused, as is an input left out."""
+    from qmllm_pipeline.experiments.stage2_levers import stage2_levers, stage2_pipeline
+
+    sources = {**world, **foundation, **stages}
+    inputs = {name: sources[name] for name in stage2_pipeline("qmllm").inputs() if not name.startswith("params:")}
+    table = stage2_levers(inputs, smoke_params, [{}, {"finetune.stage2.training.steps": 2}])
+    scored = stages["qmllm.finetune_metrics"]
+    configured = table.iloc[0]
+    assert configured["setting"] == "configured" and configured["seed"] == smoke_params["seed"]
+    assert configured["harmful_refused"] == scored["safety"]["heldout_harmful_refused_with_neutral_image"]
+    assert configured["naming"] == scored["naming"]["all"]
+    assert configured["count"] == scored["utility"]["count"]
+    assert configured["caption_objects_multi"] == scored["caption_objects"]["recall.multi"]
+    assert table.iloc[1]["setting"] == "stage2.training.steps=2"
+    with pytest.raises(ValueError, match="finetune"):
+        stage2_levers(inputs, smoke_params, [{"pretrain.stage1.lambda_vq": 0.5}])
+    with pytest.raises(ValueError, match="not given"):
+        stage2_levers({k: v for k, v in inputs.items() if k != "dialogs"}, smoke_params, [{}])

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
+from qmllm_pipeline.judge import RefusalPhraseJudge
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.clip import decode_images
 from qmllm_pipeline.models.distributed import DistributedSettings
@@ -34,23 +35,56 @@ from qmllm_pipeline.world.scenes import with_article
 logger = logging.getLogger(__name__)
 
 
-def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, tokenizer, params: dict,
-                    seed: int) -> list[Example]:
+def stage2_validation(text_corpus: pd.DataFrame, params: dict) -> pd.DataFrame:
+    """The training instructions stage 2 leaves out, to choose its settings on without the held-out split:
+    `validation_fraction` of the training topics of each kind (harmful, benign), every phrasing of a topic
+    drawn together, by a generator of its own (`validation_seed`), so every run seed leaves out the same ones.
+    The foundation LLM has read them; stage 2 never does, so their refusal rate measures how much of the
+    foundation's behaviour stage 2 keeps on requests it does not rehearse. Empty at 0 (the default).
+    `params`: finetune.data."""
+    fraction = params["validation_fraction"]
+    if not 0 <= fraction < 1:
+        raise ValueError(f"finetune.data.validation_fraction {fraction}: expected a share in [0, 1)")
+    train = text_corpus[(text_corpus["split"] == "train") & text_corpus["kind"].isin(["benign", "harmful"])]
+    if fraction == 0:
+        return train.iloc[:0]
+    rng = np.random.default_rng(params["validation_seed"])
+    chosen = []
+    for kind in ("harmful", "benign"):
+        topics = sorted(train.loc[train["kind"] == kind, "topic"].unique())
+        n = round(fraction * len(topics))
+        chosen += [topics[i] for i in sorted(rng.choice(len(topics), size=n, replace=False))] if n else []
+    validation = train[train["topic"].isin(chosen)].reset_index(drop=True)
+    if len(validation):
+        logger.info("stage-2 validation: %d training instructions on %d topics left out of stage 2",
+                    len(validation), len(chosen))
+    return validation
+
+
+def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, stage2_validation: pd.DataFrame, tokenizer,
+                    params: dict, seed: int) -> list[Example]:
     """Image dialogs (feature row = dialog row) plus replay of the training instructions: text only (row -1),
     or, for a share `image_replay_fraction` of them, behind a random dialog image (the request the model
     must still answer or refuse with an image in the context). `params`: finetune.data.
 
     Replay is `text_replay_fraction` of the sequences when the corpus has enough instructions; otherwise each
     instruction appears once (the share is capped), unless `replay_repeats`, which repeats the whole corpus
-    (then a draw of the rest) until the share is met."""
+    (then a draw of the rest) until the share is met. The `stage2_validation` instructions are never read:
+    not replayed, and a dialog turn that asks one asks another training instruction of its kind instead
+    (drawn with `validation_seed`), so every dialog and its image stay."""
+    held = set(stage2_validation["instruction"])
+    conversations = list(dialogs["conversations"])
+    if held:
+        conversations = _reasked(conversations, text_corpus, held, params["validation_seed"])
     examples = [(*encode_chat(tokenizer, chat_messages(turns), params["max_length"]), row)
-                for row, turns in enumerate(dialogs["conversations"])]
+                for row, turns in enumerate(conversations)]
     empty = [row for ids, labels, row in examples if all(label == IGNORE_INDEX for label in labels)]
     if empty:
         raise ValueError(f"dialogs rows {empty[:5]} ({len(empty)} in all): no answer token within max_length "
                          f"{params['max_length']} (finetune.data.max_length; a real LLM's conversation format needs "
                          "more)")
-    train = text_corpus[(text_corpus["split"] == "train") & text_corpus["kind"].isin(["benign", "harmful"])]
+    train = text_corpus[(text_corpus["split"] == "train") & text_corpus["kind"].isin(["benign", "harmful"])
+                        & ~text_corpus["instruction"].isin(held)]
     fraction = params["text_replay_fraction"]
     wanted = round(len(examples) * fraction / (1 - fraction))
     if params["replay_repeats"] and wanted > len(train):
@@ -71,6 +105,30 @@ def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, tokenizer,
                                                   {"role": "assistant", "content": r.response}],
                                       params["max_length"]), int(row)))
     return examples
+
+
+def _reasked(conversations: list, text_corpus: pd.DataFrame, held: set[str], seed: int) -> list:
+    """`conversations` with every turn that asks one of the `held` instructions (and its answer) replaced by
+    another training instruction of the same kind and its answer; the `<image>` placeholder stays where it
+    was."""
+    train = text_corpus[(text_corpus["split"] == "train") & text_corpus["kind"].isin(["benign", "harmful"])]
+    kind_of = dict(zip(train["instruction"], train["kind"], strict=True))
+    pools = {kind: rows[~rows["instruction"].isin(held)] for kind, rows in train.groupby("kind")}
+    rng = np.random.default_rng(seed)
+    changed, out = 0, []
+    for turns in conversations:
+        turns = [dict(turn) for turn in turns]
+        for k in range(0, len(turns) - 1, 2):
+            prefix = f"{IMAGE_TOKEN}\n" if turns[k]["value"].startswith(f"{IMAGE_TOKEN}\n") else ""
+            request = turns[k]["value"].removeprefix(prefix)
+            if request in held:
+                pool = pools[kind_of[request]]
+                pick = pool.iloc[int(rng.integers(len(pool)))]
+                turns[k]["value"], turns[k + 1]["value"] = prefix + pick["instruction"], pick["response"]
+                changed += 1
+        out.append(turns)
+    logger.info("stage-2 data: %d dialog turns asked a validation instruction and ask another instead", changed)
+    return out
 
 
 def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, tokenizer, dialog_features: dict,
@@ -123,11 +181,12 @@ def finetuned_model(qmllm_config: dict, stage1_weights: dict, finetuned_llm, cli
 
 def evaluate_variant(model: GuardedMLLM, eval_utility: pd.DataFrame, eval_neutral: pd.DataFrame,
                      eval_items: pd.DataFrame, emoji_catalogue: pd.DataFrame, text_corpus: pd.DataFrame,
-                     params: dict) -> dict:
+                     stage2_validation: pd.DataFrame, params: dict) -> dict:
     """Utility (exact answers per question type, caption word F1, the objects the captions name), naming of
-    every catalogue emoji alone
-    (by group, toxic or neutral, and what is said instead), and safety behaviour with a neutral image
-    attached. `params`: finetune.evaluation."""
+    every catalogue emoji alone (by group, toxic or neutral, and what is said instead), and safety behaviour
+    with a neutral image attached: held-out requests, the held-out harmful ones answered (`safety_misses`,
+    with what was said), and, when stage 2 left some out, the `stage2_validation` requests (the split to
+    choose stage 2's settings on). `params`: finetune.evaluation."""
 
     def ask(prompts: list[str], images: pd.Series) -> list[str]:
         answers = model.respond(decode_images(images, desc=None), prompts, params["max_new_tokens"],
@@ -142,18 +201,28 @@ def evaluate_variant(model: GuardedMLLM, eval_utility: pd.DataFrame, eval_neutra
                                emoji_catalogue, model.name_picks(decode_images(eval_items["image"], desc=None),
                                                                  params["batch_size"]))
     heldout = text_corpus[(text_corpus["split"] == "heldout") & text_corpus["kind"].isin(["harmful", "benign"])]
-    # a fixed draw of neutral images (the same whatever the seed): one per held-out instruction
-    images = eval_neutral["image"].sample(n=len(heldout), replace=True, random_state=0).reset_index(drop=True)
-    refused = refusal_rates(ask(list(heldout["instruction"]), images), heldout["kind"])
-    names = {kind: f"heldout_{kind}_refused_with_neutral_image" for kind in ("harmful", "benign")
-             if kind in refused}  # real data brings harmful instructions only
-    safety = {name: refused[kind]["value"] for kind, name in names.items()}
+    requests = pd.concat([heldout.assign(split="heldout"), stage2_validation.assign(split="validation")],
+                         ignore_index=True)
+    # a fixed draw of neutral images (the same whatever the seed): one per request
+    images = eval_neutral["image"].sample(n=len(requests), replace=True, random_state=0).reset_index(drop=True)
+    answers = pd.Series(ask(list(requests["instruction"]), images))
+    refused, names = {}, {}
+    for split, rows in requests.groupby("split"):
+        for kind, value in refusal_rates(list(answers[rows.index]), rows["kind"]).items():
+            refused[f"{split}.{kind}"] = value   # real data brings harmful instructions only
+            names[f"{split}.{kind}"] = f"{split}_{kind}_refused_with_neutral_image"
+    safety = {name: refused[key]["value"] for key, name in names.items()}
+    judge = RefusalPhraseJudge()
+    misses = [{"instruction": r.instruction, "topic": r.topic, "answer": answers[i]}
+              for i, r in zip(requests.index, requests.itertuples(index=False), strict=True)
+              if r.split == "heldout" and r.kind == "harmful" and not judge.is_refusal(answers[i])]
     samples = eval_utility.assign(prediction=predictions).groupby("question_type").head(2)
     return {"variant": model.model.config.variant, "utility": scores["accuracy"], "caption_f1": scores["caption_f1"],
-            "caption_objects": scores["caption_objects"], "safety": safety, "naming": naming,
+            "caption_objects": scores["caption_objects"], "safety": safety, "safety_misses": misses,
+            "naming": naming,
             "intervals": {**{k if k.startswith("caption_objects.") else f"utility.{k.removeprefix('accuracy.')}": v
                              for k, v in scores["intervals"].items()},
-                          **{f"safety.{name}": refused[kind] for kind, name in names.items()},
+                          **{f"safety.{name}": refused[key] for key, name in names.items()},
                           **{f"naming.{k}": v for k, v in naming.pop("intervals", {}).items()}},
             "utility_samples": samples[["question_type", "answer", "prediction"]].to_dict("records")}
 

@@ -3,7 +3,7 @@ from kedro.pipeline import Node, Pipeline, pipeline
 from qmllm_pipeline.constants import VARIANTS
 from qmllm_pipeline.pipelines.finetune import nodes
 
-SHARED = ["dialog_features", "dialog_examples", "text_corpus", "tokenizer", "llm", "clip_model",
+SHARED = ["dialog_features", "dialog_examples", "stage2_validation", "text_corpus", "tokenizer", "llm", "clip_model",
           "clip_image_processor", "eval_utility", "eval_neutral", "eval_items", "emoji_catalogue"]
 SHARED_PARAMETERS = ("params:finetune.stage2", "params:finetune.evaluation", "params:seed", "params:checkpoint_dir",
                      "params:distributed")
@@ -19,13 +19,17 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(nodes.finetuned_model, ["qmllm_config", "stage1_weights", "finetuned_llm", "clip_model", "tokenizer",
                                      "clip_image_processor"], "finetuned_model", name="finetuned_model"),
         Node(nodes.evaluate_variant, ["finetuned_model", "eval_utility", "eval_neutral", "eval_items",
-                                      "emoji_catalogue", "text_corpus", "params:finetune.evaluation"],
+                                      "emoji_catalogue", "text_corpus", "stage2_validation",
+                                      "params:finetune.evaluation"],
              "finetune_metrics", name="evaluate_variant"),
     ])
     variants = [pipeline(template, namespace=name, inputs=set(SHARED),
                          parameters={p: p for p in SHARED_PARAMETERS}) for name in VARIANTS]
     shared = Pipeline([
-        Node(nodes.dialog_examples, ["dialogs", "text_corpus", "tokenizer", "params:finetune.data", "params:seed"],
+        Node(nodes.stage2_validation, ["text_corpus", "params:finetune.data"], "stage2_validation",
+             name="stage2_validation"),
+        Node(nodes.dialog_examples, ["dialogs", "text_corpus", "stage2_validation", "tokenizer", "params:finetune.data",
+                                     "params:seed"],
              "dialog_examples", name="dialog_examples"),
     ])
     report = Pipeline([

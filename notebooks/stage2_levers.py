@@ -1,0 +1,54 @@
+"""Screen stage-2 levers on a trained stage 1: the finetune pipeline's own nodes for one variant, once per
+setting, scored as `kedro run --pipelines finetune` scores it (held-out harmful and benign requests refused
+with a neutral image, naming, colour, count, caption word F1). Reads what `kedro run` wrote in the chosen
+environment and changes none of it: the table is printed and saved to --out. Each setting is a JSON object
+of dotted `finetune.*` keys; {} is the configured stage 2. Example (the configured stage 2, then LoRA):
+
+    python notebooks/stage2_levers.py --seeds 1,2 \
+        --settings '[{}, {"finetune.stage2.lora.enabled": true, "finetune.stage2.lora.rank": 16}]'
+
+A screen is one draw per seed on one stage 1; a lever that looks right goes through the whole chain over
+seeds (`qmllm seeds run --label L --set ...`) before it counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="base", help="Kedro environment whose trained stage 1 is read (default: base)")
+    parser.add_argument("--variant", default="qmllm", help="qmllm or baseline (default: qmllm)")
+    parser.add_argument("--settings", default="[{}]", help="JSON list of settings (default: [{}], the configured one)")
+    parser.add_argument("--seeds", default=None,
+                        help="comma list of stage-2 seeds (default: the configured seed); stage 1 stays the run's")
+    parser.add_argument("--out", type=Path, default=PROJECT / "data/08_reporting/stage2_levers.csv",
+                        help="CSV written (via a temporary file) with one row per setting and seed")
+    args = parser.parse_args()
+    settings = json.loads(args.settings)
+    if not isinstance(settings, list) or not all(isinstance(s, dict) for s in settings):
+        parser.error("--settings must be a JSON list of objects")
+
+    # the project is imported only now: --help stays quick and quiet
+    import pandas as pd
+
+    from qmllm_pipeline.experiments.runs import project_context, with_overrides, write_table
+    from qmllm_pipeline.experiments.stage2_levers import stage2_levers, stage2_pipeline
+
+    with project_context(PROJECT, args.env) as context:
+        params = context.params
+        pipeline = stage2_pipeline(args.variant)
+        inputs = {name: context.catalog.load(name) for name in pipeline.inputs() if not name.startswith("params:")}
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [params["seed"]]
+        table = pd.concat([stage2_levers(inputs, with_overrides(params, seed=seed), settings, args.variant)
+                           for seed in seeds], ignore_index=True)
+    write_table(table, args.out)
+
+
+if __name__ == "__main__":
+    main()
