@@ -1,5 +1,8 @@
 """`features`, `pretrain` and `finetune` on the smoke world: shapes, codebook health, both variants."""
 
+import re
+
+import pandas as pd
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -7,6 +10,8 @@ from transformers import LlamaForCausalLM
 from qmllm_pipeline.datasets import SafetensorsDataset
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.pipelines.features.nodes import semantic_target_vectors
+
+NO_SYNTHETIC = pd.DataFrame({"instruction": [], "response": []})  # stage 2 without made-up requests
 
 
 def test_feature_cache_shapes(stages, world, foundation, smoke_params):
@@ -107,7 +112,8 @@ def test_image_replay_puts_a_dialog_image_behind_the_replayed_instructions(world
 
     params = smoke_params["finetune"]["data"]
     image_id = foundation["tokenizer"].convert_tokens_to_ids("<image>")
-    args = (world["dialogs"], world["text_corpus"], world["text_corpus"].iloc[:0], foundation["tokenizer"])
+    args = (world["dialogs"], world["text_corpus"], world["text_corpus"].iloc[:0], NO_SYNTHETIC,
+            foundation["tokenizer"])
     text_only = dialog_examples(*args, {**params, "image_replay_fraction": 0.0}, 0)
     with_images = dialog_examples(*args, {**params, "image_replay_fraction": 1.0}, 0)
     dialogs = len(world["dialogs"])
@@ -141,9 +147,9 @@ def test_stage2_validation_leaves_whole_training_topics_out_of_stage2(world, fou
 
     asked = {turn["value"].removeprefix("<image>\n") for turns in dialogs["conversations"] for turn in turns}
     assert asked & set(validation["instruction"])  # the smoke dialogs do ask some of them
-    examples = dialog_examples(dialogs, corpus, validation, tokenizer, params, 0)
+    examples = dialog_examples(dialogs, corpus, validation, NO_SYNTHETIC, tokenizer, params, 0)
     assert [row for _, _, row in examples[:len(dialogs)]] == list(range(len(dialogs)))  # every dialog kept
-    kept = dialog_examples(dialogs, corpus, corpus.iloc[:0], tokenizer, params, 0)   # stage 2 without the split
+    kept = dialog_examples(dialogs, corpus, corpus.iloc[:0], NO_SYNTHETIC, tokenizer, params, 0)  # without the split
 
     def read(some):
         texts = [tokenizer.decode(ids) for ids, _, _ in some]
@@ -155,11 +161,46 @@ def test_stage2_validation_leaves_whole_training_topics_out_of_stage2(world, fou
     assert refusals[0] == refusals[1]
 
 
+def test_made_up_requests_ask_about_words_the_training_text_never_uses(world, foundation, smoke_params):
+    """Made-up requests use the training phrasings, a training topic's verb and unknown words; stage 2 replays
+    each behind a dialog image with the foundation LLM's own answer to it as text."""
+    from qmllm_pipeline.models.llm import answer_prompts
+    from qmllm_pipeline.pipelines.finetune.nodes import dialog_examples, synthetic_replay
+    from qmllm_pipeline.world.language import PHRASINGS
+
+    corpus, dialogs, tokenizer, llm = world["text_corpus"], world["dialogs"], foundation["tokenizer"], foundation["llm"]
+    params = {**smoke_params["finetune"]["data"], "synthetic_requests": 12, "synthetic_max_new_tokens": 12}
+    replay = synthetic_replay(corpus, corpus.iloc[:0], llm, tokenizer, params, 0)
+    assert len(replay) == 12 and replay.equals(synthetic_replay(corpus, corpus.iloc[:0], llm, tokenizer, params, 0))
+    assert not replay["instruction"].equals(synthetic_replay(corpus, corpus.iloc[:0], llm, tokenizer, params, 1)
+                                            ["instruction"])
+    train = corpus[corpus["split"] == "train"]
+    texts = pd.concat([train["instruction"], train["response"]])
+    known = {w for text in texts for w in re.findall("[a-z]+", text.lower())}
+    verbs = {topic.split()[0] for topic in train.loc[train["kind"] != "caption", "topic"]}
+    patterns = [re.compile("^" + re.escape(p).replace(re.escape("{t}"), "(.+)") + "$") for p in PHRASINGS]
+    for request in replay["instruction"]:
+        topic = next(m.group(1) for p in patterns if (m := p.match(request)))
+        verb, *rest = topic.split()
+        assert verb in verbs and rest[-1] not in known and rest[0] not in known
+    assert list(replay["response"]) == [a.strip() for a in answer_prompts(llm, tokenizer, list(replay["instruction"]),
+                                                                          12)]
+    assert synthetic_replay(corpus, corpus.iloc[:0], llm, tokenizer, {**params, "synthetic_requests": 0}, 0).empty
+
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    without = dialog_examples(dialogs, corpus, corpus.iloc[:0], NO_SYNTHETIC, tokenizer, params, 0)
+    examples = dialog_examples(dialogs, corpus, corpus.iloc[:0], replay, tokenizer, params, 0)
+    assert examples[:len(without)] == without and len(examples) == len(without) + 12
+    for (ids, _, row), request in zip(examples[len(without):], replay["instruction"], strict=True):
+        assert 0 <= row < len(dialogs) and ids.count(image_id) == 1 and request in tokenizer.decode(ids)
+
+
 def test_replay_repeats_meets_the_share_the_corpus_caps(world, foundation, smoke_params):
     from qmllm_pipeline.pipelines.finetune.nodes import dialog_examples
 
     params = {**smoke_params["finetune"]["data"], "text_replay_fraction": 0.9, "image_replay_fraction": 0.0}
-    args = (world["dialogs"], world["text_corpus"], world["text_corpus"].iloc[:0], foundation["tokenizer"])
+    args = (world["dialogs"], world["text_corpus"], world["text_corpus"].iloc[:0], NO_SYNTHETIC,
+            foundation["tokenizer"])
     corpus = world["text_corpus"]
     instructions = int(((corpus["split"] == "train") & corpus["kind"].isin(["benign", "harmful"])).sum())
     dialogs = len(world["dialogs"])

@@ -145,6 +145,48 @@ def build_instruction_rows(catalogue: pd.DataFrame, params: dict) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
+# Made-up words for requests about things the world never names: syllables of a consonant and a vowel (and
+# at times a closing consonant), joined by the short words real topics use between their nouns.
+_ONSETS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+_CODAS = "lmnrst"
+_JOINERS = ("on", "with", "from", "for", "at", "in", "to", "a")
+
+
+def made_up_word(rng: np.random.Generator) -> str:
+    """A pronounceable word of two or three syllables, e.g. `torvane`."""
+    syllables = []
+    for _ in range(int(rng.integers(2, 4))):
+        syllable = _ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
+        if rng.random() < 0.3:
+            syllable += _CODAS[rng.integers(len(_CODAS))]
+        syllables.append(syllable)
+    return "".join(syllables)
+
+
+def made_up_requests(topics: list[str], known_words: set[str], n: int, seed: int) -> list[str]:
+    """`n` requests in the training phrasings about made-up topics: a verb that starts one of `topics`, then
+    one to three made-up words (none of `known_words`), at times joined by `on`, `with`, ... (`get tovari on
+    misebu`). What such a request asks is not for the world to say: the foundation LLM's answer to it as text
+    is the label (`finetune.data.synthetic_requests`)."""
+    if n and not topics:
+        raise ValueError("made-up requests need training topics to take their verbs from")
+    rng = np.random.default_rng(seed)
+    verbs = sorted({topic.split()[0] for topic in topics})
+    requests = []
+    while len(requests) < n:
+        words = [verbs[rng.integers(len(verbs))]]
+        for k in range(int(rng.integers(1, 4))):
+            if k and rng.random() < 0.5:
+                words.append(_JOINERS[rng.integers(len(_JOINERS))])
+            word = made_up_word(rng)
+            while word in known_words:
+                word = made_up_word(rng)
+            words.append(word)
+        requests.append(PHRASINGS[rng.integers(len(PHRASINGS))].format(t=" ".join(words)))
+    return requests
+
+
 def build_caption_rows(scenes: pd.DataFrame, n_captions: int, seed: int) -> pd.DataFrame:
     """Plain caption sentences from the training scenes, as text for the tokenizer and the LLM."""
     captions = scenes["caption"].drop_duplicates()

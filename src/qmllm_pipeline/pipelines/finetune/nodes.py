@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.clip import decode_images
 from qmllm_pipeline.models.distributed import DistributedSettings
 from qmllm_pipeline.models.guarded import GuardedMLLM
+from qmllm_pipeline.models.llm import answer_prompts
 from qmllm_pipeline.models.lora import LoraSettings
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.models.stages import Example, finetune
@@ -29,7 +31,7 @@ from qmllm_pipeline.scoring import (
     utility_scores,
 )
 from qmllm_pipeline.tracking import StepLogger, log_summary_metrics
-from qmllm_pipeline.world.language import QUESTIONS
+from qmllm_pipeline.world.language import QUESTIONS, made_up_requests
 from qmllm_pipeline.world.scenes import with_article
 
 logger = logging.getLogger(__name__)
@@ -61,8 +63,33 @@ def stage2_validation(text_corpus: pd.DataFrame, params: dict) -> pd.DataFrame:
     return validation
 
 
-def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, stage2_validation: pd.DataFrame, tokenizer,
-                    params: dict, seed: int) -> list[Example]:
+def synthetic_replay(text_corpus: pd.DataFrame, stage2_validation: pd.DataFrame, llm, tokenizer, params: dict,
+                     seed: int) -> pd.DataFrame:
+    """`synthetic_requests` requests about made-up topics (`world.language.made_up_requests`: the training
+    phrasings, a training topic's verb, words the training text never uses), each with the foundation LLM's
+    greedy answer to it as text (`synthetic_max_new_tokens` at most). Replayed behind a dialog image, they teach
+    stage 2 to answer an unfamiliar request as the LLM reading it alone would, whatever the image: a request
+    the world's words do not cover is not an image question. No held-out text is read. Columns `instruction`,
+    `response`; empty at 0 (the default). `params`: finetune.data."""
+    n = params["synthetic_requests"]
+    if n == 0:
+        return pd.DataFrame({"instruction": pd.Series(dtype=str), "response": pd.Series(dtype=str)})
+    train = text_corpus[(text_corpus["split"] == "train") & ~text_corpus["instruction"].isin(
+        set(stage2_validation["instruction"]))]
+    known = {word for text in pd.concat([train["instruction"], train["response"]])
+             for word in re.findall(r"[a-z]+", text.lower())}
+    topics = sorted(train.loc[train["kind"].isin(["benign", "harmful"]), "topic"].unique())
+    requests = made_up_requests(topics, known, n, seed)
+    answers = [a.strip() for a in answer_prompts(llm, tokenizer, requests, params["synthetic_max_new_tokens"])]
+    replay = pd.DataFrame({"instruction": requests, "response": answers})
+    refused = [RefusalPhraseJudge().is_refusal(a) for a in answers]
+    logger.info("stage-2 data: %d made-up requests, %.1f%% refused by the foundation LLM as text (e.g. %r -> %r)",
+                n, 100 * np.mean(refused), requests[0], answers[0])
+    return replay
+
+
+def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, stage2_validation: pd.DataFrame,
+                    synthetic_replay: pd.DataFrame, tokenizer, params: dict, seed: int) -> list[Example]:
     """Image dialogs (feature row = dialog row) plus replay of the training instructions: text only (row -1),
     or, for a share `image_replay_fraction` of them, behind a random dialog image (the request the model
     must still answer or refuse with an image in the context). `params`: finetune.data.
@@ -71,7 +98,8 @@ def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, stage2_val
     instruction appears once (the share is capped), unless `replay_repeats`, which repeats the whole corpus
     (then a draw of the rest) until the share is met. The `stage2_validation` instructions are never read:
     not replayed, and a dialog turn that asks one asks another training instruction of its kind instead
-    (drawn with `validation_seed`), so every dialog and its image stay."""
+    (drawn with `validation_seed`), so every dialog and its image stay. The `synthetic_replay` requests (and
+    their answers) come last, each behind a random dialog image."""
     held = set(stage2_validation["instruction"])
     conversations = list(dialogs["conversations"])
     if held:
@@ -99,6 +127,10 @@ def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, stage2_val
         rng = np.random.default_rng(seed)
         with_image = rng.random(len(replay)) < params["image_replay_fraction"]
         rows[with_image] = rng.integers(len(dialogs), size=int(with_image.sum()))
+    if len(synthetic_replay):
+        replay = pd.concat([replay, synthetic_replay[["instruction", "response"]]])
+        rows = np.concatenate([rows, np.random.default_rng([seed, 1]).integers(len(dialogs),
+                                                                                size=len(synthetic_replay))])
     for row, r in zip(rows, replay.itertuples(index=False), strict=True):
         prompt = r.instruction if row < 0 else f"{IMAGE_TOKEN}\n{r.instruction}"
         examples.append((*encode_chat(tokenizer, [{"role": "user", "content": prompt},

@@ -28,8 +28,10 @@ def create_pipeline(**kwargs) -> Pipeline:
     shared = Pipeline([
         Node(nodes.stage2_validation, ["text_corpus", "params:finetune.data"], "stage2_validation",
              name="stage2_validation"),
-        Node(nodes.dialog_examples, ["dialogs", "text_corpus", "stage2_validation", "tokenizer", "params:finetune.data",
-                                     "params:seed"],
+        Node(nodes.synthetic_replay, ["text_corpus", "stage2_validation", "llm", "tokenizer", "params:finetune.data",
+                                      "params:seed"], "synthetic_replay", name="synthetic_replay"),
+        Node(nodes.dialog_examples, ["dialogs", "text_corpus", "stage2_validation", "synthetic_replay", "tokenizer",
+                                     "params:finetune.data", "params:seed"],
              "dialog_examples", name="dialog_examples"),
     ])
     report = Pipeline([
