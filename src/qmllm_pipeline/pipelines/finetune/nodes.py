@@ -37,6 +37,11 @@ from qmllm_pipeline.world.scenes import with_article
 logger = logging.getLogger(__name__)
 
 
+def _training_instructions(text_corpus: pd.DataFrame) -> pd.DataFrame:
+    """The training split's benign and harmful instructions (captions left out)."""
+    return text_corpus[(text_corpus["split"] == "train") & text_corpus["kind"].isin(["benign", "harmful"])]
+
+
 def stage2_validation(text_corpus: pd.DataFrame, params: dict) -> pd.DataFrame:
     """The training instructions stage 2 leaves out, to choose its settings on without the held-out split:
     `validation_fraction` of the training topics of each kind (harmful, benign), every phrasing of a topic
@@ -47,7 +52,7 @@ def stage2_validation(text_corpus: pd.DataFrame, params: dict) -> pd.DataFrame:
     fraction = params["validation_fraction"]
     if not 0 <= fraction < 1:
         raise ValueError(f"finetune.data.validation_fraction {fraction}: expected a share in [0, 1)")
-    train = text_corpus[(text_corpus["split"] == "train") & text_corpus["kind"].isin(["benign", "harmful"])]
+    train = _training_instructions(text_corpus)
     if fraction == 0:
         return train.iloc[:0]
     rng = np.random.default_rng(params["validation_seed"])
@@ -74,15 +79,17 @@ def synthetic_replay(text_corpus: pd.DataFrame, stage2_validation: pd.DataFrame,
     n = params["synthetic_requests"]
     if n == 0:
         return pd.DataFrame({"instruction": pd.Series(dtype=str), "response": pd.Series(dtype=str)})
-    train = text_corpus[(text_corpus["split"] == "train") & ~text_corpus["instruction"].isin(
-        set(stage2_validation["instruction"]))]
-    known = {word for text in pd.concat([train["instruction"], train["response"]])
+    held = set(stage2_validation["instruction"])
+    read = text_corpus[(text_corpus["split"] == "train") & ~text_corpus["instruction"].isin(held)]  # captions too
+    known = {word for text in pd.concat([read["instruction"], read["response"]])
              for word in re.findall(r"[a-z]+", text.lower())}
-    topics = sorted(train.loc[train["kind"].isin(["benign", "harmful"]), "topic"].unique())
+    instructions = _training_instructions(text_corpus)
+    topics = sorted(instructions.loc[~instructions["instruction"].isin(held), "topic"].unique())
     requests = made_up_requests(topics, known, n, seed)
     answers = [a.strip() for a in answer_prompts(llm, tokenizer, requests, params["synthetic_max_new_tokens"])]
     replay = pd.DataFrame({"instruction": requests, "response": answers})
-    refused = [RefusalPhraseJudge().is_refusal(a) for a in answers]
+    judge = RefusalPhraseJudge()
+    refused = [judge.is_refusal(a) for a in answers]
     logger.info("stage-2 data: %d made-up requests, %.1f%% refused by the foundation LLM as text (e.g. %r -> %r)",
                 n, 100 * np.mean(refused), requests[0], answers[0])
     return replay
@@ -111,8 +118,8 @@ def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, stage2_val
         raise ValueError(f"dialogs rows {empty[:5]} ({len(empty)} in all): no answer token within max_length "
                          f"{params['max_length']} (finetune.data.max_length; a real LLM's conversation format needs "
                          "more)")
-    train = text_corpus[(text_corpus["split"] == "train") & text_corpus["kind"].isin(["benign", "harmful"])
-                        & ~text_corpus["instruction"].isin(held)]
+    train = _training_instructions(text_corpus)
+    train = train[~train["instruction"].isin(held)]
     fraction = params["text_replay_fraction"]
     wanted = round(len(examples) * fraction / (1 - fraction))
     if params["replay_repeats"] and wanted > len(train):
@@ -143,7 +150,7 @@ def _reasked(conversations: list, text_corpus: pd.DataFrame, held: set[str], see
     """`conversations` with every turn that asks one of the `held` instructions (and its answer) replaced by
     another training instruction of the same kind and its answer; the `<image>` placeholder stays where it
     was."""
-    train = text_corpus[(text_corpus["split"] == "train") & text_corpus["kind"].isin(["benign", "harmful"])]
+    train = _training_instructions(text_corpus)
     kind_of = dict(zip(train["instruction"], train["kind"], strict=True))
     pools = {kind: rows[~rows["instruction"].isin(held)] for kind, rows in train.groupby("kind")}
     rng = np.random.default_rng(seed)
