@@ -222,10 +222,13 @@ def test_the_full_profile_trains_the_papers_recipe_beside_the_default_run():
     jailbreak = params["evaluate"]["jailbreak"]
     assert jailbreak["steps"] > 300 and jailbreak["train_instructions"] is None
     assert params["pretrain"]["name_head"]["slots"] == 0  # the paper's recipe alone
-    for stage, default in (("stage1", defaults["pretrain"]["stage1"]), ("stage2", defaults["finetune"]["stage2"])):
+    assert params["finetune"]["data"]["synthetic_requests"] == 0 < defaults["finetune"]["data"]["synthetic_requests"]
+    # a longer budget than the default run's: five times its stage-1 samples; stage 2, whose default is longer
+    # for the name head's made-up requests (1,200 steps), gets 2.5 times that (five times the recipe's 600)
+    for stage, factor in (("stage1", 5), ("stage2", 2.5)):
+        default = (defaults["pretrain"] if stage == "stage1" else defaults["finetune"])[stage]["training"]
         chosen = (params["pretrain"] if stage == "stage1" else params["finetune"])[stage]["training"]
-        assert chosen["steps"] * chosen["batch_size"] >= 5 * default["training"]["steps"] * default["training"][
-            "batch_size"]
+        assert chosen["steps"] * chosen["batch_size"] >= factor * default["steps"] * default["batch_size"]
     assert params["checkpoint_dir"].startswith("data/full/")
     pipelines = register_pipelines()
     read = set().union(*(pipelines[name].inputs() for name in ("pretrain", "finetune", "safety_map", "evaluate")))
@@ -252,14 +255,17 @@ def test_the_full_profile_trains_the_papers_recipe_beside_the_default_run():
 
 def test_the_experiment_scripts_open_the_project_in_the_environment_asked_for():
     """`project_context`, the notebooks' one way into a trained run: each environment's parameters overlay
-    base (the smoke profile turns the name head on, base leaves it off)."""
+    base (the smoke profile shortens the name head's training, the full profile turns it off)."""
     from qmllm_pipeline.experiments.runs import project_context
 
     with project_context(PROJECT_ROOT, "smoke") as smoke:
         assert smoke.params["pretrain"]["name_head"]["slots"] == 3
         assert smoke.params["pretrain"]["name_head"]["training"]["steps"] == 20
     with project_context(PROJECT_ROOT) as base:
-        assert base.params["pretrain"]["name_head"]["slots"] == 0
+        assert base.params["pretrain"]["name_head"]["slots"] == 3
+        assert base.params["pretrain"]["name_head"]["training"]["steps"] > 20
+    with project_context(PROJECT_ROOT, "full") as full:
+        assert full.params["pretrain"]["name_head"]["slots"] == 0
 
 
 def test_a_sweep_table_is_written_whole_or_not_at_all(tmp_path, capsys):

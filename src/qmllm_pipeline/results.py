@@ -106,13 +106,15 @@ def seeds_table(seeds: dict, labels: list[str] | None = None) -> list[str]:
 
 
 SEED_HEADLINE = ("qmllm refuses held-out harmful requests, neutral image",
-                 "baseline refuses held-out harmful requests, neutral image", "qmllm jailbreak ASR, clean image",
+                 "baseline refuses held-out harmful requests, neutral image",
+                 "qmllm refuses held-out benign requests, neutral image", "qmllm jailbreak ASR, clean image",
                  "qmllm: most any attacker adds over clean, eps32", "baseline per-instruction white-box ASR, eps32",
                  "baseline per-instruction white-box ASR, eps64",
                  "qmllm code-space search ASR (found or clean codes comply)",
                  "safety-map DSR, single toxic object", "safety-map FPR, neutral",
                  "SafeCLIP DSR at the safety map's neutral FPR, single toxic object",
-                 "qmllm object naming", "qmllm naming, every catalogue emoji alone", "qmllm count", "qmllm colour")
+                 "qmllm object naming", "baseline object naming", "qmllm count", "qmllm colour",
+                 "qmllm caption word F1")
 
 
 def headline_table(metrics: dict[str, dict]) -> str:

@@ -44,8 +44,14 @@ FIGURES: dict[str, tuple[str, str]] = {
     "baseline colour": ("finetune", "baseline.utility.color"),
     "qmllm count": ("finetune", "qmllm.utility.count"),
     "baseline count": ("finetune", "baseline.utility.count"),
+    **{f"blind guess {name}": ("finetune", f"blind_guess.utility.{key}")
+       for name, key in (("object naming", "object"), ("colour", "color"), ("count", "count"))},
     "qmllm caption word F1": ("finetune", "qmllm.caption_f1"),
     "baseline caption word F1": ("finetune", "baseline.caption_f1"),
+    **{f"{system} caption names the objects, {scenes}": ("finetune", f"{system}.caption_objects.{key}")
+       for system in ("qmllm", "baseline")
+       for scenes, key in (("1-object scenes", "recall.1"), ("2-3 object scenes (share of objects)", "recall.multi"),
+                           ("2-3 object scenes (all and only)", "exact.multi"))},
     "qmllm naming, every catalogue emoji alone": ("finetune", "qmllm.naming.all"),
     "baseline naming, every catalogue emoji alone": ("finetune", "baseline.naming.all"),
     "qmllm naming, toxic emoji alone": ("finetune", "qmllm.naming.toxic"),
