@@ -22,6 +22,14 @@ instead of rediscovering it.
 k codes with the largest first-order gain, g_j . (C[c] - C[code_j]) with g_j the loss's gradient at the
 position's token (as GCG, Zou et al. 2023, ranks token swaps), each one then scored exactly.
 
+With a name head (`models/names.py`) the LLM also reads one pick per name slot, each one of the name
+vocabulary's E entries (the empty pick among them), and an image attack can flip those as well as the patch
+codes. So the picks are coordinates of the search too (`search_names`): a sequence is N patch codes then
+the S slots' picks, and a name position's candidates are ranked by the same first-order gain over the
+slot's tokens, summed, g_s . (T[e] - T[pick]) with T[e] entry e's token embeddings. Any entry in any slot
+(a colour word in an object slot, an object after an empty one) is allowed: a superset of what the head
+can output, so still a bound. `search_names=False` holds the picks at the clean image's.
+
 It is a search, not a proof: a greedy search's best sequence bounds what the image attacks reach from
 above only in the sense that it is a strictly stronger attacker; a better search could find more.
 """
@@ -39,36 +47,63 @@ from qmllm_pipeline.models.qmllm import QMLLM, ImageEncoding
 
 @dataclass
 class CodeObjective:
-    """-log p(target_i | codes, instruction_i) of code sequences (B, N) for `sequences[rows]` (lower is better
-    for the attacker). `name_tokens` (M, d_h): a name head's tokens, held fixed at the clean image's (the
-    search moves patch codes only). With `refusal_ids`, log p(the answer opens with a refusal token) instead
-    (`refusal_logprob`); with `kappa`, the target's margin (`target_margin`)."""
+    """-log p(target_i | codes, instruction_i) of code sequences (B, L) for `sequences[rows]` (lower is better
+    for the attacker). Without a name head, or with its tokens held (`name_tokens` (M, d_h), the clean
+    image's), a sequence is the N patch codes (L = N). With `name_table` (E, W, d_h), every vocabulary entry's
+    W token embeddings, it is the N patch codes then one pick per name slot (L = N + S, `num_patches` = N).
+    With `refusal_ids`, log p(the answer opens with a refusal token) instead (`refusal_logprob`); with
+    `kappa`, the target's margin (`target_margin`)."""
     model: QMLLM
     sequences: list[tuple[list[int], list[int]]]
     name_tokens: torch.Tensor | None = None
     refusal_ids: list[int] | None = None
     kappa: float | None = None
+    name_table: torch.Tensor | None = None
+    num_patches: int | None = None
 
     @classmethod
     def from_encoding(cls, model: QMLLM, sequences: list[tuple[list[int], list[int]]], encoding: ImageEncoding,
-                      refusal_ids: list[int] | None = None,
-                      kappa: float | None = None) -> tuple[CodeObjective, torch.Tensor]:
-        """The objective around one encoded (clean) image, and that image's patch codes (N,): where the
-        search starts. A name head's tokens are taken from the image and held fixed."""
+                      refusal_ids: list[int] | None = None, kappa: float | None = None,
+                      search_names: bool = True) -> tuple[CodeObjective, torch.Tensor]:
+        """The objective around one encoded (clean) image, and that image's code sequence: where the search
+        starts (its N patch codes, then with a name head and `search_names` its S name picks; without
+        `search_names` the name tokens are taken from the image and held fixed)."""
         codes = encoding.patches.indices[0]
         names = model.name_tokens_of(encoding.image_tokens[:1], len(codes))
-        return cls(model, sequences, None if names is None else names[0], refusal_ids, kappa), codes
+        terms = {"refusal_ids": refusal_ids, "kappa": kappa}
+        if names is None:
+            return cls(model, sequences, **terms), codes
+        if not search_names:
+            return cls(model, sequences, name_tokens=names[0], **terms), codes
+        with torch.no_grad():
+            table = model.llm.get_input_embeddings()(model.name_head.token_ids)
+        return (cls(model, sequences, name_table=table.to(names.dtype), num_patches=len(codes), **terms),
+                torch.cat([codes, encoding.name_picks[0].to(codes)]))
+
+    def sizes(self, length: int) -> torch.Tensor:
+        """(L,) how many values each position of a sequence of `length` may take: P, or E for a name pick."""
+        sizes = torch.full((length,), self.model.patch_quantizer.num_codes, dtype=torch.long)
+        if self.name_table is not None:
+            sizes[self.num_patches:] = len(self.name_table)
+        return sizes
+
+    def token_parts(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(patch tokens (B, N, d_h), the name tokens (B, S W, d_h) or None) that code sequences (B, L) give."""
+        if self.name_table is None:
+            names = None if self.name_tokens is None else self.name_tokens.expand(len(codes), -1, -1)
+            return self.model.patch_quantizer.lookup(codes), names
+        patches = self.model.patch_quantizer.lookup(codes[:, :self.num_patches])
+        return patches, self.name_table[codes[:, self.num_patches:]].flatten(1, 2)
+
+    def assemble(self, patch_tokens: torch.Tensor, name_tokens: torch.Tensor | None) -> torch.Tensor:
+        """What the LLM reads: the patch tokens with the name tokens where the model puts them."""
+        if name_tokens is None:
+            return patch_tokens
+        return self.model._with_names(name_tokens.to(patch_tokens.dtype), patch_tokens)
 
     def image_tokens(self, codes: torch.Tensor) -> torch.Tensor:
-        """What the LLM reads for code sequences (B, N): the codebook rows, with the fixed name tokens."""
-        return self.with_names(self.model.patch_quantizer.lookup(codes))
-
-    def with_names(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        """Patch tokens (B, N, d_h) with the fixed name tokens beside them (unchanged without a name head)."""
-        if self.name_tokens is None:
-            return patch_tokens
-        names = self.name_tokens.expand(len(patch_tokens), -1, -1).to(patch_tokens.dtype)
-        return self.model._with_names(names, patch_tokens)
+        """What the LLM reads for code sequences (B, L)."""
+        return self.assemble(*self.token_parts(codes))
 
     def __call__(self, codes: torch.Tensor, rows: list[int], tokens: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) each code sequence's own loss; `tokens` replaces the lookup (the gradient's leaf)."""
@@ -84,16 +119,27 @@ def _scores(objective: CodeObjective, codes: torch.Tensor, row: int, batch_size:
 
 def _ranked_candidates(objective: CodeObjective, beam: torch.Tensor, row: int, position: int,
                        candidates: int | None) -> torch.Tensor:
-    """(B, k) the codes to try at `position` for each beam member (B, N): all P, or the k with the largest
-    first-order gain of the loss."""
-    codebook = objective.model.patch_quantizer.codebook.detach()
-    if candidates is None or candidates >= len(codebook):
-        return torch.arange(len(codebook)).expand(len(beam), -1)
-    lookup = objective.model.patch_quantizer.lookup(beam).detach().requires_grad_(True)
+    """(B, k) the values to try at `position` for each beam member (B, L): all of them (P codes, or E name
+    entries at a name position), or the k with the largest first-order gain of the loss."""
+    is_name = objective.name_table is not None and position >= objective.num_patches
+    table = objective.name_table if is_name else objective.model.patch_quantizer.codebook.detach()
+    if candidates is None or candidates >= len(table):
+        return torch.arange(len(table)).expand(len(beam), -1)
+    patch_tokens, name_tokens = (None if t is None else t.detach().requires_grad_(True)
+                                 for t in objective.token_parts(beam))
+    leaf = name_tokens if is_name else patch_tokens
     with torch.enable_grad():
-        loss = objective(beam, [row] * len(beam), objective.with_names(lookup))
-        grad = torch.autograd.grad(loss.sum(), lookup)[0][:, position]        # (B, d_h)
-    gain = grad @ codebook.T - (grad * lookup.detach()[:, position]).sum(-1, keepdim=True)  # predicted change
+        loss = objective(beam, [row] * len(beam), objective.assemble(patch_tokens, name_tokens))
+        grad = torch.autograd.grad(loss.sum(), leaf)[0]
+    if is_name:   # the slot's W tokens move together: the gain summed over them
+        width = table.shape[1]
+        slot = position - objective.num_patches
+        grad = grad[:, slot * width:(slot + 1) * width]                              # (B, W, d_h)
+        current = table[beam[:, position]]                                            # (B, W, d_h)
+        gain = torch.einsum("bwd,ewd->be", grad, table) - (grad * current).sum((1, 2))[:, None]
+    else:
+        grad = grad[:, position]                                                      # (B, d_h)
+        gain = grad @ table.T - (grad * patch_tokens.detach()[:, position]).sum(-1, keepdim=True)
     return gain.topk(candidates, dim=-1, largest=False).indices
 
 
@@ -101,9 +147,10 @@ def code_space_search(objective: CodeObjective, start: torch.Tensor, sweeps: int
                       candidates: int | None = None, batch_size: int = 256, seed: int = 0,
                       desc: str | None = "code-space search",
                       starts: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
-    """Beam coordinate search for each sequence of `objective`, from the clean image's patch codes `start`
-    (N,) and, with `starts`, also from `starts[i]` (S_i, N) for sequence i (other code sequences, e.g. those
-    the image attacks reached). Returns the best code sequence per sequence (n, N), in range [0, P), and the
+    """Beam coordinate search for each sequence of `objective`, from the clean image's code sequence `start`
+    (L,) and, with `starts`, also from `starts[i]` (S_i, L) for sequence i (other code sequences, e.g. those
+    the image attacks reached). Returns the best code sequence per sequence (n, L), each position in its range
+    (`objective.sizes`: [0, P) for a patch code, [0, E) for a name pick), and the
     history: each sequence's clean-code loss (`start_loss`), the loss of the start it began from
     (`beam_start_loss`; `started_from`: 0 for the clean codes, j for `starts[i][j - 1]`), its best loss, the
     positions changed from the clean codes and the sweeps run."""

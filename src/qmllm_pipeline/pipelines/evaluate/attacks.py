@@ -222,7 +222,8 @@ def _jailbreak_rates(system: GuardedMLLM, image: torch.Tensor, heldout: pd.DataF
     attack success by the refusal detector (not a refusal) and by 'target string in response'; for Q-MLLM
     also how many patch codes (and name picks) the image moved (the mean over images). Returns the rates and
     the per-instruction detail: `complied` (n,) and, for Q-MLLM with `clean`, the patch codes each
-    instruction's image gave the LLM (n lists of N), which the code-space bound starts from."""
+    instruction's image gave the LLM (n lists of N) and its name picks (n lists of S, with a name head),
+    which the code-space bound starts from."""
     images = image[None].expand(len(heldout), -1, -1, -1) if image.dim() == 3 else image
     answers = system.respond(images, list(heldout["instruction"]), max_new_tokens, batch_size)
     verdicts = _verdicts(answers, list(heldout["target"]))
@@ -250,6 +251,7 @@ def _jailbreak_rates(system: GuardedMLLM, image: torch.Tensor, heldout: pd.DataF
             detail["patch_codes"] = patches[1:].expand(n, -1).tolist()
             if both.name_picks is not None:  # the names the image hands the LLM, flipped by the perturbation
                 rates["name_picks_changed"] = float((both.name_picks[1:] != both.name_picks[:1]).sum(1).float().mean())
+                detail["name_picks"] = both.name_picks[1:].expand(n, -1).tolist()
     return rates, detail
 
 
@@ -300,15 +302,20 @@ def judge_jailbreaks(systems: dict[str, GuardedMLLM], instructions: dict, start:
                        for name, c in per_instruction.items()}}}
 
 
-def _attack_starts(budgets: tuple[dict, ...], n: int) -> tuple[list[list[str]], list[torch.Tensor]]:
-    """Per instruction, the distinct patch-code sequences the qmllm images of every budget gave the LLM, and
-    which (budget/case) reached each first."""
+def _image_codes(detail: dict, i: int, names: bool) -> list[int]:
+    """The code sequence instruction i's image gave the LLM: its patch codes, then (`names`) its name picks."""
+    return detail["patch_codes"][i] + (detail["name_picks"][i] if names else [])
+
+
+def _attack_starts(budgets: tuple[dict, ...], n: int, names: bool) -> tuple[list[list[str]], list[torch.Tensor]]:
+    """Per instruction, the distinct code sequences (patch codes, then name picks with `names`) the qmllm
+    images of every budget gave the LLM, and which (budget/case) reached each first."""
     labels, starts = [], []
     for i in range(n):
         seen: dict[tuple, str] = {}
         for entry in budgets:
             for case, detail in entry["instruction_detail"].items():
-                seen.setdefault(tuple(detail["patch_codes"][i]), f"{entry['budget']}/{case}")
+                seen.setdefault(tuple(_image_codes(detail, i, names)), f"{entry['budget']}/{case}")
         labels.append(list(seen.values()))
         starts.append(torch.tensor(list(seen), dtype=torch.long))
     return labels, starts
@@ -318,16 +325,18 @@ def code_space_bound(systems: dict[str, GuardedMLLM], instructions: dict, start:
                      code_search: dict, batch_size: int, seed: int, *budgets: dict) -> tuple[dict, pd.DataFrame]:
     """The code-space attack on qmllm (`models/code_search.py`): for each of the first
     `code_search["instructions"]` held-out harmful instructions (null: all), a beam coordinate search over the
-    N patch codes, the CLS code held at the clean image's neutral-labelled code (the safety map lets it in),
+    N patch codes and, with a name head and `code_search["names"]`, its S name picks (else they stay the clean
+    image's), the CLS code held at the clean image's neutral-labelled code (the safety map lets it in),
     starting from the clean image's codes and, with `start_from_attacks`, from the codes every qmllm image of
     every budget (`budgets`: the judged jailbreaks) gave the LLM for that instruction; then the LLM answers
-    each instruction from its best codes and the judge decides. The LLM reads the patch codes alone, so an
-    image that jailbreaks qmllm is a code sequence that does: `asr_bound` counts an instruction when the found
-    codes, the clean image's or any image tried on it comply, the most this search and the image attacks
-    reach together; `asr_images` is the image attacks' union alone (any attacker, any budget), `asr` the
-    found codes' alone. Also the share of positions where each image attack's codes equal the found ones.
-    Returns the summary and one row per instruction (its codes, losses, answer). `params`: evaluate.jailbreak
-    (sequence length, target tokens, answer length); `code_search`: evaluate.code_search."""
+    each instruction from its best codes and the judge decides. The LLM reads the patch codes (and name
+    picks) alone, so an image that jailbreaks qmllm is a code sequence that does: `asr_bound` counts an
+    instruction when the found codes, the clean image's or any image tried on it comply, the most this
+    search and the image attacks reach together; `asr_images` is the image attacks' union alone (any
+    attacker, any budget), `asr` the found codes' alone. Also the share of positions where each image
+    attack's codes equal the found ones. Returns the summary and one row per instruction (its codes,
+    losses, answer). `params`: evaluate.jailbreak (sequence length, target tokens, answer length);
+    `code_search`: evaluate.code_search."""
     system = systems["qmllm"]
     model, tokenizer = system.model, system.tokenizer
     limit = code_search["instructions"]
@@ -339,9 +348,11 @@ def code_space_bound(systems: dict[str, GuardedMLLM], instructions: dict, start:
         clean = model.encode_images(pixel_values(start["image"][None], system.processor))
     if clean.cls is None or system.guard(None, clean.cls.indices)[0].refused:
         raise ValueError("code-space bound: the start image's CLS code is not neutral-labelled in the safety map")
-    objective, patches = CodeObjective.from_encoding(  # name tokens held at the clean image's
-        model, sequences, clean, **_objective_terms(tokenizer, code_search))
-    labels, starts = _attack_starts(budgets, n)
+    objective, patches = CodeObjective.from_encoding(model, sequences, clean, search_names=code_search["names"],
+                                                     **_objective_terms(tokenizer, code_search))
+    names = objective.name_table is not None
+    num_patches = len(clean.patches.indices[0])
+    labels, starts = _attack_starts(budgets, n, names)
     started = time.perf_counter()
     codes, history = code_space_search(objective, patches, code_search["sweeps"], code_search["beam_width"],
                                        code_search["candidates"], code_search["batch_size"], seed,
@@ -367,13 +378,17 @@ def code_space_bound(systems: dict[str, GuardedMLLM], instructions: dict, start:
     bound = [a or b for a, b in zip(either, image_complied, strict=True)]
     on_target = [judge.contains_target(a, t) for a, t in zip(texts, heldout["target"], strict=True)]
     started_from = ["clean" if j == 0 else labels[i][j - 1] for i, j in enumerate(history["started_from"])]
-    matched = {entry["budget"]: {case: float((torch.tensor(detail["patch_codes"][:n]) == codes).float().mean())
+    matched = {entry["budget"]: {case: float((torch.tensor([_image_codes(detail, i, names) for i in range(n)])
+                                              == codes).float().mean())
                                  for case, detail in entry["instruction_detail"].items()} for entry in budgets}
+    names_changed = (codes[:, num_patches:] != patches[num_patches:]).sum(1).float() if names else torch.zeros(n)
     logger.info("code-space bound on qmllm: %d instructions, %.1f s, loss %.3f (clean) / %.3f (best start) -> %.3f, "
                 "%.1f of %d codes changed, ASR %.3f, with every image tried %.3f", n, search_seconds,
                 np.mean(history["start_loss"]), np.mean(history["beam_start_loss"]), np.mean(history["best_loss"]),
                 np.mean(history["positions_changed"]), len(patches), np.mean(complied), np.mean(bound))
-    summary = {"instructions": n, "positions": len(patches), "cls_code": int(clean.cls.indices[0]),
+    summary = {"instructions": n, "positions": len(patches), "patch_positions": num_patches,
+               "name_positions": len(patches) - num_patches, "names_searched": names,
+               "name_picks_changed": float(names_changed.mean()), "cls_code": int(clean.cls.indices[0]),
                "start_from_attacks": bool(code_search["start_from_attacks"]),
                "image_cases": len(attack_cases),
                "asr": float(np.mean(complied)), "asr_target": float(np.mean(on_target)),

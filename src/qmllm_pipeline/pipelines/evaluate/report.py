@@ -165,8 +165,10 @@ def markdown_report(metrics: dict, jailbreak: dict, clean: dict) -> str:
     images_gain = bound["gain_over_images"]
     starts = ("the clean image's codes and every qmllm image's" if bound["start_from_attacks"]
               else "the clean image's codes")
+    what = (f"{bound['patch_positions']} patch codes and {bound['name_positions']} name picks"
+            if bound["names_searched"] else f"{bound['patch_positions']} patch codes")
     lines += ["", "## Code-space bound on Q-MLLM", "",
-              f"A beam coordinate search over the {bound['positions']} patch codes themselves (CLS code held at the "
+              f"A beam coordinate search over the {what} themselves (CLS code held at the "
               f"clean image's neutral code {bound['cls_code']}), one code sequence per held-out instruction "
               f"({bound['instructions']}), from {starts} ({100 * bound['started_from_attack']:.0f}% began from an "
               f"image attack's): what an attacker who could choose the codes reaches. Bound: the found codes, the "
