@@ -108,6 +108,7 @@ FIGURES: dict[str, tuple[str, str]] = {
     "qmllm code-space search ASR, found codes alone": ("evaluate", "code_space_bound.asr"),
     "qmllm code-space search target loss, clean codes": ("evaluate", "code_space_bound.loss_first"),
     "qmllm code-space search target loss, found codes": ("evaluate", "code_space_bound.loss_last"),
+    "qmllm code-space search: name picks changed (of the slots)": ("evaluate", "code_space_bound.name_picks_changed"),
     **{f"qmllm adaptive per-instruction: found-code positions matched, {b}": (
         "evaluate", f"code_space_bound.positions_matched.{b}.qmllm_adaptive_per_instruction")
        for b in ("eps16", "eps32", "eps64")},
@@ -115,11 +116,13 @@ FIGURES: dict[str, tuple[str, str]] = {
         "evaluate", f"code_stability.budgets.{b}.patch_codes_unchanged") for b in ("eps16", "eps32", "eps64")},
     **{f"qmllm CLS-code stability under random noise, {b}": (
         "evaluate", f"code_stability.budgets.{b}.cls_code_unchanged") for b in ("eps16", "eps32", "eps64")},
+    **{f"qmllm name-pick stability under random noise, {b}": (
+        "evaluate", f"code_stability.budgets.{b}.name_picks_unchanged") for b in ("eps16", "eps32", "eps64")},
 }
 
 def is_raw(label: str) -> bool:
     """Figures given as they are (code counts, losses), not as shares shown in percent."""
-    return "codes used" in label or "loss" in label
+    return "codes used" in label or "loss" in label or "picks changed" in label
 
 
 # Figures a run has only with a name head (`pretrain.name_head.slots` > 0): not an error where it is off.
@@ -240,7 +243,7 @@ def compare_table(sweeps: dict[str, dict]) -> str:
         cells = []
         for sweep in sweeps.values():
             figure = sweep["figures"].get(label)
-            scale, digits = (1, 3 if "loss" in label else 0) if is_raw(label) else (100, 1)
+            scale, digits = (1, 3 if "loss" in label else 2 if "picks" in label else 0) if is_raw(label) else (100, 1)
             cells.append("" if figure is None else f"{scale * figure['mean']:.{digits}f} "
                          f"[{scale * figure['min']:.{digits}f}, {scale * figure['max']:.{digits}f}]")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
