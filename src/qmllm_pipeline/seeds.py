@@ -126,7 +126,10 @@ def is_raw(label: str) -> bool:
 
 
 # Figures a run has only with a name head (`pretrain.name_head.slots` > 0): not an error where it is off.
-NAME_HEAD_FIGURES = frozenset({"name head's first pick right, every catalogue emoji alone"})
+NAME_HEAD_FIGURES = frozenset({"name head's first pick right, every catalogue emoji alone",
+                               "qmllm code-space search: name picks changed (of the slots)",
+                               *(f"qmllm name-pick stability under random noise, {b}"
+                                 for b in ("eps16", "eps32", "eps64"))})
 
 
 def lookup(tree: dict, dotted: str):

@@ -50,7 +50,7 @@ class CodeObjective:
     """-log p(target_i | codes, instruction_i) of code sequences (B, L) for `sequences[rows]` (lower is better
     for the attacker). Without a name head, or with its tokens held (`name_tokens` (M, d_h), the clean
     image's), a sequence is the N patch codes (L = N). With `name_table` (E, W, d_h), every vocabulary entry's
-    W token embeddings, it is the N patch codes then one pick per name slot (L = N + S, `num_patches` = N).
+    W token embeddings, it is the N patch codes then one pick per name slot (L = N + S). `num_patches`: N.
     With `refusal_ids`, log p(the answer opens with a refusal token) instead (`refusal_logprob`); with
     `kappa`, the target's margin (`target_margin`)."""
     model: QMLLM
@@ -70,14 +70,14 @@ class CodeObjective:
         `search_names` the name tokens are taken from the image and held fixed)."""
         codes = encoding.patches.indices[0]
         names = model.name_tokens_of(encoding.image_tokens[:1], len(codes))
-        terms = {"refusal_ids": refusal_ids, "kappa": kappa}
+        terms = {"refusal_ids": refusal_ids, "kappa": kappa, "num_patches": len(codes)}
         if names is None:
             return cls(model, sequences, **terms), codes
         if not search_names:
             return cls(model, sequences, name_tokens=names[0], **terms), codes
         with torch.no_grad():
             table = model.llm.get_input_embeddings()(model.name_head.token_ids)
-        return (cls(model, sequences, name_table=table.to(names.dtype), num_patches=len(codes), **terms),
+        return (cls(model, sequences, name_table=table.to(names.dtype), **terms),
                 torch.cat([codes, encoding.name_picks[0].to(codes)]))
 
     def sizes(self, length: int) -> torch.Tensor:

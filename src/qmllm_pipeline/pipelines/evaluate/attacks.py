@@ -350,8 +350,7 @@ def code_space_bound(systems: dict[str, GuardedMLLM], instructions: dict, start:
         raise ValueError("code-space bound: the start image's CLS code is not neutral-labelled in the safety map")
     objective, patches = CodeObjective.from_encoding(model, sequences, clean, search_names=code_search["names"],
                                                      **_objective_terms(tokenizer, code_search))
-    names = objective.name_table is not None
-    num_patches = len(clean.patches.indices[0])
+    names, num_patches = objective.name_table is not None, objective.num_patches
     labels, starts = _attack_starts(budgets, n, names)
     started = time.perf_counter()
     codes, history = code_space_search(objective, patches, code_search["sweeps"], code_search["beam_width"],
@@ -381,7 +380,7 @@ def code_space_bound(systems: dict[str, GuardedMLLM], instructions: dict, start:
     matched = {entry["budget"]: {case: float((torch.tensor([_image_codes(detail, i, names) for i in range(n)])
                                               == codes).float().mean())
                                  for case, detail in entry["instruction_detail"].items()} for entry in budgets}
-    names_changed = (codes[:, num_patches:] != patches[num_patches:]).sum(1).float() if names else torch.zeros(n)
+    names_changed = (codes[:, num_patches:] != patches[num_patches:]).sum(1).float()   # none when names are held
     logger.info("code-space bound on qmllm: %d instructions, %.1f s, loss %.3f (clean) / %.3f (best start) -> %.3f, "
                 "%.1f of %d codes changed, ASR %.3f, with every image tried %.3f", n, search_seconds,
                 np.mean(history["start_loss"]), np.mean(history["beam_start_loss"]), np.mean(history["best_loss"]),
