@@ -296,3 +296,52 @@ def test_single_token_names_grow_the_vocabulary_and_train_both_stages(world, fou
     assert {"qmllm", "baseline"} <= set(result["finetune"])
     # every catalogue name is one token now: a slot is as wide as the widest background colour at most
     assert result["pretrain"]["name_head"]["slot_width"] < stages["pretrain_metrics"]["name_head"]["slot_width"]
+
+
+@pytest.mark.parametrize("position", ["after", "before"])
+def test_name_augmentation_moves_the_name_picks_of_replayed_image_instructions_only(position):
+    """What the LLM reads in the first stage-2 step, with and without name augmentation (same seed, same
+    batch): dialogs and text-only replay unchanged; a replayed instruction behind an image reads its patch
+    tokens as they were and, in its name slots, whole vocabulary entries, other ones in some rows; the
+    continuous baseline is left as it is."""
+    from qmllm_pipeline.models.stages import finetune
+
+    generator = torch.Generator().manual_seed(2)
+    cls_features, patches = torch.randn(3, 16, generator=generator), torch.randn(3, 16, 16, generator=generator)
+    name_features = torch.randn(3, 8, generator=generator)
+    dialogs = [([3, 2, 5, 7], [-100, -100, -100, 7], row) for row in range(3)]
+    replay = [([3, 9, 4], [-100, 9, 4], -1), ([3, 2, 6, 8, 4], [-100, -100, -100, 8, 4], 1)]
+    training = TrainingConfig(steps=1, batch_size=32, lr=1e-3, warmup_steps=1, grad_clip=1.0)
+
+    def first_inputs(quantized: bool, augment: float):
+        torch.manual_seed(0)
+        model = QMLLM(QMLLMConfig(**{**_named_config(quantized).to_dict(), "name_position": position}), _llm())
+        model.name_head.set_vocabulary(SPELLED, PAD)
+        seen = []
+        model.llm.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["inputs_embeds"].detach()),
+                                            with_kwargs=True)
+        table = model.llm.get_input_embeddings()(model.name_head.token_ids).detach()   # (4 entries, 3, d_h)
+        finetune(model, cls_features, patches, dialogs + replay, training, 0, name_features=name_features,
+                 name_augment=augment)
+        return seen[0], table, model.llm.get_input_embeddings().weight.detach()
+
+    names = slice(1, 7) if position == "before" else slice(17, 23)   # 2 slots x 3 tokens, after the first token
+    for quantized in (True, False):
+        (plain, table, embed), (augmented, _, _) = first_inputs(quantized, 0.0), first_inputs(quantized, 1.0)
+        after_image = plain[:, 1 + 22]  # the token after the 22 image tokens
+        replayed = torch.isclose(after_image, embed[6]).all(1)
+        assert replayed.any() and (~replayed).any()
+        moved = ~torch.isclose(plain, augmented).all(-1)  # (B, T) positions read differently
+        assert not moved[~replayed].any()
+        if not quantized:
+            assert not moved.any()
+            continue
+        outside = torch.ones(moved.shape[1], dtype=torch.bool)
+        outside[names] = False
+        assert moved[replayed][:, names].any() and not moved[replayed][:, outside].any()
+        slots = augmented[replayed][:, names].reshape(-1, 2, 3, 24)
+        for slot in slots.flatten(0, 1):   # each slot reads one whole entry of the vocabulary
+            assert any(torch.allclose(slot, entry) for entry in table)
+    with pytest.raises(ValueError, match="name_augment"):
+        finetune(QMLLM(_named_config(True), _llm()), cls_features, patches, dialogs + replay, training, 0,
+                 name_features=name_features, name_augment=1.5)

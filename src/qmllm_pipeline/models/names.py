@@ -138,12 +138,16 @@ class NameHead(nn.Module):
             weights = hard + soft - soft.detach() if straight_through else hard
         else:
             weights = soft
-        table = embedding(self.token_ids).to(weights.dtype)  # (names + 1, slot_width, d_h)
         if quantized and not straight_through:  # a plain lookup: exactly the entries' embeddings
-            tokens = table[picks]
-        else:
-            tokens = torch.einsum("bsn,nld->bsld", weights, table)
+            return self.lookup(picks, embedding).to(soft.dtype)
+        table = embedding(self.token_ids).to(weights.dtype)  # (names + 1, slot_width, d_h)
+        tokens = torch.einsum("bsn,nld->bsld", weights, table)
         return tokens.reshape(len(logits), self.slots * self.slot_width, -1)
+
+    def lookup(self, picks: torch.Tensor, embedding: nn.Embedding) -> torch.Tensor:
+        """The name tokens (B, slots * slot_width, d_h) of given picks (B, slots), entries 0..names (the empty
+        one included): each slot is its entry's token embeddings, as Q-MLLM reads an argmax pick."""
+        return embedding(self.token_ids)[picks].reshape(len(picks), self.slots * self.slot_width, -1)
 
 
 def slot_targets(item_ids: list[list[int]], vocabulary: list[int], slots: int, backgrounds: list[str] | None = None,

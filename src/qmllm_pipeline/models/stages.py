@@ -248,12 +248,22 @@ def _with_patch_codes(model: QMLLM, image_tokens: torch.Tensor, codes: torch.Ten
     return patches if names is None else model._with_names(names, patches)
 
 
+def _with_name_picks(model: QMLLM, image_tokens: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """`image_tokens` (B, M + N, d_h) with their M name tokens replaced by those of `picks` (B, slots); the N
+    patch tokens stay where they are."""
+    names = model.name_head.lookup(picks, model.llm.get_input_embeddings()).to(image_tokens.dtype)
+    patches = image_tokens.shape[1] - names.shape[1]
+    kept = image_tokens[:, names.shape[1]:] if model.config.name_position == "before" else image_tokens[:, :patches]
+    return model._with_names(names, kept)
+
+
 def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Tensor, examples: list[Example],
              training: TrainingConfig, seed: int, step_logger: StepLogger | None = None,
              checkpoint: TrainingCheckpoint | None = None, teacher: torch.nn.Module | None = None,
              distill_weight: float = 0.0, image_prefix: list[int] | None = None,
              name_features: torch.Tensor | None = None, code_augment: float = 0.0,
-             code_augment_share: float = 1.0, lora: LoraSettings | None = None,
+             code_augment_share: float = 1.0, name_augment: float = 0.0, name_augment_share: float = 1.0,
+             lora: LoraSettings | None = None,
              distributed: DistributedSettings | None = None, gradient_checkpointing: bool = False,
              adapter_sink: dict | None = None) -> QMLLM:
     """Stage 2: train the LLM on dialogs (image rows >= 0) and text-only replay (row -1).
@@ -269,7 +279,10 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
     requests. A name head, if the model has one, is read frozen (`name_features`: its CLS feature by row).
     `code_augment` (Q-MLLM only; the continuous baseline has no codes): the probability that a replayed
     instruction behind an image reads `perturbed_codes` of its image's codes (up to `code_augment_share` of
-    the positions) instead; drawn afresh at every step, from the loop's generator. With `lora` the LLM's
+    the positions) instead; drawn afresh at every step, from the loop's generator. `name_augment` (Q-MLLM with a
+    name head only): the same for the name head's picks, each slot's pick replaced by any vocabulary entry (the
+    empty one included) with probability s ~ U(0, `name_augment_share`), the picks the code-space search found
+    jailbreaks among (`models/code_search.py`); drawn after the codes'. With `lora` the LLM's
     weights stay frozen and adapters train (`models/lora.py`); the returned model's LLM has them merged.
     `adapter_sink`, with LoRA: filled with the trained adapters alone (`lora.adapter_files`) before they are
     merged. `distributed` and `gradient_checkpointing` as for `pretrain`."""
@@ -287,10 +300,13 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
             raise ValueError("distillation needs image_prefix, the ids `<image>\\n` brings into a prompt")
         teacher.requires_grad_(False).eval()
     n_dialogs = len(cls_features)
-    if not 0 <= code_augment <= 1 or not 0 < code_augment_share <= 1:
-        raise ValueError(f"code_augment {code_augment} and code_augment_share {code_augment_share}: expected "
-                         "a probability in [0, 1] and a share in (0, 1]")
+    for name, fraction, share in (("code_augment", code_augment, code_augment_share),
+                                  ("name_augment", name_augment, name_augment_share)):
+        if not 0 <= fraction <= 1 or not 0 < share <= 1:
+            raise ValueError(f"{name} {fraction} and {name}_share {share}: expected a probability in [0, 1] and "
+                             "a share in (0, 1]")
     augment = code_augment > 0 and model.quantized  # no draw otherwise: the paper's stage 2 stays bit for bit
+    augment_names = name_augment > 0 and model.quantized and model.name_head is not None
 
     def step(generator: torch.Generator) -> dict[str, torch.Tensor]:
         picks = torch.randint(len(examples), (training.batch_size,), generator=generator).tolist()
@@ -311,6 +327,12 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
                     codes = encoding.patches.indices
                     moved = perturbed_codes(codes, code_augment_share, model.patch_quantizer.num_codes, generator)
                     image_tokens = _with_patch_codes(model, image_tokens, torch.where(chosen[:, None], moved, codes))
+                if augment_names:
+                    replayed = torch.tensor([i >= n_dialogs for i in imaged])
+                    chosen = replayed & (torch.rand(len(imaged), generator=generator) < name_augment)
+                    named = encoding.name_picks
+                    moved = perturbed_codes(named, name_augment_share, model.name_head.names + 1, generator)
+                    image_tokens = _with_name_picks(model, image_tokens, torch.where(chosen[:, None], moved, named))
         ids, labels = [examples[i][0] for i in picks], [examples[i][1] for i in picks]
         if not distill:
             return {"loss": model(ids, labels, image_tokens).loss}

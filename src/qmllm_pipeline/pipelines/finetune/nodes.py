@@ -192,6 +192,7 @@ def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, tokenizer, d
              image_prefix=tokenizer(f"{IMAGE_TOKEN}\n", add_special_tokens=False)["input_ids"],
              name_features=dialog_features["head_cls"] if model.name_head is not None else None,
              code_augment=params["code_augment"]["fraction"], code_augment_share=params["code_augment"]["max_share"],
+             name_augment=params["name_augment"]["fraction"], name_augment_share=params["name_augment"]["max_share"],
              lora=_lora_settings(params["lora"]), distributed=settings,
              gradient_checkpointing=params["gradient_checkpointing"], adapter_sink=adapter)
     seconds = time.perf_counter() - started
