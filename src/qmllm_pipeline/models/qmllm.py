@@ -298,6 +298,11 @@ class QMLLM(nn.Module):
             return None
         return image_tokens[:, :names] if self.config.name_position == "before" else image_tokens[:, patches:]
 
+    def patch_tokens_of(self, image_tokens: torch.Tensor, names: int) -> torch.Tensor:
+        """The N patch tokens (B, N, d_h) among `image_tokens` (B, M + N, d_h) with M = `names` name tokens."""
+        patches = image_tokens.shape[1] - names
+        return image_tokens[:, names:] if self.config.name_position == "before" else image_tokens[:, :patches]
+
     def encode_images(self, pixel_values: torch.Tensor, straight_through: bool = True) -> ImageEncoding:
         if self.vision_tower is None:
             raise ValueError("this QMLLM has no vision tower (built for cached features)")

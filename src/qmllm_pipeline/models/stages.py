@@ -252,9 +252,7 @@ def _with_name_picks(model: QMLLM, image_tokens: torch.Tensor, picks: torch.Tens
     """`image_tokens` (B, M + N, d_h) with their M name tokens replaced by those of `picks` (B, slots); the N
     patch tokens stay where they are."""
     names = model.name_head.lookup(picks, model.llm.get_input_embeddings()).to(image_tokens.dtype)
-    patches = image_tokens.shape[1] - names.shape[1]
-    kept = image_tokens[:, names.shape[1]:] if model.config.name_position == "before" else image_tokens[:, :patches]
-    return model._with_names(names, kept)
+    return model._with_names(names, model.patch_tokens_of(image_tokens, names.shape[1]))
 
 
 def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Tensor, examples: list[Example],
@@ -321,14 +319,13 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
                                                  patch_features[rows].float().to(device), with_cls=False,
                                                  name_features=_rows(name_features, rows, device))
                 image_tokens = encoding.image_tokens
+                replayed = torch.tensor([i >= n_dialogs for i in imaged])
                 if augment:
-                    replayed = torch.tensor([i >= n_dialogs for i in imaged])
                     chosen = replayed & (torch.rand(len(imaged), generator=generator) < code_augment)
                     codes = encoding.patches.indices
                     moved = perturbed_codes(codes, code_augment_share, model.patch_quantizer.num_codes, generator)
                     image_tokens = _with_patch_codes(model, image_tokens, torch.where(chosen[:, None], moved, codes))
                 if augment_names:
-                    replayed = torch.tensor([i >= n_dialogs for i in imaged])
                     chosen = replayed & (torch.rand(len(imaged), generator=generator) < name_augment)
                     named = encoding.name_picks
                     moved = perturbed_codes(named, name_augment_share, model.name_head.names + 1, generator)
