@@ -345,3 +345,128 @@ def test_name_augmentation_moves_the_name_picks_of_replayed_image_instructions_o
     with pytest.raises(ValueError, match="name_augment"):
         finetune(QMLLM(_named_config(True), _llm()), cls_features, patches, dialogs + replay, training, 0,
                  name_features=name_features, name_augment=1.5)
+
+
+SEARCHED = [([3, 2, 5, 9, 4], [-100, -100, -100, 9, 4]), ([3, 2, 6, 8, 4], [-100, -100, -100, 8, 4])]
+
+
+def _stage2_data():
+    generator = torch.Generator().manual_seed(2)
+    cls_features, patches = torch.randn(3, 16, generator=generator), torch.randn(3, 16, 16, generator=generator)
+    name_features = torch.randn(3, 8, generator=generator)
+    dialogs = [([3, 2, 5, 7], [-100, -100, -100, 7], row) for row in range(3)]
+    replay = [([3, 9, 4], [-100, 9, 4], -1), ([3, 2, 6, 8, 4], [-100, -100, -100, 8, 4], 1)]
+    return cls_features, patches, name_features, dialogs + replay
+
+
+def test_the_stage2_search_finds_sequences_in_range_that_score_no_worse_than_their_starts():
+    """One round of the stage-2 code search: a sequence per drawn instruction joins the pool, every position a
+    valid code (patch codes in [0, P), name picks in [0, E)), each found sequence's target loss at most its
+    start's, and the loop's own random stream is not touched."""
+    from qmllm_pipeline.models.code_search import CodeObjective, search_each
+    from qmllm_pipeline.models.stages import FoundCodes, SearchAugment, _search_round
+
+    torch.manual_seed(0)
+    model = QMLLM(_named_config(True), _llm()).eval()
+    model.name_head.set_vocabulary(SPELLED, PAD)
+    cls_features, patches, name_features, _ = _stage2_data()
+    pool = FoundCodes(4, 16 + 2)
+    setting = SearchAugment(SEARCHED, 1.0, (1,), instructions=2, candidates=4)
+    state = torch.random.get_rng_state()
+    _search_round(model, setting, pool, cls_features, patches, name_features, seed=0, at=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert int(pool.size[0]) == 2 and not pool.codes[2:].any()
+    found = pool.codes[:2]
+    assert ((found[:, :16] >= 0) & (found[:, :16] < 32)).all() and ((found[:, 16:] >= 0) & (found[:, 16:] < 4)).all()
+    objective = CodeObjective.over_codes(model, SEARCHED, 16)
+    with torch.no_grad():
+        encoding = model.encode_features(cls_features[:2], patches[:2], with_cls=False, name_features=name_features[:2])
+    starts = torch.cat([encoding.patches.indices, encoding.name_picks], 1)
+    best, history = search_each(objective, starts, candidates=4)
+    assert (torch.tensor(history["best_loss"]) <= torch.tensor(history["start_loss"])).all()
+    assert (torch.tensor(history["best_loss"]) < torch.tensor(history["start_loss"])).any()
+    with torch.no_grad():
+        assert torch.allclose(objective(best, [0, 1]), torch.tensor(history["best_loss"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_search_augmentation_gives_replayed_image_instructions_the_found_codes(quantized):
+    """The first stage-2 step with the search at step 1 and fraction 1: a replayed instruction behind an image
+    reads a found sequence (patch tokens and name slots moved, both whole codebook rows / vocabulary entries),
+    dialogs and text-only replay are left as they are; at fraction 0 nothing is drawn or searched (the run is
+    the one without the setting, bit for bit); the baseline ignores it; bad settings are refused."""
+    from qmllm_pipeline.models.stages import SearchAugment, finetune
+
+    cls_features, patches, name_features, examples = _stage2_data()
+    training = TrainingConfig(steps=1, batch_size=32, lr=1e-3, warmup_steps=1, grad_clip=1.0)
+
+    def first_inputs(setting):
+        torch.manual_seed(0)
+        model = QMLLM(_named_config(quantized), _llm())
+        model.name_head.set_vocabulary(SPELLED, PAD)
+        seen = []
+        model.llm.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["inputs_embeds"].detach()),
+                                            with_kwargs=True)
+        table = model.llm.get_input_embeddings()(model.name_head.token_ids).detach()   # (4 entries, 3, d_h)
+        finetune(model, cls_features, patches, examples, training, 0, name_features=name_features,
+                 search_augment=setting)
+        return seen[0], model, table
+
+    plain, model, table = first_inputs(None)
+    off, _, _ = first_inputs(SearchAugment(SEARCHED, 0.0, (1,), instructions=2, candidates=4))
+    assert torch.equal(plain, off)
+    searched, _, _ = first_inputs(SearchAugment(SEARCHED, 1.0, (1,), instructions=2, candidates=4))
+    embed = model.llm.get_input_embeddings().weight.detach()
+    replayed = torch.isclose(plain[:, 1 + 22], embed[6]).all(1)   # the token after the 22 image tokens
+    assert replayed.any() and (~replayed).any()
+    moved = ~torch.isclose(plain, searched).all(-1)
+    assert not moved[~replayed].any()
+    if not quantized:
+        assert not moved.any()
+        return
+    assert moved[replayed][:, 1:23].any() and not moved[replayed][:, 23:].any()
+    codebook = model.patch_quantizer.codebook.detach()
+    image = searched[replayed][:, 1:23]                            # 16 patch tokens and 2 slots x 3 name tokens
+    for token in model.patch_tokens_of(image, 6).flatten(0, 1):
+        assert torch.isclose(codebook, token).all(1).any()
+    for slot in model.name_tokens_of(image, 16).reshape(-1, 3, 24):
+        assert any(torch.allclose(slot, entry) for entry in table)
+    with pytest.raises(ValueError, match="rounds"):
+        first_inputs(SearchAugment(SEARCHED, 1.0, (2,), instructions=2))
+
+
+def test_a_run_with_search_augmentation_resumes_with_its_pool(tmp_path):
+    """Killed after the checkpoint at step 2 and started again, a run whose searches ran at steps 1 and 3 ends
+    with the weights of an uninterrupted one: the pool found at step 1 and the step count travel in the
+    checkpoint (a run that lost them would search at other steps, or replay another pool)."""
+    from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
+    from qmllm_pipeline.models.stages import SearchAugment, finetune
+
+    cls_features, patches, name_features, examples = _stage2_data()
+    training = TrainingConfig(steps=4, batch_size=16, lr=1e-2, warmup_steps=1, grad_clip=1.0, checkpoint_every=2)
+    setting = SearchAugment(SEARCHED, 0.7, (1, 3), instructions=1, candidates=4)
+
+    def run(checkpoint, stop_at=None):
+        torch.manual_seed(0)
+        model = QMLLM(_named_config(True), _llm())
+        model.name_head.set_vocabulary(SPELLED, PAD)
+        calls = []
+
+        def stop(*_):
+            calls.append(1)
+            if len(calls) == stop_at:
+                raise KeyboardInterrupt
+
+        model.llm.register_forward_pre_hook(stop)
+        finetune(model, cls_features, patches, examples, training, 0, checkpoint=checkpoint,
+                 name_features=name_features, search_augment=setting)
+        return model.llm.state_dict()
+
+    reference = run(None)
+    checkpoint = TrainingCheckpoint(tmp_path / "ckpt", {"test": 1})
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint, stop_at=4)
+    assert checkpoint.load()["step"] == 2
+    assert int(checkpoint.load()["module_states"]["found_codes"]["size"][0]) == 1
+    resumed = run(checkpoint)
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)

@@ -36,6 +36,7 @@ above only in the sense that it is a strictly stronger attacker; a better search
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,17 @@ class CodeObjective:
             table = model.llm.get_input_embeddings()(model.name_head.token_ids)
         return (cls(model, sequences, name_table=table.to(names.dtype), **terms),
                 torch.cat([codes, encoding.name_picks[0].to(codes)]))
+
+    @classmethod
+    def over_codes(cls, model: QMLLM, sequences: list[tuple[list[int], list[int]]], num_patches: int,
+                   kappa: float | None = None) -> CodeObjective:
+        """The objective over whole code sequences, no image needed: the N patch codes and, with a name head,
+        one pick per slot (any vocabulary entry), as `from_encoding` builds it with `search_names`."""
+        if model.name_head is None:
+            return cls(model, sequences, kappa=kappa, num_patches=num_patches)
+        with torch.no_grad():
+            table = model.llm.get_input_embeddings()(model.name_head.token_ids)
+        return cls(model, sequences, kappa=kappa, name_table=table, num_patches=num_patches)
 
     def sizes(self, length: int) -> torch.Tensor:
         """(L,) how many values each position of a sequence of `length` may take: P, or E for a name pick."""
@@ -193,3 +205,21 @@ def code_space_search(objective: CodeObjective, start: torch.Tensor, sweeps: int
                "started_from": started_from, "best_loss": best_loss.tolist(),
                "positions_changed": changed.tolist(), "sweeps": sweeps_run}
     return best_codes, history
+
+
+def search_each(objective: CodeObjective, starts: torch.Tensor, sweeps: int = 1, beam_width: int = 1,
+                candidates: int | None = None, batch_size: int = 256, seed: int = 0,
+                desc: str | None = None) -> tuple[torch.Tensor, dict]:
+    """`code_space_search` for each sequence of `objective` from its own start, `starts[i]` (L,) for
+    sequence i (e.g. the codes of a different image each), instead of one clean image's for all. Returns the
+    best code sequence per sequence (n, L) and each one's start and best loss."""
+    if len(starts) != len(objective.sequences):
+        raise ValueError(f"code-space search: {len(starts)} starts for {len(objective.sequences)} sequences")
+    found, start_loss, best_loss = [], [], []
+    for i in tqdm(range(len(starts)), desc=desc, mininterval=2, disable=desc is None):
+        codes, history = code_space_search(dataclasses.replace(objective, sequences=[objective.sequences[i]]),
+                                           starts[i], sweeps, beam_width, candidates, batch_size, seed + i, desc=None)
+        found.append(codes[0])
+        start_loss += history["start_loss"]
+        best_loss += history["best_loss"]
+    return torch.stack(found), {"start_loss": start_loss, "best_loss": best_loss}

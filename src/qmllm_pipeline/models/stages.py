@@ -28,12 +28,14 @@ it frozen, as they read the vision tower.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 import torch.nn.functional as F
 
 from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
+from qmllm_pipeline.models.code_search import CodeObjective, search_each
 from qmllm_pipeline.models.distributed import DistributedSettings, rank_share
 from qmllm_pipeline.models.lora import LoraSettings, adapter_files, merged, with_lora
 from qmllm_pipeline.models.names import NameHead, name_head_losses
@@ -41,6 +43,8 @@ from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.models.tokenizer import encode_chat
 from qmllm_pipeline.models.training import TrainingConfig, activation_checkpointing, train_loop
 from qmllm_pipeline.tracking import StepLogger
+
+logger = logging.getLogger(__name__)
 
 Example = tuple[list[int], list[int], int]  # token ids, labels, feature row (-1: no image)
 STAGE1_WITH_HEAD = ("paper", "patch_only")  # a decoupled model's stage 1: the paper's, or without the CLS terms
@@ -255,13 +259,91 @@ def _with_name_picks(model: QMLLM, image_tokens: torch.Tensor, picks: torch.Tens
     return model._with_names(names, model.patch_tokens_of(image_tokens, names.shape[1]))
 
 
+@dataclasses.dataclass(frozen=True)
+class SearchAugment:
+    """Stage 2's adversarial training in code space (Q-MLLM only): at each step of `rounds`, the code-space
+    search (`models/code_search.py`) runs against the LLM as trained so far, for `instructions` of the
+    training harmful `sequences` (each with its affirmative target, drawn afresh each round), each from the
+    codes of a random dialog image; the sequences it finds join a pool, and from then on each instruction
+    replayed behind an image reads a pool sequence instead of its image's codes with probability `fraction`,
+    keeping its answer (a refusal for a harmful request, the answer for a benign one). The search is the
+    evaluation's (greedy, `candidates` ranked by the first-order gain, `sweeps` passes over the positions,
+    patch codes and name picks alike), so stage 2 learns to refuse what the strongest attacker reaches."""
+    sequences: list[tuple[list[int], list[int]]]
+    fraction: float
+    rounds: tuple[int, ...]
+    instructions: int
+    candidates: int | None = 16
+    sweeps: int = 1
+    batch_size: int = 256
+
+    def check(self, steps: int) -> None:
+        if not 0 <= self.fraction <= 1:
+            raise ValueError(f"search_augment fraction {self.fraction}: expected a probability in [0, 1]")
+        if not self.rounds or any(not 1 <= r <= steps for r in self.rounds):
+            raise ValueError(f"search_augment rounds {list(self.rounds)}: expected steps within 1..{steps}")
+        if self.instructions < 1 or not self.sequences:
+            raise ValueError(f"search_augment: {self.instructions} instructions of {len(self.sequences)} to search")
+
+
+class FoundCodes(torch.nn.Module):
+    """The pool of code sequences the stage-2 search found, and the step count, as buffers: a training
+    checkpoint carries them with the weights, so a resumed run reads the same pool at the same step."""
+
+    def __init__(self, capacity: int, length: int):
+        super().__init__()
+        self.register_buffer("codes", torch.zeros((capacity, length), dtype=torch.long))
+        self.register_buffer("size", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("step", torch.zeros(1, dtype=torch.long))
+
+    def add(self, codes: torch.Tensor) -> None:
+        first = int(self.size[0])
+        self.codes[first:first + len(codes)] = codes
+        self.size += len(codes)
+
+
+def _search_round(model: QMLLM, search: SearchAugment, pool: FoundCodes, cls_features: torch.Tensor,
+                  patch_features: torch.Tensor, name_features: torch.Tensor | None, seed: int, at: int) -> None:
+    """One round of `SearchAugment`: search for a fresh draw of instructions against the model as it is at
+    step `at`, each from a random dialog image's codes, and add what it finds to `pool`."""
+    draw = torch.Generator().manual_seed(seed * 100_003 + at)   # its own stream: the loop's is left as it is
+    which = torch.randperm(len(search.sequences), generator=draw)[:search.instructions].tolist()
+    rows = torch.randint(len(cls_features), (len(which),), generator=draw)
+    training = model.llm.training
+    model.llm.eval()
+    device = next(model.mm_projector.parameters()).device
+    with torch.no_grad():
+        encoding = model.encode_features(cls_features[rows].float().to(device), patch_features[rows].float().to(device),
+                                         with_cls=False, name_features=_rows(name_features, rows, device))
+    starts = encoding.patches.indices
+    if encoding.name_picks is not None:
+        starts = torch.cat([starts, encoding.name_picks.to(starts)], 1)
+    objective = CodeObjective.over_codes(model, [search.sequences[i] for i in which], encoding.patches.indices.shape[1])
+    found, history = search_each(objective, starts, search.sweeps, 1, search.candidates, search.batch_size,
+                                 seed=seed + at, desc=f"stage-2 code search, step {at}")
+    model.llm.train(training)
+    pool.add(found)
+    logger.info("stage-2 code search at step %d: %d training instructions, target loss %.3f -> %.3f, %.1f of %d "
+                "positions changed; %d sequences in the pool", at, len(which),
+                sum(history["start_loss"]) / len(which), sum(history["best_loss"]) / len(which),
+                float((found != starts).sum(1).float().mean()), starts.shape[1], int(pool.size[0]))
+
+
+def _with_found_codes(model: QMLLM, image_tokens: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """`image_tokens` (B, M + N, d_h) of whole code sequences (B, L): their N patch codes, then (with a name
+    head) their S name picks."""
+    patches = codes.shape[1] - (model.name_head.slots if model.name_head is not None else 0)
+    tokens = _with_patch_codes(model, image_tokens, codes[:, :patches])
+    return tokens if model.name_head is None else _with_name_picks(model, tokens, codes[:, patches:])
+
+
 def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Tensor, examples: list[Example],
              training: TrainingConfig, seed: int, step_logger: StepLogger | None = None,
              checkpoint: TrainingCheckpoint | None = None, teacher: torch.nn.Module | None = None,
              distill_weight: float = 0.0, image_prefix: list[int] | None = None,
              name_features: torch.Tensor | None = None, code_augment: float = 0.0,
              code_augment_share: float = 1.0, name_augment: float = 0.0, name_augment_share: float = 1.0,
-             lora: LoraSettings | None = None,
+             search_augment: SearchAugment | None = None, lora: LoraSettings | None = None,
              distributed: DistributedSettings | None = None, gradient_checkpointing: bool = False,
              adapter_sink: dict | None = None) -> QMLLM:
     """Stage 2: train the LLM on dialogs (image rows >= 0) and text-only replay (row -1).
@@ -280,7 +362,9 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
     the positions) instead; drawn afresh at every step, from the loop's generator. `name_augment` (Q-MLLM with a
     name head only): the same for the name head's picks, each slot's pick replaced by any vocabulary entry (the
     empty one included) with probability s ~ U(0, `name_augment_share`), the picks the code-space search found
-    jailbreaks among (`models/code_search.py`); drawn after the codes'. With `lora` the LLM's
+    jailbreaks among (`models/code_search.py`); drawn after the codes'. `search_augment` (Q-MLLM only, off at
+    fraction 0): adversarial training in code space, `SearchAugment`; its per-step draws come after the names'.
+    With `lora` the LLM's
     weights stay frozen and adapters train (`models/lora.py`); the returned model's LLM has them merged.
     `adapter_sink`, with LoRA: filled with the trained adapters alone (`lora.adapter_files`) before they are
     merged. `distributed` and `gradient_checkpointing` as for `pretrain`."""
@@ -305,8 +389,22 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
                              "a share in (0, 1]")
     augment = code_augment > 0 and model.quantized  # no draw otherwise: the paper's stage 2 stays bit for bit
     augment_names = name_augment > 0 and model.quantized and model.name_head is not None
+    searching = search_augment is not None and search_augment.fraction > 0 and model.quantized
+    modules: dict[str, torch.nn.Module] = {"llm": model.llm}
+    if searching:
+        search_augment.check(training.steps)
+        with torch.no_grad():   # the patch tokens' count N, after any pooling
+            patches = model.encode_features(cls_features[:1].float(), patch_features[:1].float(),
+                                            with_cls=False, with_names=False).patches.indices.shape[1]
+        length = patches + (model.name_head.slots if model.name_head is not None else 0)
+        pool = modules["found_codes"] = FoundCodes(len(search_augment.rounds) * search_augment.instructions, length)
 
     def step(generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if searching:
+            pool.step += 1
+            if int(pool.step[0]) in search_augment.rounds:
+                _search_round(model, search_augment, pool, cls_features, patch_features, name_features, seed,
+                              int(pool.step[0]))
         picks = torch.randint(len(examples), (training.batch_size,), generator=generator).tolist()
         picks, generator = rank_share(picks, generator)  # this process's share (all of it with one process)
         imaged = [i for i in picks if examples[i][2] >= 0]  # image tokens are spliced in this order
@@ -330,6 +428,13 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
                     named = encoding.name_picks
                     moved = perturbed_codes(named, name_augment_share, model.name_head.names + 1, generator)
                     image_tokens = _with_name_picks(model, image_tokens, torch.where(chosen[:, None], moved, named))
+                if searching:
+                    chosen = replayed & (torch.rand(len(imaged), generator=generator) < search_augment.fraction)
+                    entries = torch.randint(max(int(pool.size[0]), 1), (len(imaged),), generator=generator)
+                    if int(pool.size[0]) and chosen.any():
+                        image_tokens = image_tokens.clone()
+                        image_tokens[chosen] = _with_found_codes(model, image_tokens[chosen],
+                                                                 pool.codes[entries[chosen]])
         ids, labels = [examples[i][0] for i in picks], [examples[i][1] for i in picks]
         if not distill:
             return {"loss": model(ids, labels, image_tokens).loss}
@@ -347,7 +452,7 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
 
     if gradient_checkpointing:
         activation_checkpointing(model.llm, True)
-    train_loop({"llm": model.llm}, step, training, seed, step_logger, checkpoint,
+    train_loop(modules, step, training, seed, step_logger, checkpoint,
                desc=f"finetune {model.config.variant}", distributed=distributed,
                carry=(model,) if teacher is None else (model, teacher))
     if gradient_checkpointing:

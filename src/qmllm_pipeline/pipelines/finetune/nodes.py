@@ -13,6 +13,7 @@ import pandas as pd
 
 from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
 from qmllm_pipeline.judge import RefusalPhraseJudge
+from qmllm_pipeline.models.attack import target_sequences
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.clip import decode_images
 from qmllm_pipeline.models.distributed import DistributedSettings
@@ -20,7 +21,7 @@ from qmllm_pipeline.models.guarded import GuardedMLLM
 from qmllm_pipeline.models.llm import answer_prompts
 from qmllm_pipeline.models.lora import LoraSettings
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
-from qmllm_pipeline.models.stages import Example, finetune
+from qmllm_pipeline.models.stages import Example, SearchAugment, finetune
 from qmllm_pipeline.models.tokenizer import chat_messages, encode_chat
 from qmllm_pipeline.models.training import TrainingConfig, loss_curve_figure, loss_ends, seed_everything
 from qmllm_pipeline.scoring import (
@@ -171,11 +172,12 @@ def _reasked(conversations: list, text_corpus: pd.DataFrame, held: set[str], see
 
 
 def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, tokenizer, dialog_features: dict,
-                     dialog_examples: list[Example], params: dict, seed: int, checkpoint_dir: str,
-                     distributed: dict | None = None):
+                     dialog_examples: list[Example], text_corpus: pd.DataFrame, stage2_validation: pd.DataFrame,
+                     params: dict, seed: int, checkpoint_dir: str, distributed: dict | None = None):
     """Stage 2 for one variant: returns the finetuned LLM (LoRA adapters merged into it), the adapters alone
     ({} for full fine-tuning), a summary and the loss curve. `params`: finetune.stage2; `distributed`: the
-    processes, strategy and precision it trains under."""
+    processes, strategy and precision it trains under. `text_corpus` and `stage2_validation` give the training
+    harmful instructions (and their affirmative targets) the code-space search of `search_augment` attacks."""
     config = QMLLMConfig.from_dict(qmllm_config)
     seed_everything(seed)
     model = QMLLM.assemble(config, stage1_weights, copy.deepcopy(llm))
@@ -193,6 +195,7 @@ def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, tokenizer, d
              name_features=dialog_features["head_cls"] if model.name_head is not None else None,
              code_augment=params["code_augment"]["fraction"], code_augment_share=params["code_augment"]["max_share"],
              name_augment=params["name_augment"]["fraction"], name_augment_share=params["name_augment"]["max_share"],
+             search_augment=_search_augment(params["search_augment"], text_corpus, stage2_validation, tokenizer),
              lora=_lora_settings(params["lora"]), distributed=settings,
              gradient_checkpointing=params["gradient_checkpointing"], adapter_sink=adapter)
     seconds = time.perf_counter() - started
@@ -202,6 +205,20 @@ def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, tokenizer, d
     logger.info("finetune %s: %.0f s, final loss %.3f", config.variant, seconds, final_loss)
     return model.llm, adapter, summary, loss_curve_figure({"LM loss": step_logger.history["loss"]},
                                                           f"stage 2 ({config.variant})")
+
+
+def _search_augment(params: dict, text_corpus: pd.DataFrame, stage2_validation: pd.DataFrame,
+                    tokenizer) -> SearchAugment | None:
+    """`finetune.stage2.search_augment` as settings over the training harmful instructions stage 2 reads (the
+    validation ones left out, the held-out ones never read), or None when it is off."""
+    if params["fraction"] == 0:
+        return None
+    train = _training_instructions(text_corpus)
+    harmful = train[(train["kind"] == "harmful") & ~train["instruction"].isin(set(stage2_validation["instruction"]))]
+    sequences = target_sequences(tokenizer, list(harmful["instruction"]), list(harmful["target"]),
+                                 params["max_length"], params["target_tokens"])
+    return SearchAugment(sequences, params["fraction"], tuple(params["rounds"]), params["instructions"],
+                         params["candidates"], params["sweeps"], params["batch_size"])
 
 
 def _lora_settings(params: dict) -> LoraSettings | None:

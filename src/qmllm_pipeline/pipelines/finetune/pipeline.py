@@ -13,7 +13,8 @@ def create_pipeline(**kwargs) -> Pipeline:
     """Stage 2 and its measurements, instantiated per variant by namespace."""
     template = Pipeline([
         Node(nodes.finetune_variant, ["qmllm_config", "stage1_weights", "llm", "tokenizer", "dialog_features",
-                                      "dialog_examples", "params:finetune.stage2", "params:seed",
+                                      "dialog_examples", "text_corpus", "stage2_validation",
+                                      "params:finetune.stage2", "params:seed",
                                       "params:checkpoint_dir", "params:distributed"],
              ["finetuned_llm", "lora_adapter", "finetune_summary", "finetune_loss_curve"], name="finetune_variant"),
         Node(nodes.finetuned_model, ["qmllm_config", "stage1_weights", "finetuned_llm", "clip_model", "tokenizer",
