@@ -223,6 +223,7 @@ def test_the_full_profile_trains_the_papers_recipe_beside_the_default_run():
     assert jailbreak["steps"] > 300 and jailbreak["train_instructions"] is None
     assert params["pretrain"]["name_head"]["slots"] == 0  # the paper's recipe alone
     assert params["finetune"]["data"]["synthetic_requests"] == 0 < defaults["finetune"]["data"]["synthetic_requests"]
+    assert params["finetune"]["stage2"]["search_augment"]["fraction"] == 0  # no adversarial training in code space
     # a longer budget than the default run's: five times its stage-1 samples; stage 2, whose default is longer
     # for the name head's made-up requests (1,200 steps), gets 2.5 times that (five times the recipe's 600)
     for stage, factor in (("stage1", 5), ("stage2", 2.5)):
