@@ -115,6 +115,22 @@ def test_the_attack_strength_sweep_reruns_the_pipelines_attack_under_each_settin
         attack_strength(setup, smoke_params, [{"stepz": 3}], [16])
 
 
+def test_the_search_strength_sweep_reruns_the_pipelines_search_from_the_clean_codes(evaluation, smoke_params):
+    import pandas as pd
+
+    from qmllm_pipeline.experiments.attack_strength import SETUP, search_strength
+
+    setup = {name: evaluation[name] for name in SETUP}
+    table = search_strength(setup, smoke_params, [{"instructions": 3}, {"instructions": 3, "candidates": None}])
+    assert len(table) == 2 and pd.isna(table["candidates"][1]) and not table["start_from_attacks"].any()
+    assert ((table["asr_low"] <= table["asr"]) & (table["asr"] <= table["asr_high"])).all()
+    assert (table["asr_found"] <= table["asr"]).all()
+    assert (table["loss_best"] <= table["loss_start"] + 1e-6).all()
+    assert (table["loss_worst"] >= table["loss_best"]).all()
+    with pytest.raises(ValueError, match="unknown setting keys"):
+        search_strength(setup, smoke_params, [{"beam": 2}])
+
+
 def test_an_unknown_per_instruction_success_test_is_refused():
     import pandas as pd
 

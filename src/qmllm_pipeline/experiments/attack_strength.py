@@ -73,3 +73,35 @@ def attack_strength(setup: dict, params: dict, settings: list[dict], budgets: li
                          "won": sum(step >= 0 for step in history["won_step"]) / len(history["won_step"]),
                          "seconds": round(seconds, 1)})
     return pd.DataFrame(rows)
+
+
+# what a code-space search setting may change: evaluate.code_search's keys
+CODE_SEARCH_KEYS = ("instructions", "start_from_attacks", "names", "sweeps", "beam_width", "candidates", "batch_size",
+                    "objective", "kappa")
+
+
+def search_strength(setup: dict, params: dict, settings: list[dict]) -> pd.DataFrame:
+    """One row per setting: the code-space search on qmllm (`code_space_bound`) with `evaluate.code_search` keys
+    overridden, begun from the clean image's codes only (no image attack is run here, so `start_from_attacks`
+    is off): its ASR on the held-out instructions (found or clean codes comply, with the 95% interval), the
+    target loss from the clean codes to the found ones (mean and worst) and the seconds it took. A stronger
+    search (`candidates: null`, every code at every position; a wider beam; more sweeps) tells whether a zero
+    bound is the model's or the default search's."""
+    evaluate = params["evaluate"]
+    systems, instructions, start = (setup[name] for name in SETUP)
+    rows = []
+    for setting in settings:
+        unknown = set(setting) - set(CODE_SEARCH_KEYS)
+        if unknown:
+            raise ValueError(f"search strength: unknown setting keys {sorted(unknown)} "
+                             f"(allowed: {list(CODE_SEARCH_KEYS)})")
+        search = {**evaluate["code_search"], **setting, "start_from_attacks": False}
+        summary, _ = attacks.code_space_bound(systems, instructions, start, evaluate["jailbreak"], search,
+                                              evaluate["batch_size"], params["seed"])
+        interval = summary["intervals"]["asr_with_clean"]["ci95"]
+        rows.append({"seed": params["seed"], **{k: search.get(k) for k in CODE_SEARCH_KEYS},
+                     "asr": summary["asr_with_clean"], "asr_low": interval[0], "asr_high": interval[1],
+                     "asr_found": summary["asr"], "loss_start": summary["loss_first"],
+                     "loss_best": summary["loss_last"], "loss_worst": summary["loss_last_max"],
+                     "seconds": summary["seconds"]})
+    return pd.DataFrame(rows)

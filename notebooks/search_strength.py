@@ -1,0 +1,41 @@
+"""Measure the code-space bound on qmllm under a stronger search than the default evaluation's: every code at
+every position (`"candidates": null`), a wider beam, more sweeps (issue 19: is a zero bound the model's, or the
+default search's?). Reads what `kedro run` wrote and changes none of it: the table is printed and saved to
+--out. Each setting is a JSON object of `evaluate.code_search` keys (instructions, names, sweeps, beam_width,
+candidates, batch_size, objective, kappa); every search begins from the clean image's codes. Example (the
+default search, then every code at every position; about 12 minutes on 2 cores for the second):
+
+    python notebooks/search_strength.py --settings '[{}, {"candidates": null}]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="base", help="Kedro environment to read (default: base)")
+    parser.add_argument("--settings", default='[{}, {"candidates": null}]',
+                        help="JSON list of settings; {} is the configured search (default: it, then exhaustive)")
+    parser.add_argument("--out", type=Path, default=PROJECT / "data/08_reporting/search_strength.csv",
+                        help="CSV written (via a temporary file) with one row per setting")
+    args = parser.parse_args()
+    settings = json.loads(args.settings)
+
+    # the project is imported only now: --help stays quick and quiet
+    from qmllm_pipeline.experiments.attack_strength import evaluation_setup, search_strength
+    from qmllm_pipeline.experiments.runs import project_context, write_table
+
+    with project_context(PROJECT, args.env) as context:
+        params = context.params
+        table = search_strength(evaluation_setup(context.catalog.load, params), params, settings)
+    write_table(table, args.out)
+
+
+if __name__ == "__main__":
+    main()
