@@ -431,8 +431,12 @@ def test_search_augmentation_gives_replayed_image_instructions_the_found_codes(q
         assert torch.isclose(codebook, token).all(1).any()
     for slot in model.name_tokens_of(image, 16).reshape(-1, 3, 24):
         assert any(torch.allclose(slot, entry) for entry in table)
+    later, _, _ = first_inputs(SearchAugment(SEARCHED, 1.0, (2,), instructions=2))   # past the last step: no search
+    assert torch.equal(plain, later)
     with pytest.raises(ValueError, match="rounds"):
-        first_inputs(SearchAugment(SEARCHED, 1.0, (2,), instructions=2))
+        first_inputs(SearchAugment(SEARCHED, 1.0, (0,), instructions=2))
+    with pytest.raises(ValueError, match="fraction"):
+        first_inputs(SearchAugment(SEARCHED, -0.5, (1,), instructions=2))
 
 
 def test_a_run_with_search_augmentation_resumes_with_its_pool(tmp_path):

@@ -277,13 +277,20 @@ class SearchAugment:
     sweeps: int = 1
     batch_size: int = 256
 
-    def check(self, steps: int) -> None:
+    def rounds_within(self, steps: int) -> tuple[int, ...]:
+        """The rounds a stage 2 of `steps` steps runs, after checking the settings; a round past the last step
+        (a shortened run) is left out with a warning."""
         if not 0 <= self.fraction <= 1:
             raise ValueError(f"search_augment fraction {self.fraction}: expected a probability in [0, 1]")
-        if not self.rounds or any(not 1 <= r <= steps for r in self.rounds):
-            raise ValueError(f"search_augment rounds {list(self.rounds)}: expected steps within 1..{steps}")
+        if not self.rounds or any(r < 1 for r in self.rounds):
+            raise ValueError(f"search_augment rounds {list(self.rounds)}: expected steps from 1 on")
         if self.instructions < 1 or not self.sequences:
             raise ValueError(f"search_augment: {self.instructions} instructions of {len(self.sequences)} to search")
+        kept = tuple(r for r in self.rounds if r <= steps)
+        if len(kept) < len(self.rounds) and self.fraction > 0:
+            logger.warning("search_augment rounds %s are past stage 2's last step (%d) and do not run",
+                           [r for r in self.rounds if r > steps], steps)
+        return kept
 
 
 class FoundCodes(torch.nn.Module):
@@ -389,20 +396,20 @@ def finetune(model: QMLLM, cls_features: torch.Tensor, patch_features: torch.Ten
                              "a share in (0, 1]")
     augment = code_augment > 0 and model.quantized  # no draw otherwise: the paper's stage 2 stays bit for bit
     augment_names = name_augment > 0 and model.quantized and model.name_head is not None
-    searching = search_augment is not None and search_augment.fraction > 0 and model.quantized
+    rounds = () if search_augment is None else search_augment.rounds_within(training.steps)
+    searching = search_augment is not None and search_augment.fraction > 0 and model.quantized and bool(rounds)
     modules: dict[str, torch.nn.Module] = {"llm": model.llm}
     if searching:
-        search_augment.check(training.steps)
         with torch.no_grad():   # the patch tokens' count N, after any pooling
             patches = model.encode_features(cls_features[:1].float(), patch_features[:1].float(),
                                             with_cls=False, with_names=False).patches.indices.shape[1]
         length = patches + (model.name_head.slots if model.name_head is not None else 0)
-        pool = modules["found_codes"] = FoundCodes(len(search_augment.rounds) * search_augment.instructions, length)
+        pool = modules["found_codes"] = FoundCodes(len(rounds) * search_augment.instructions, length)
 
     def step(generator: torch.Generator) -> dict[str, torch.Tensor]:
         if searching:
             pool.step += 1
-            if int(pool.step[0]) in search_augment.rounds:
+            if int(pool.step[0]) in rounds:
                 _search_round(model, search_augment, pool, cls_features, patch_features, name_features, seed,
                               int(pool.step[0]))
         picks = torch.randint(len(examples), (training.batch_size,), generator=generator).tolist()
