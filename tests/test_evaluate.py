@@ -129,6 +129,8 @@ def test_the_search_strength_sweep_reruns_the_pipelines_search_from_the_clean_co
     assert (table["loss_worst"] >= table["loss_best"]).all()
     with pytest.raises(ValueError, match="unknown setting keys"):
         search_strength(setup, smoke_params, [{"beam": 2}])
+    with pytest.raises(ValueError, match="unknown setting keys"):   # no image attack runs here to start from
+        search_strength(setup, smoke_params, [{"start_from_attacks": True}])
 
 
 def test_an_unknown_per_instruction_success_test_is_refused():

@@ -75,9 +75,8 @@ def attack_strength(setup: dict, params: dict, settings: list[dict], budgets: li
     return pd.DataFrame(rows)
 
 
-# what a code-space search setting may change: evaluate.code_search's keys
-CODE_SEARCH_KEYS = ("instructions", "start_from_attacks", "names", "sweeps", "beam_width", "candidates", "batch_size",
-                    "objective", "kappa")
+# what a code-space search setting may change: evaluate.code_search's keys (the start is always the clean codes)
+CODE_SEARCH_KEYS = ("instructions", "names", "sweeps", "beam_width", "candidates", "batch_size", "objective", "kappa")
 
 
 def search_strength(setup: dict, params: dict, settings: list[dict]) -> pd.DataFrame:
@@ -100,6 +99,7 @@ def search_strength(setup: dict, params: dict, settings: list[dict]) -> pd.DataF
                                               evaluate["batch_size"], params["seed"])
         interval = summary["intervals"]["asr_with_clean"]["ci95"]
         rows.append({"seed": params["seed"], **{k: search.get(k) for k in CODE_SEARCH_KEYS},
+                     "start_from_attacks": search["start_from_attacks"],
                      "asr": summary["asr_with_clean"], "asr_low": interval[0], "asr_high": interval[1],
                      "asr_found": summary["asr"], "loss_start": summary["loss_first"],
                      "loss_best": summary["loss_last"], "loss_worst": summary["loss_last_max"],

@@ -76,21 +76,21 @@ class CodeObjective:
             return cls(model, sequences, **terms), codes
         if not search_names:
             return cls(model, sequences, name_tokens=names[0], **terms), codes
-        with torch.no_grad():
-            table = model.llm.get_input_embeddings()(model.name_head.token_ids)
-        return (cls(model, sequences, name_table=table.to(names.dtype), **terms),
+        return (cls.over_codes(model, sequences, len(codes), refusal_ids, kappa, names.dtype),
                 torch.cat([codes, encoding.name_picks[0].to(codes)]))
 
     @classmethod
     def over_codes(cls, model: QMLLM, sequences: list[tuple[list[int], list[int]]], num_patches: int,
-                   kappa: float | None = None) -> CodeObjective:
+                   refusal_ids: list[int] | None = None, kappa: float | None = None,
+                   dtype: torch.dtype | None = None) -> CodeObjective:
         """The objective over whole code sequences, no image needed: the N patch codes and, with a name head,
-        one pick per slot (any vocabulary entry), as `from_encoding` builds it with `search_names`."""
+        one pick per slot (any vocabulary entry, its token embeddings in `dtype`, the LLM's by default)."""
+        terms = {"refusal_ids": refusal_ids, "kappa": kappa, "num_patches": num_patches}
         if model.name_head is None:
-            return cls(model, sequences, kappa=kappa, num_patches=num_patches)
+            return cls(model, sequences, **terms)
         with torch.no_grad():
             table = model.llm.get_input_embeddings()(model.name_head.token_ids)
-        return cls(model, sequences, kappa=kappa, name_table=table, num_patches=num_patches)
+        return cls(model, sequences, name_table=table if dtype is None else table.to(dtype), **terms)
 
     def sizes(self, length: int) -> torch.Tensor:
         """(L,) how many values each position of a sequence of `length` may take: P, or E for a name pick."""
