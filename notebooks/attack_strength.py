@@ -11,25 +11,22 @@ attack, then the `full` profile's):
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
+
+from qmllm_pipeline.experiments.cli import json_settings, notebook_parser
 
 PROJECT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="base", help="Kedro environment to read (default: base)")
+    parser = notebook_parser(__doc__, PROJECT, "attack_strength.csv",
+                             "CSV written (via a temporary file) with one row per setting and budget")
     parser.add_argument("--eps", default="32", help="comma list of budgets in 1/255 (default: 32)")
-    parser.add_argument("--settings", default='[{}, {"steps": 500, "restarts": 3}]',
+    parser.add_argument("--settings", type=json_settings, default='[{}, {"steps": 500, "restarts": 3}]',
                         help="JSON list of settings; {} is the configured attack (default: it and full's)")
     parser.add_argument("--attacker", default="baseline_whitebox",
                         help="an evaluate.attackers entry (default: baseline_whitebox; qmllm_adaptive: BPDA on qmllm)")
-    parser.add_argument("--out", type=Path, default=PROJECT / "data/08_reporting/attack_strength.csv",
-                        help="CSV written (via a temporary file) with one row per setting and budget")
     args = parser.parse_args()
-    settings = json.loads(args.settings)
     budgets = [int(eps) for eps in args.eps.split(",")]
 
     # the project is imported only now: --help stays quick and quiet
@@ -39,7 +36,7 @@ def main() -> None:
     with project_context(PROJECT, args.env) as context:
         params = context.params
         setup = evaluation_setup(context.catalog.load, params)
-        table = attack_strength(setup, params, settings, budgets, args.attacker)
+        table = attack_strength(setup, params, args.settings, budgets, args.attacker)
     write_table(table, args.out)
 
 

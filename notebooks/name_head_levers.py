@@ -10,29 +10,24 @@ none of it: the table is printed and saved to --out. Example:
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from qmllm_pipeline.experiments.cli import comma_list, notebook_parser
 
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-def _list(kind):
-    return lambda text: [kind(item) for item in text.split(",")]
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="base", help="Kedro environment to read (default: base)")
-    parser.add_argument("--inputs", type=_list(str), default=["cls", "cls_mean_patch", "cls_patches"],
+    parser = notebook_parser(__doc__, PROJECT, "name_head_levers.csv",
+                             "CSV written (via a temporary file) with one row per setting")
+    parser.add_argument("--inputs", type=comma_list(str), default=["cls", "cls_mean_patch", "cls_patches"],
                         help="comma list of what the head reads: cls, cls_mean_patch, cls_patches (default: all)")
-    parser.add_argument("--hidden", type=_list(int), default=None,
+    parser.add_argument("--hidden", type=comma_list(int), default=None,
                         help="comma list of hidden widths (default: pretrain.name_head.hidden)")
-    parser.add_argument("--steps", type=_list(int), default=None,
+    parser.add_argument("--steps", type=comma_list(int), default=None,
                         help="comma list of training steps (default: pretrain.name_head.training.steps)")
-    parser.add_argument("--seeds", type=_list(int), default=None,
+    parser.add_argument("--seeds", type=comma_list(int), default=None,
                         help="comma list of seeds, each a full sweep (default: the configured seed)")
-    parser.add_argument("--out", type=Path, default=PROJECT / "data/08_reporting/name_head_levers.csv",
-                        help="CSV written (via a temporary file) with one row per setting")
     args = parser.parse_args()
 
     # the project is imported only now: --help stays quick and quiet

@@ -13,14 +13,11 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from qmllm_pipeline.experiments.cli import comma_list, notebook_parser
+
 PROJECT = Path(__file__).resolve().parents[1]
-
-
-def _list(kind):
-    return lambda text: [kind(item) for item in text.split(",")]
 
 
 def _dmap_size(text: str) -> tuple[int, int]:
@@ -29,27 +26,26 @@ def _dmap_size(text: str) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="base", help="Kedro environment to read (default: base)")
-    parser.add_argument("--cls-source", type=_list(str), default=None,
+    parser = notebook_parser(__doc__, PROJECT, "safety_map_levers.csv",
+                             "CSV written (via a temporary file) with one row per setting")
+    parser.add_argument("--cls-source", type=comma_list(str), default=None,
                         help="comma list of CLS features the safety map reads: layer, pooled, projected "
                              "(features.vision_tower.cls_source on the shared path, features.cls_head.cls_source "
                              "on the decoupled one; default: each design's configured one)")
-    parser.add_argument("--design", type=_list(str), default=["configured"],
+    parser.add_argument("--design", type=comma_list(str), default=["configured"],
                         help="comma list of CLS designs (experiments/safety_map_levers.py: DESIGNS): configured, "
                              "shared, decoupled (a CLS head on features.cls_head beside the paper's stage 1), "
                              "decoupled_cosine, decoupled_patch_only (stage 1 without the CLS terms) "
                              "(default: configured)")
-    parser.add_argument("--lambda-semantic", type=_list(float), default=[1.0],
+    parser.add_argument("--lambda-semantic", type=comma_list(float), default=[1.0],
                         help="comma list of L_semantic weights (pretrain.stage1.lambda_semantic on the shared path, "
                              "pretrain.cls_head.lambda_semantic on the decoupled one; default: 1)")
-    parser.add_argument("--cls-codes", type=_list(int), default=[128], help="comma list of K values (default: 128)")
-    parser.add_argument("--dmap", type=_list(_dmap_size), default=[(50, 500)],
+    parser.add_argument("--cls-codes", type=comma_list(int), default=[128],
+                        help="comma list of K values (default: 128)")
+    parser.add_argument("--dmap", type=comma_list(_dmap_size), default=[(50, 500)],
                         help="comma list of D_map sizes, images per toxic category/neutral images (default: 50/500)")
-    parser.add_argument("--seeds", type=_list(int), default=None,
+    parser.add_argument("--seeds", type=comma_list(int), default=None,
                         help="comma list of seeds, each a full sweep (default: the configured seed)")
-    parser.add_argument("--out", type=Path, default=PROJECT / "data/08_reporting/safety_map_levers.csv",
-                        help="CSV written (via a temporary file) with one row per setting")
     args = parser.parse_args()
 
     # the project is imported only now: --help stays quick and quiet

@@ -12,19 +12,18 @@ changes none of it: the table is printed and saved to --out. About half a minute
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from qmllm_pipeline.experiments.cli import comma_list, notebook_parser
 
 PROJECT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="base", help="Kedro environment to read (default: base)")
-    parser.add_argument("--k", type=lambda text: [int(v) for v in text.split(",")], default=[1, 5, 15],
+    parser = notebook_parser(__doc__, PROJECT, "safety_signal_limits.csv",
+                             "CSV written (via a temporary file) with one row per detector")
+    parser.add_argument("--k", type=comma_list(int), default=[1, 5, 15],
                         help="comma list of neighbour counts for the kNN detectors (default: 1,5,15)")
-    parser.add_argument("--out", type=Path, default=PROJECT / "data/08_reporting/safety_signal_limits.csv",
-                        help="CSV written (via a temporary file) with one row per detector")
     args = parser.parse_args()
 
     # the project is imported only now: --help stays quick and quiet

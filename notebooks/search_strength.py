@@ -10,22 +10,19 @@ default search, then every code at every position; about 12 minutes on 2 cores f
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
+
+from qmllm_pipeline.experiments.cli import json_settings, notebook_parser
 
 PROJECT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="base", help="Kedro environment to read (default: base)")
-    parser.add_argument("--settings", default='[{}, {"candidates": null}]',
+    parser = notebook_parser(__doc__, PROJECT, "search_strength.csv",
+                             "CSV written (via a temporary file) with one row per setting")
+    parser.add_argument("--settings", type=json_settings, default='[{}, {"candidates": null}]',
                         help="JSON list of settings; {} is the configured search (default: it, then exhaustive)")
-    parser.add_argument("--out", type=Path, default=PROJECT / "data/08_reporting/search_strength.csv",
-                        help="CSV written (via a temporary file) with one row per setting")
     args = parser.parse_args()
-    settings = json.loads(args.settings)
 
     # the project is imported only now: --help stays quick and quiet
     from qmllm_pipeline.experiments.attack_strength import evaluation_setup, search_strength
@@ -33,7 +30,7 @@ def main() -> None:
 
     with project_context(PROJECT, args.env) as context:
         params = context.params
-        table = search_strength(evaluation_setup(context.catalog.load, params), params, settings)
+        table = search_strength(evaluation_setup(context.catalog.load, params), params, args.settings)
     write_table(table, args.out)
 
 

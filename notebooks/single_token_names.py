@@ -11,24 +11,22 @@ pipelines in a default run. Examples:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
 
 import yaml
 
+from qmllm_pipeline.experiments.cli import notebook_parser
+
 PROJECT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="base", help="Kedro environment to read (default: base)")
+    parser = notebook_parser(__doc__, PROJECT, "single_token_names.json", "JSON written (via a temporary file)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a parameter override, dotted key and YAML value (repeatable)")
     parser.add_argument("--seed", type=int, default=None, help="the run-wide seed (default: the configured one)")
-    parser.add_argument("--out", type=Path, default=PROJECT / "data/08_reporting/single_token_names.json",
-                        help="JSON written (via a temporary file)")
     args = parser.parse_args()
 
     # the project is imported only now: --help stays quick and quiet

@@ -13,26 +13,23 @@ seeds (`qmllm seeds run --label L --set ...`) before it counts.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
+
+from qmllm_pipeline.experiments.cli import json_settings, notebook_parser
 
 PROJECT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="base", help="Kedro environment whose trained stage 1 is read (default: base)")
+    parser = notebook_parser(__doc__, PROJECT, "stage2_levers.csv",
+                             "CSV written (via a temporary file) with one row per setting and seed",
+                             env_help="Kedro environment whose trained stage 1 is read (default: base)")
     parser.add_argument("--variant", default="qmllm", help="qmllm or baseline (default: qmllm)")
-    parser.add_argument("--settings", default="[{}]", help="JSON list of settings (default: [{}], the configured one)")
+    parser.add_argument("--settings", type=json_settings, default="[{}]",
+                        help="JSON list of settings (default: [{}], the configured one)")
     parser.add_argument("--seeds", default=None,
                         help="comma list of stage-2 seeds (default: the configured seed); stage 1 stays the run's")
-    parser.add_argument("--out", type=Path, default=PROJECT / "data/08_reporting/stage2_levers.csv",
-                        help="CSV written (via a temporary file) with one row per setting and seed")
     args = parser.parse_args()
-    settings = json.loads(args.settings)
-    if not isinstance(settings, list) or not all(isinstance(s, dict) for s in settings):
-        parser.error("--settings must be a JSON list of objects")
 
     # the project is imported only now: --help stays quick and quiet
     import pandas as pd
@@ -45,7 +42,7 @@ def main() -> None:
         pipeline = stage2_pipeline(args.variant)
         inputs = {name: context.catalog.load(name) for name in pipeline.inputs() if not name.startswith("params:")}
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [params["seed"]]
-        table = pd.concat([stage2_levers(inputs, with_overrides(params, seed=seed), settings, args.variant)
+        table = pd.concat([stage2_levers(inputs, with_overrides(params, seed=seed), args.settings, args.variant)
                            for seed in seeds], ignore_index=True)
     write_table(table, args.out)
 
