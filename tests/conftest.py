@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from kedro.config import OmegaConfigLoader
 
-from qmllm_pipeline.experiments.runs import run_in_memory
+from qmllm_pipeline.in_memory import run_in_memory
+from qmllm_pipeline.parameters import load_parameters as load_project_parameters
 from qmllm_pipeline.pipelines import data as data_pipeline
 from qmllm_pipeline.pipelines import evaluate as evaluate_pipeline
 from qmllm_pipeline.pipelines import features as features_pipeline
@@ -17,7 +17,6 @@ from qmllm_pipeline.pipelines import finetune as finetune_pipeline
 from qmllm_pipeline.pipelines import foundation as foundation_pipeline
 from qmllm_pipeline.pipelines import pretrain as pretrain_pipeline
 from qmllm_pipeline.pipelines import safety_map as safety_map_pipeline
-from qmllm_pipeline.settings import CONFIG_LOADER_ARGS
 from qmllm_pipeline.world.catalogue import validate_catalogue
 from qmllm_pipeline.world.render import default_font_path
 
@@ -34,8 +33,7 @@ def pytest_collection_modifyitems(items) -> None:
 
 
 def load_parameters(env: str) -> dict:
-    loader = OmegaConfigLoader(conf_source=str(PROJECT_ROOT / "conf"), env=env, **CONFIG_LOADER_ARGS)
-    return loader["parameters"]
+    return load_project_parameters(env, PROJECT_ROOT / "conf")
 
 
 def read_raw_catalogue(path: Path = CATALOGUE_CSV) -> pd.DataFrame:
@@ -84,8 +82,8 @@ def stages(world, foundation, smoke_params) -> dict:
                                               "eval_neutral", "dmap", "dmap_validation", "eval_toxic",
                                               "eval_hard_negative", "emoji_catalogue", "eval_items")}
     inputs.update({name: foundation[name] for name in (*FOUNDATION_MODELS, "clip_tokenizer")})
-    chain = (features_pipeline.create_pipeline() + pretrain_pipeline.create_pipeline()
-             + finetune_pipeline.create_pipeline() + safety_map_pipeline.create_pipeline())
+    chain = (features_pipeline.create_pipeline() + pretrain_pipeline.create_pipeline(smoke_params)
+             + finetune_pipeline.create_pipeline(smoke_params) + safety_map_pipeline.create_pipeline())
     return run_in_memory(chain, inputs, smoke_params)
 
 
@@ -99,7 +97,7 @@ def evaluation(world, foundation, stages, smoke_params) -> dict:
     inputs.update({f"{variant}.{name}": stages[f"{variant}.{name}"] for variant in ("qmllm", "baseline")
                    for name in ("qmllm_config", "stage1_weights", "finetuned_llm")})
     inputs["safety_map"] = stages["safety_map"]
-    return run_in_memory(evaluate_pipeline.create_pipeline(), inputs, smoke_params)
+    return run_in_memory(evaluate_pipeline.create_pipeline(smoke_params), inputs, smoke_params)
 
 
 def copy_project(destination: Path) -> Path:

@@ -73,16 +73,22 @@ def test_the_loss_can_be_kept_on_the_affirmative_opening_only():
 
 
 def test_an_attacker_config_that_cannot_work_is_refused(evaluation, smoke_params):
-    from qmllm_pipeline.pipelines.evaluate.attacks import craft_jailbreak_image
+    import dataclasses
 
-    params = smoke_params["evaluate"]
-    budget = params["budgets"]["eps16"]
+    from qmllm_pipeline.models.params import parse
+    from qmllm_pipeline.pipelines.evaluate import attackers
+    from qmllm_pipeline.pipelines.evaluate.settings import Budget, EvaluateSettings
+
+    settings = parse(EvaluateSettings, smoke_params["evaluate"], "evaluate")
     common = (evaluation["evaluation_systems"], evaluation["jailbreak_instructions"], evaluation["jailbreak_start"],
-              params["jailbreak"])
+              settings, Budget("eps16", 16), 0)
+    whitebox = dataclasses.replace(settings.attackers["baseline_whitebox"], cls_weight=1.0)
     with pytest.raises(ValueError, match="needs a system with a safety map"):
-        craft_jailbreak_image(*common, {**params["attackers"]["baseline_whitebox"], "cls_weight": 1.0}, budget, 0)
+        attackers.craft("baseline_whitebox", whitebox, *common)
     with pytest.raises(ValueError, match="unknown system"):
-        craft_jailbreak_image(*common, {**params["attackers"]["qmllm_plain"], "system": "llava"}, budget, 0)
+        attackers.craft("qmllm_plain", dataclasses.replace(settings.attackers["qmllm_plain"], system="llava"), *common)
+    with pytest.raises(ValueError, match="unknown kind 'gcg'"):
+        attackers.craft("qmllm_plain", dataclasses.replace(settings.attackers["qmllm_plain"], kind="gcg"), *common)
 
 
 def _per_instruction(system, text_corpus: pd.DataFrame, n: int = 4, **switches) -> PerInstructionObjective:

@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM
 
-from qmllm_pipeline.experiments.runs import run_in_memory, with_overrides
-from qmllm_pipeline.experiments.safety_signal_limits import knn_toxic_share, signal_limits, validation_threshold
+from qmllm_pipeline.dotted import with_overrides
+from qmllm_pipeline.in_memory import run_in_memory
+from qmllm_pipeline.models.heads import ClsHeadSettings, cls_head_losses, train_cls_head
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.models.quantizer import VectorQuantizer
 from qmllm_pipeline.models.safety_map import build_safety_map, relabel, tau_trade_off
-from qmllm_pipeline.models.stages import cls_head_losses, pretrain, train_cls_head
+from qmllm_pipeline.models.stage1 import Stage1Data, Stage1Settings, train_stage1
 from qmllm_pipeline.models.training import TrainingConfig
 from qmllm_pipeline.models.vision import VisionTower
 from qmllm_pipeline.pipelines import features, safety_map
@@ -60,9 +61,9 @@ def test_the_decoupled_cls_settings_leave_everything_the_llm_reads_bit_identical
     trained = []
     for codes, width, distance in ((8, 6, "l2"), (12, 10, "cosine")):
         model = _decoupled(codes, width, distance)
-        pretrain(model, cls_features, patches, examples, None, training, seed=0, usage_every=2)
+        train_stage1(model, Stage1Data(cls_features, patches, examples), Stage1Settings(training, usage_every=2), 0)
         trained.append({k: v for k, v in model.stage1_state().items() if not k.startswith("cls_")})
-        train_cls_head(model, cls_features, torch.randn(len(cls_features), width), training, seed=0)
+        train_cls_head(model, cls_features, torch.randn(len(cls_features), width), ClsHeadSettings(training), 0)
         assert {k: v for k, v in model.stage1_state().items() if not k.startswith("cls_")}.keys() == trained[-1].keys()
         assert all(torch.equal(model.stage1_state()[k], v) for k, v in trained[-1].items())  # the head left them
     assert trained[0].keys() == trained[1].keys()
@@ -76,14 +77,15 @@ def test_the_cls_head_learns_its_semantic_target():
     model.cls_quantizer.kmeans_init(model.cls_head(cls_features).detach())
     with torch.no_grad():
         before = float(cls_head_losses(model.eval(), cls_features, targets)["semantic"])
-    train_cls_head(model, cls_features, targets, TrainingConfig(steps=300, batch_size=64, lr=1e-2), seed=0)
+    train_cls_head(model, cls_features, targets, ClsHeadSettings(TrainingConfig(steps=300, batch_size=64, lr=1e-2),
+                                                                 standardize_semantic_target=False), seed=0)
     with torch.no_grad():
         after = float(cls_head_losses(model.eval(), cls_features, targets)["semantic"])
     assert after < 0.5 * before
     assert len(torch.unique(model.cls_quantizer.nearest(model.cls_head(cls_features)))) > 8
     with pytest.raises(ValueError, match="decoupled"):
         train_cls_head(QMLLM(QMLLMConfig(vision_width=8, llm_width=24, image_token_id=2), _llm()), cls_features,
-                       targets, TrainingConfig(steps=1, batch_size=4, lr=1e-3), seed=0)
+                       targets, ClsHeadSettings(TrainingConfig(steps=1, batch_size=4, lr=1e-3)), seed=0)
 
 
 def test_the_deployed_check_reads_the_decoupled_head():
@@ -149,7 +151,7 @@ def test_the_decoupled_path_runs_through_the_pipelines(world, foundation, smoke_
                                               "eval_neutral", "eval_hard_negative", "emoji_catalogue")}
     inputs.update({name: foundation[name] for name in ("tokenizer", "clip_tokenizer", "clip_model",
                                                        "clip_image_processor", "llm")})
-    chain = (features.create_pipeline() + pretrain_pipeline.create_pipeline()
+    chain = (features.create_pipeline() + pretrain_pipeline.create_pipeline(params)
              + safety_map.create_pipeline().to_outputs("safety_metrics"))
     out = run_in_memory(chain, inputs, params)
     clip = foundation["clip_model"]
@@ -166,8 +168,8 @@ def test_the_decoupled_path_runs_through_the_pipelines(world, foundation, smoke_
     assert set(report["qmllm_rules"]) == {"majority", "toxic_share"}
     assert report["qmllm_rules"]["majority"] == report["qmllm"]   # the deployed rule is the majority vote
 
-    stage1 = pretrain_pipeline.create_pipeline().only_nodes("tokenized_captions", "qmllm.model_config",
-                                                            "qmllm.pretrain_variant")
+    stage1 = pretrain_pipeline.create_pipeline(params).only_nodes("run_settings", "stage1_data", "model_inputs",
+                                                                  "qmllm.model_config", "qmllm.pretrain_variant")
     cached = {name: out[name] for name in ("caption_features", "caption_targets", "name_vocabulary",
                                            "name_head_weights")}
     shared = run_in_memory(stage1, {**inputs, **cached}, with_overrides(smoke_params,
@@ -179,48 +181,3 @@ def test_the_decoupled_path_runs_through_the_pipelines(world, foundation, smoke_
     assert llm_side and all(torch.equal(weights[k], shared["qmllm.stage1_weights"][k]) for k in llm_side)
     assert not all(torch.equal(weights[k], patch_only["qmllm.stage1_weights"][k]) for k in llm_side)
     assert "semantic" not in patch_only["qmllm.pretrain_summary"]["final"]
-
-
-def test_knn_toxic_share_and_the_validation_threshold_on_hand_counted_points():
-    reference = torch.tensor([[0.0, 0.0], [0.1, 0.0], [1.0, 0.0], [5.0, 5.0]])
-    toxic = np.array([True, True, False, False])
-    query = torch.tensor([[0.05, 0.0], [4.0, 4.0]])
-    assert knn_toxic_share(query, reference, toxic, 1, "l2").tolist() == [1.0, 0.0]
-    assert knn_toxic_share(query, reference, toxic, 3, "l2").tolist() == pytest.approx([2 / 3, 1 / 3])
-    # cosine: the direction only; (4, 4) points where (5, 5) does
-    assert knn_toxic_share(torch.tensor([[4.0, 4.0]]), reference[2:], toxic[2:], 1, "cosine").tolist() == [0.0]
-    scores = np.array([0.9, 0.6, 0.2, 0.6, 0.1, 0.0])
-    labels = np.array([True, True, True, False, False, False])
-    assert validation_threshold(scores, labels, 0.0) == {"threshold": 0.9, "toxic_recall": pytest.approx(1 / 3),
-                                                         "neutral_fpr": 0.0}
-    # one neutral of three may pass: at 0.2 every toxic score is refused and only the neutral 0.6 with them
-    assert validation_threshold(scores, labels, 0.34) == {"threshold": 0.2, "toxic_recall": 1.0,
-                                                          "neutral_fpr": pytest.approx(1 / 3)}
-    assert validation_threshold(scores, labels, -1.0)["threshold"] == float("inf")   # nothing fits: refuse none
-
-
-def test_signal_limits_reads_the_deployed_rules_and_both_knn_views(world, foundation, stages, smoke_params):
-    model = QMLLM.assemble(stages["qmllm.qmllm_config"], stages["qmllm.stage1_weights"],
-                           clip_model=foundation["clip_model"])
-    splits = {name: world[name] for name in ("dmap", "dmap_validation", "eval_toxic", "eval_neutral",
-                                              "eval_hard_negative")}
-    table = signal_limits(model, foundation["clip_image_processor"], splits, stages["safety_metrics"], [1, 3],
-                          smoke_params["safety_map"]["max_validation_fpr"])
-    assert list(table["detector"]) == ["codes, majority", "codes, toxic_share"] + ["kNN, h_cls"] * 2 + [
-        "kNN, CLS feature"] * 2 + ["names, majority"]   # the smoke model has a name head
-    deployed = table.iloc[0]
-    assert deployed["dsr_single"] == stages["safety_metrics"]["qmllm"]["dsr"]["single"]
-    assert (table["validation_fpr"] <= smoke_params["safety_map"]["max_validation_fpr"] + 1e-9).iloc[2:-1].all()
-
-
-def test_algorithm_1_over_name_picks_refuses_an_image_when_any_pick_is_toxic():
-    from qmllm_pipeline.experiments.safety_signal_limits import name_pick_map, name_pick_refusals
-
-    empty = 3
-    # D_map: name 0 is seen in weapon images only, name 1 in neutral ones, name 2 once in each
-    picks = np.array([[0, empty, empty], [0, 1, empty], [1, empty, empty], [1, 2, empty], [2, empty, empty]])
-    categories = ["weapon", "weapon", "neutral", "neutral", "weapon"]
-    table = name_pick_map(picks, categories, empty, tau=0.6)
-    assert table.set_index("code").loc[[0, 1, 2], "label"].tolist() == ["weapon", "neutral", "neutral"]
-    refused = name_pick_refusals(table, np.array([[1, 0, empty], [1, 2, empty], [empty, empty, empty]]), empty)
-    assert refused.tolist() == [True, False, False]

@@ -12,7 +12,7 @@ from conftest import PROJECT_ROOT
 from qmllm_pipeline import scaling
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.distributed import DistributedSettings, rank_share, world
-from qmllm_pipeline.models.stages import pretrain
+from qmllm_pipeline.models.stage1 import Stage1Data, Stage1Settings, train_stage1
 from qmllm_pipeline.models.training import TrainingConfig, activation_checkpointing, train_loop
 from qmllm_pipeline.tracking import StepLogger
 
@@ -35,8 +35,9 @@ def test_one_process_under_accelerate_is_plain_pytorch_bit_for_bit():
         world_ = scaling.small_world()
         model = scaling.small_qmllm(scaling.small_llama())
         logger = StepLogger("t", every=100)
-        pretrain(model, world_.cls, world_.patches, world_.examples, None,
-                 TrainingConfig(steps=8, batch_size=8, lr=1e-2), 0, step_logger=logger, distributed=settings)
+        train_stage1(model, Stage1Data(world_.cls, world_.patches, world_.examples),
+                     Stage1Settings(TrainingConfig(steps=8, batch_size=8, lr=1e-2)), 0, step_logger=logger,
+                     distributed=settings)
         runs.append((logger.history["loss"], model.stage1_state()))
     (loss_a, state_a), (loss_b, state_b) = runs
     assert loss_a == loss_b

@@ -4,8 +4,13 @@ import pytest
 import torch
 
 from qmllm_pipeline.models.attack import random_sign_noise
-from qmllm_pipeline.pipelines.evaluate.pipeline import ATTACKERS, BUDGETS, PER_INSTRUCTION_ATTACKERS
-from qmllm_pipeline.pipelines.evaluate.report import JAILBREAK_CASES
+from qmllm_pipeline.models.params import parse
+from qmllm_pipeline.parameters import load_parameters
+from qmllm_pipeline.pipelines.evaluate.settings import EvaluateSettings
+
+SETTINGS = parse(EvaluateSettings, load_parameters("smoke")["evaluate"], "evaluate")
+BUDGETS = tuple(SETTINGS.budgets)
+PER_INSTRUCTION_ATTACKERS = tuple(name for name, spec in SETTINGS.attackers.items() if spec.kind == "per_instruction")
 
 
 def test_every_system_and_budget_is_measured(evaluation):
@@ -22,7 +27,7 @@ def test_every_system_and_budget_is_measured(evaluation):
     assert set(gains) == set(BUDGETS) and all(isinstance(g["attack"]["significant"], bool) for g in gains.values())
     assert set(metrics["jailbreak"]) == set(BUDGETS)
     for entry in metrics["jailbreak"].values():
-        assert {case for _, case, _ in JAILBREAK_CASES} <= set(entry)
+        assert set(SETTINGS.cases()) <= set(entry)
     # the continuous baseline has no guard: every refusal it makes comes from its LLM
     assert metrics["toxic_image"]["baseline"]["refused_by_guard_share"] == 0.0
     assert metrics["utility"]["baseline"]["refused_by_guard"] == 0.0
@@ -32,8 +37,8 @@ def test_adversarial_images_respect_their_budgets(evaluation, smoke_params):
     start = evaluation["jailbreak_start"]["image"].int()
     images = evaluation["adversarial_images"]
     budgets = smoke_params["evaluate"]["budgets"]
-    # + the random-noise control, + one image per held-out instruction for each per-instruction attacker
-    assert len(images) == len(BUDGETS) * (len(ATTACKERS) + 1 + len(PER_INSTRUCTION_ATTACKERS))
+    # one entry per attacker (the noise control's and the per-instruction attackers' among them) and budget
+    assert len(images) == len(BUDGETS) * len(SETTINGS.attackers)
     heldout = len(evaluation["jailbreak_instructions"]["heldout"])
     for key, image in images.items():
         budget, attacker = key.split("/")
@@ -44,7 +49,7 @@ def test_adversarial_images_respect_their_budgets(evaluation, smoke_params):
             assert (image.int() - start).abs().max() <= eps, key
             if attacker == "qmllm_plain":  # the deployed Q-MLLM passes no gradient: PGD cannot move
                 assert torch.equal(image.int(), start), key
-            if attacker == "qmllm_noise":  # every pixel the clamp leaves free moves by exactly eps
+            if attacker == "noise":  # every pixel the clamp leaves free moves by exactly eps
                 free = (start >= eps) & (start <= 255 - eps)
                 assert ((image.int() - start).abs()[free] == eps).all(), key
 
@@ -65,7 +70,7 @@ def test_the_report_has_the_paper_style_tables(evaluation):
     for heading in ("| system | toxic DSR single", "## Jailbreak by attacker", "## Time per query"):
         assert heading in report
     assert report.count("| qmllm |") >= 6  # main table, four jailbreak attackers, the noise control
-    assert "| qmllm | random noise (control) |" in report and "| baseline | random noise (control) |" in report
+    assert "| qmllm | random noise |" in report and "| baseline | random noise |" in report
     assert set(evaluation["evaluation_metrics"]["qmllm_noise_gain_over_clean"]) == set(BUDGETS)
     responses = evaluation["toxic_image_responses"]
     assert set(responses["system"]) == {"baseline", "safeclip", "qmllm"}
@@ -89,55 +94,22 @@ def test_per_instruction_attacks_are_judged_and_their_loss_reported(evaluation):
         for case in ("baseline_per_instruction", "qmllm_transfer_per_instruction", "qmllm_adaptive_per_instruction"):
             assert 0.0 <= entry[case]["asr"] <= 1.0, (budget, case)
         for name in PER_INSTRUCTION_ATTACKERS:
-            pgd = entry["pgd"][f"{name}_per_instruction"]
+            pgd = entry["pgd"][name]
             assert pgd["loss_last"] <= pgd["loss_first"] + 1e-6 and pgd["nll_last"] <= pgd["nll_last_max"]
             # an image that passed the attacker's success test is judged again, in another batch: it complies
-            judged = entry["baseline_per_instruction" if name == "baseline_whitebox" else f"{name}_per_instruction"]
+            judged = entry[next(iter(SETTINGS.attackers[name].cases))]
             assert 0.0 <= pgd["won"] <= judged["asr"] + 0.05, (budget, name)
     assert "Per-instruction PGD" in evaluation["evaluation_report"]
 
 
-def test_the_attack_strength_sweep_reruns_the_pipelines_attack_under_each_setting(evaluation, smoke_params):
-    from qmllm_pipeline.experiments.attack_strength import SETUP, attack_strength
-
-    setup = {name: evaluation[name] for name in SETUP}
-    table = attack_strength(setup, smoke_params, [{}, {"steps": 3, "target_tokens": 1}], [16])
-    assert len(table) == 2 and table["eps"].tolist() == [16, 16]
-    assert table["steps"].tolist() == [smoke_params["evaluate"]["per_instruction"]["steps"], 3]
-    assert table["target_tokens"].tolist() == [smoke_params["evaluate"]["jailbreak"]["target_tokens"], 1]
-    assert ((table["asr_low"] <= table["asr"]) & (table["asr"] <= table["asr_high"])).all()
-    assert (table["loss_best"] <= table["loss_start"] + 1e-6).all()
-    assert (table["loss_worst"] >= table["loss_best"]).all()
-    # the configured setting is the pipeline's own attack: the same ASR as the evaluate run's at that budget
-    assert table["asr"][0] == pytest.approx(evaluation["evaluation_metrics"]["jailbreak"]["eps16"]
-                                            ["baseline_per_instruction"]["asr"])
-    with pytest.raises(ValueError, match="unknown setting keys"):
-        attack_strength(setup, smoke_params, [{"stepz": 3}], [16])
-
-
-def test_the_search_strength_sweep_reruns_the_pipelines_search_from_the_clean_codes(evaluation, smoke_params):
+def test_an_unknown_per_instruction_success_test_is_refused_naming_the_key(smoke_params):
     import pandas as pd
 
-    from qmllm_pipeline.experiments.attack_strength import SETUP, search_strength
+    from qmllm_pipeline.dotted import with_overrides
+    from qmllm_pipeline.models.params import SettingsError
+    from qmllm_pipeline.pipelines.evaluate.attackers.per_instruction import success_test
 
-    setup = {name: evaluation[name] for name in SETUP}
-    table = search_strength(setup, smoke_params, [{"instructions": 3}, {"instructions": 3, "candidates": None}])
-    assert len(table) == 2 and pd.isna(table["candidates"][1]) and not table["start_from_attacks"].any()
-    assert ((table["asr_low"] <= table["asr"]) & (table["asr"] <= table["asr_high"])).all()
-    assert (table["asr_found"] <= table["asr"]).all()
-    assert (table["loss_best"] <= table["loss_start"] + 1e-6).all()
-    assert (table["loss_worst"] >= table["loss_best"]).all()
-    with pytest.raises(ValueError, match="unknown setting keys"):
-        search_strength(setup, smoke_params, [{"beam": 2}])
-    with pytest.raises(ValueError, match="unknown setting keys"):   # no image attack runs here to start from
-        search_strength(setup, smoke_params, [{"start_from_attacks": True}])
-
-
-def test_an_unknown_per_instruction_success_test_is_refused():
-    import pandas as pd
-
-    from qmllm_pipeline.pipelines.evaluate.attacks import _success_test
-
-    with pytest.raises(ValueError, match="stop_on must be one of"):
-        _success_test(None, pd.DataFrame({"instruction": [], "target": []}), "sometimes", 16, 8)
-    assert _success_test(None, pd.DataFrame({"instruction": [], "target": []}), "none", 16, 8) is None
+    bad = with_overrides(smoke_params["evaluate"], **{"per_instruction.stop_on": "sometimes"})
+    with pytest.raises(SettingsError, match=r"parameters_evaluate.yml: evaluate.per_instruction.stop_on: expected one"):
+        parse(EvaluateSettings, bad, "evaluate")
+    assert success_test(None, pd.DataFrame({"instruction": [], "target": []}), "none", 16, 8) is None

@@ -5,8 +5,9 @@ scene tables `ingest` writes follow the same schema as the emoji world's, checke
 import pandas as pd
 import pytest
 
-from qmllm_pipeline.experiments.runs import run_in_memory, with_overrides
+from qmllm_pipeline.dotted import with_overrides
 from qmllm_pipeline.fixtures import HARMFUL, write_data
+from qmllm_pipeline.in_memory import run_in_memory
 from qmllm_pipeline.models.clip import decode_images
 from qmllm_pipeline.pipelines import features, ingest, pretrain
 from qmllm_pipeline.schema import SCHEMAS, SchemaError, check_table

@@ -51,23 +51,23 @@ def test_flip_distance_is_the_radius_of_the_ball_that_keeps_the_code(distance):
 
 
 def test_the_margin_term_moves_features_away_from_the_cell_faces():
-    from qmllm_pipeline.models.stages import stage1_losses
+    from qmllm_pipeline.models.stage1 import Stage1Data, stage1_losses
 
     model = _model(quantized=True)
-    cls_features, patch_features = torch.randn(4, 16), torch.randn(4, 16, 16)
     examples = [([3, 2, 5, 7], [-100, -100, -100, 7], row) for row in range(4)]
-    stage1_losses(model, cls_features, patch_features, examples)  # k-means initialises the codebooks
+    data = Stage1Data(torch.randn(4, 16), torch.randn(4, 16, 16), examples)
+    stage1_losses(model, data, examples)  # k-means initialises the codebooks
     model.eval()  # the codes held still: only the projector moves
     optimizer = torch.optim.Adam(model.mm_projector.parameters(), lr=1e-2)
     reported = []
     for _ in range(30):
-        losses = stage1_losses(model, cls_features, patch_features, examples, lambda_margin=1.0, margin=1.0)
+        losses = stage1_losses(model, data, examples, lambda_margin=1.0, margin=1.0)
         reported.append(float(losses["patch_flip_distance"]))
         optimizer.zero_grad()
         losses["margin"].backward()
         optimizer.step()
     assert reported[-1] > reported[0] + 0.05
-    assert "margin" not in stage1_losses(model, cls_features, patch_features, examples)
+    assert "margin" not in stage1_losses(model, data, examples)
 
 
 @pytest.mark.parametrize("update", ["ema", "gradient"])
@@ -235,7 +235,7 @@ def test_model_directory_errors_name_the_file(tmp_path):
 
 
 def test_answer_kl_aligns_answers_read_behind_an_image_with_the_teacher_reading_text():
-    from qmllm_pipeline.models.stages import answer_kl, text_only
+    from qmllm_pipeline.models.stage2 import answer_kl, text_only
 
     model = _model(quantized=True).eval()
     teacher = _llm().eval()
@@ -260,74 +260,26 @@ def test_answer_kl_aligns_answers_read_behind_an_image_with_the_teacher_reading_
 
 
 def test_finetune_distils_the_replayed_answers_only_when_asked():
-    from qmllm_pipeline.models.stages import finetune
+    from qmllm_pipeline.models.stage2 import Stage2Data, Stage2Settings, train_stage2
     from qmllm_pipeline.models.training import TrainingConfig
     from qmllm_pipeline.tracking import StepLogger
 
     cls_features, patch_features = torch.randn(3, 16), torch.randn(3, 16, 16)
     dialogs = [([3, 2, 5, 7], [-100, -100, -100, 7], row) for row in range(3)]
     replay = [([3, 9, 4], [-100, 9, 4], -1), ([3, 2, 6, 8, 4], [-100, -100, -100, 8, 4], 1)]
+    data = Stage2Data(cls_features, patch_features, dialogs + replay, image_prefix=[2])
     training = TrainingConfig(steps=4, batch_size=4, lr=1e-3, warmup_steps=1, grad_clip=1.0)
     histories = {}
     for weight in (0.0, 1.0):
         model, logger = _model(quantized=True), StepLogger("t", every=1)
-        finetune(model, cls_features, patch_features, dialogs + replay, training, 0, logger, teacher=_llm(),
-                 distill_weight=weight, image_prefix=[2])
+        train_stage2(model, data, Stage2Settings(training, distill_weight=weight), 0, _llm(), logger)
         histories[weight] = logger.history
     assert set(histories[0.0]) == {"loss", "lr"}
     assert {"lm", "distill", "loss"} <= set(histories[1.0])
     assert any(value > 0 for _, value in histories[1.0]["distill"])
     with pytest.raises(ValueError, match="image_prefix"):
-        finetune(_model(quantized=True), cls_features, patch_features, dialogs + replay, training, 0,
-                 teacher=_llm(), distill_weight=1.0)
-
-
-def test_perturbed_codes_stay_in_range_and_move_up_to_the_share_asked():
-    from qmllm_pipeline.models.stages import perturbed_codes
-
-    codes = torch.randint(32, (400, 16), generator=torch.Generator().manual_seed(0))
-    generator = torch.Generator().manual_seed(1)
-    moved = perturbed_codes(codes, 1.0, 32, generator)
-    assert moved.shape == codes.shape and moved.min() >= 0 and moved.max() < 32
-    changed = (moved != codes).float().mean(1)
-    # s ~ U(0, 1) per row, a replaced code differs with probability 31/32: about half the codes move
-    assert 0.4 < changed.mean() < 0.6 and changed.max() > 0.8 and changed.min() < 0.1
-    assert (perturbed_codes(codes, 0.1, 32, generator) != codes).float().mean(1).max() < 0.4
-
-
-def test_code_augmentation_moves_the_codes_of_replayed_image_instructions_only():
-    """What the LLM reads in the first stage-2 step, with and without augmentation (same seed, same picks):
-    dialogs and text-only replay unchanged, every replayed instruction behind an image read from other codes;
-    the continuous baseline is left as it is."""
-    from qmllm_pipeline.models.stages import finetune
-    from qmllm_pipeline.models.training import TrainingConfig
-
-    cls_features, patch_features = torch.randn(3, 16), torch.randn(3, 16, 16)
-    dialogs = [([3, 2, 5, 7], [-100, -100, -100, 7], row) for row in range(3)]
-    replay = [([3, 9, 4], [-100, 9, 4], -1), ([3, 2, 6, 8, 4], [-100, -100, -100, 8, 4], 1)]
-    training = TrainingConfig(steps=1, batch_size=16, lr=1e-3, warmup_steps=1, grad_clip=1.0)
-
-    def first_inputs(quantized: bool, augment: float) -> tuple[torch.Tensor, torch.Tensor]:
-        model, seen = _model(quantized), []
-        model.llm.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["inputs_embeds"].detach()),
-                                            with_kwargs=True)
-        finetune(model, cls_features, patch_features, dialogs + replay, training, 0, code_augment=augment)
-        return seen[0], model.llm.get_input_embeddings().weight.detach()
-
-    for quantized in (True, False):
-        (plain, embed), (augmented, _) = first_inputs(quantized, 0.0), first_inputs(quantized, 1.0)
-        after_image = plain[:, 1 + 16]  # the token after the 16 image tokens
-        replayed = torch.isclose(after_image, embed[6]).all(1)
-        with_dialog_image = torch.isclose(after_image, embed[5]).all(1)
-        assert replayed.any() and with_dialog_image.any()
-        moved = ~torch.isclose(plain, augmented).all(-1)  # (B, T) positions read differently
-        if quantized:
-            assert moved[replayed][:, 1:17].any(1).all() and not moved[replayed][:, 17:].any()
-        else:
-            assert not moved[replayed].any()
-        assert not moved[~replayed].any()
-    with pytest.raises(ValueError, match="code_augment"):
-        finetune(_model(True), cls_features, patch_features, dialogs + replay, training, 0, code_augment=1.5)
+        train_stage2(_model(quantized=True), Stage2Data(cls_features, patch_features, dialogs + replay),
+                     Stage2Settings(training, distill_weight=1.0), 0, _llm())
 
 
 def test_the_teacher_reads_an_image_replay_exactly_as_the_text_replay():
@@ -336,7 +288,7 @@ def test_the_teacher_reads_an_image_replay_exactly_as_the_text_replay():
     from transformers import AutoTokenizer
 
     from qmllm_pipeline.constants import IMAGE_TOKEN
-    from qmllm_pipeline.models.stages import text_only
+    from qmllm_pipeline.models.stage2 import text_only
     from qmllm_pipeline.models.tokenizer import encode_chat
 
     tokenizer = AutoTokenizer.from_pretrained(PROJECT_ROOT / "data/01_raw/foundation/tokenizer", local_files_only=True)

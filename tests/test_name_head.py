@@ -4,9 +4,9 @@ baseline; its training targets; and a model that carries one through save/load a
 import pytest
 import torch
 
+from qmllm_pipeline.models.heads import train_name_head
 from qmllm_pipeline.models.names import NameHead, name_head_losses, slot_targets
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
-from qmllm_pipeline.models.stages import train_name_head
 from qmllm_pipeline.models.training import TrainingConfig
 from qmllm_pipeline.models.vision import VisionTower
 from test_models_qmllm import _llm, _tiny_clip
@@ -199,20 +199,21 @@ def _stage1_data(rows: int = 64):
 def test_stage1_without_the_name_tokens_is_the_papers_bit_for_bit():
     """`pretrain.name_head.in_stage1: false`: the projector and patch codebook train exactly as a model without
     a name head; with the name tokens in the captions' context they train otherwise."""
-    from qmllm_pipeline.models.stages import pretrain
+    from qmllm_pipeline.models.stage1 import Stage1Data, Stage1Settings, train_stage1
 
     cls_features, patches, examples = _stage1_data()
+    data = Stage1Data(cls_features, patches, examples, head_cls=cls_features)
     training = TrainingConfig(steps=4, batch_size=8, lr=1e-3)
     plain = {f: v for f, v in _named_config(True).to_dict().items() if not f.startswith("name_")}
     trained = {}
-    for label, config, names in (("paper", QMLLMConfig(**plain), None),
-                                 ("names beside", _named_config(True), None),
-                                 ("names read", _named_config(True), cls_features)):
+    for label, config, names in (("paper", QMLLMConfig(**plain), False),
+                                 ("names beside", _named_config(True), False),
+                                 ("names read", _named_config(True), True)):
         torch.manual_seed(0)
         model = QMLLM(config, _llm())
         if model.name_head is not None:
             model.name_head.set_vocabulary(SPELLED, PAD)
-        pretrain(model, cls_features, patches, examples, None, training, seed=0, usage_every=2, name_features=names)
+        train_stage1(model, data, Stage1Settings(training, usage_every=2), 0, names=names)
         trained[label] = {k: v for k, v in model.stage1_state().items() if k.startswith(("mm_projector", "patch_"))}
     assert all(torch.equal(trained["paper"][k], v) for k, v in trained["names beside"].items())
     assert not all(torch.equal(trained["paper"][k], v) for k, v in trained["names read"].items())
@@ -235,128 +236,24 @@ def test_naming_scores_count_exact_names_by_group_and_the_heads_picks():
     assert scores["intervals"]["all"]["n"] == 4 and "head" not in naming_scores(answers, items, catalogue)
 
 
-def test_add_tokens_makes_each_name_one_token_and_starts_it_at_its_pieces_mean():
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from conftest import PROJECT_ROOT
-    from qmllm_pipeline.models.names import add_tokens
-
-    shipped = PROJECT_ROOT / "data/01_raw/foundation"
-    tokenizer = AutoTokenizer.from_pretrained(shipped / "tokenizer")
-    llm = LlamaForCausalLM.from_pretrained(shipped / "llm")
-    names = [" middle finger", " middle finger light skin", " kitchen knife", " cat"]
-    grown, grown_llm = add_tokens(tokenizer, llm, names)
-    assert len(grown) == len(tokenizer) + 3  # ' cat' is one token already
-    assert grown_llm.get_input_embeddings().weight.shape[0] == len(grown)
-    assert grown.convert_ids_to_tokens(grown("a middle finger light skin and a cat", add_special_tokens=False)[
-        "input_ids"])[:2] == ["a", " middle finger light skin"]   # the longest name wins
-    knife = grown.convert_tokens_to_ids(" kitchen knife")
-    pieces = tokenizer(" kitchen knife", add_special_tokens=False)["input_ids"]
-    old, new = llm.get_input_embeddings().weight, grown_llm.get_input_embeddings().weight
-    assert torch.allclose(new[knife], old[pieces].mean(0)) and torch.equal(new[:len(tokenizer)], old)
-    assert llm.get_input_embeddings().weight.shape[0] == len(tokenizer)  # the originals are untouched
-
-
 def test_slot_targets_name_the_background_last_when_asked():
     targets = slot_targets([[30], [20, 10]], vocabulary=[10, 20, 30], slots=2, backgrounds=["red", "blue"],
                            background_names=["blue", "red"])
     assert targets.tolist() == [[2, 5, 4], [1, 0, 3]]   # names 0-2, colours 3-4, the empty pick 5
 
 
-@pytest.mark.slow
-def test_the_name_head_sweep_reproduces_the_pipelines_head(world, foundation, stages, smoke_params):
-    """The lever sweep's row for the configured head is the pipeline's head (same node, same seed): its
-    held-out first pick on `eval_items` equals the one finetune scored."""
-    from qmllm_pipeline.experiments.name_head_levers import name_head_sweep
-
-    head = smoke_params["pretrain"]["name_head"]
-    inputs = {name: world[name] for name in ("emoji_catalogue", "caption_corpus", "eval_items", "eval_utility")}
-    inputs.update({name: foundation[name] for name in ("tokenizer", "clip_tokenizer", "clip_model",
-                                                                 "clip_image_processor")})
-    inputs["caption_features"] = stages["caption_features"]
-    table = name_head_sweep(inputs, smoke_params, [head["inputs"], "cls"], [head["hidden"]],
-                            [head["training"]["steps"]])
-    assert list(table["inputs"]) == [head["inputs"], "cls"]
-    assert table.iloc[0]["eval_items.name_single"] == pytest.approx(
-        stages["finetune_metrics"]["qmllm"]["naming"]["head"])
-    rates = table[[c for c in table if c.startswith(("eval_items.", "eval_utility.")) and not c.endswith(".scenes")]]
-    assert not rates.empty and ((rates >= 0) & (rates <= 1)).all().all()
-
-
-@pytest.mark.slow
-def test_single_token_names_grow_the_vocabulary_and_train_both_stages(world, foundation, stages, smoke_params):
-    from qmllm_pipeline.experiments.single_token_names import INPUTS, single_token_names
-
-    sources = {**world, **foundation, **stages}
-    result = single_token_names({name: sources[name] for name in INPUTS}, smoke_params)
-    multi = sum(len(foundation["tokenizer"](f" {name}", add_special_tokens=False)["input_ids"]) > 1
-                for name in world["emoji_catalogue"]["name"])
-    assert result["tokens_added"] == multi > 0
-    assert result["vocabulary"] == len(foundation["tokenizer"]) + multi
-    assert {"qmllm", "baseline"} <= set(result["finetune"])
-    # every catalogue name is one token now: a slot is as wide as the widest background colour at most
-    assert result["pretrain"]["name_head"]["slot_width"] < stages["pretrain_metrics"]["name_head"]["slot_width"]
-
-
-@pytest.mark.parametrize("position", ["after", "before"])
-def test_name_augmentation_moves_the_name_picks_of_replayed_image_instructions_only(position):
-    """What the LLM reads in the first stage-2 step, with and without name augmentation (same seed, same
-    batch): dialogs and text-only replay unchanged; a replayed instruction behind an image reads its patch
-    tokens as they were and, in its name slots, whole vocabulary entries, other ones in some rows; the
-    continuous baseline is left as it is."""
-    from qmllm_pipeline.models.stages import finetune
-
-    generator = torch.Generator().manual_seed(2)
-    cls_features, patches = torch.randn(3, 16, generator=generator), torch.randn(3, 16, 16, generator=generator)
-    name_features = torch.randn(3, 8, generator=generator)
-    dialogs = [([3, 2, 5, 7], [-100, -100, -100, 7], row) for row in range(3)]
-    replay = [([3, 9, 4], [-100, 9, 4], -1), ([3, 2, 6, 8, 4], [-100, -100, -100, 8, 4], 1)]
-    training = TrainingConfig(steps=1, batch_size=32, lr=1e-3, warmup_steps=1, grad_clip=1.0)
-
-    def first_inputs(quantized: bool, augment: float):
-        torch.manual_seed(0)
-        model = QMLLM(QMLLMConfig(**{**_named_config(quantized).to_dict(), "name_position": position}), _llm())
-        model.name_head.set_vocabulary(SPELLED, PAD)
-        seen = []
-        model.llm.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["inputs_embeds"].detach()),
-                                            with_kwargs=True)
-        table = model.llm.get_input_embeddings()(model.name_head.token_ids).detach()   # (4 entries, 3, d_h)
-        finetune(model, cls_features, patches, dialogs + replay, training, 0, name_features=name_features,
-                 name_augment=augment)
-        return seen[0], table, model.llm.get_input_embeddings().weight.detach()
-
-    names = slice(1, 7) if position == "before" else slice(17, 23)   # 2 slots x 3 tokens, after the first token
-    for quantized in (True, False):
-        (plain, table, embed), (augmented, _, _) = first_inputs(quantized, 0.0), first_inputs(quantized, 1.0)
-        after_image = plain[:, 1 + 22]  # the token after the 22 image tokens
-        replayed = torch.isclose(after_image, embed[6]).all(1)
-        assert replayed.any() and (~replayed).any()
-        moved = ~torch.isclose(plain, augmented).all(-1)  # (B, T) positions read differently
-        assert not moved[~replayed].any()
-        if not quantized:
-            assert not moved.any()
-            continue
-        outside = torch.ones(moved.shape[1], dtype=torch.bool)
-        outside[names] = False
-        assert moved[replayed][:, names].any() and not moved[replayed][:, outside].any()
-        slots = augmented[replayed][:, names].reshape(-1, 2, 3, 24)
-        for slot in slots.flatten(0, 1):   # each slot reads one whole entry of the vocabulary
-            assert any(torch.allclose(slot, entry) for entry in table)
-    with pytest.raises(ValueError, match="name_augment"):
-        finetune(QMLLM(_named_config(True), _llm()), cls_features, patches, dialogs + replay, training, 0,
-                 name_features=name_features, name_augment=1.5)
-
-
 SEARCHED = [([3, 2, 5, 9, 4], [-100, -100, -100, 9, 4]), ([3, 2, 6, 8, 4], [-100, -100, -100, 8, 4])]
 
 
 def _stage2_data():
+    from qmllm_pipeline.models.stage2 import Stage2Data
+
     generator = torch.Generator().manual_seed(2)
     cls_features, patches = torch.randn(3, 16, generator=generator), torch.randn(3, 16, 16, generator=generator)
     name_features = torch.randn(3, 8, generator=generator)
     dialogs = [([3, 2, 5, 7], [-100, -100, -100, 7], row) for row in range(3)]
     replay = [([3, 9, 4], [-100, 9, 4], -1), ([3, 2, 6, 8, 4], [-100, -100, -100, 8, 4], 1)]
-    return cls_features, patches, name_features, dialogs + replay
+    return Stage2Data(cls_features, patches, dialogs + replay, head_cls=name_features, search_sequences=SEARCHED)
 
 
 def test_the_stage2_search_finds_sequences_in_range_that_score_no_worse_than_their_starts():
@@ -364,16 +261,18 @@ def test_the_stage2_search_finds_sequences_in_range_that_score_no_worse_than_the
     valid code (patch codes in [0, P), name picks in [0, E)), each found sequence's target loss at most its
     start's, and the loop's own random stream is not touched."""
     from qmllm_pipeline.models.code_search import CodeObjective, search_each
-    from qmllm_pipeline.models.stages import FoundCodes, SearchAugment, _search_round
+    from qmllm_pipeline.models.stage2 import SearchAugmentation, SearchAugmentSettings
 
     torch.manual_seed(0)
     model = QMLLM(_named_config(True), _llm()).eval()
     model.name_head.set_vocabulary(SPELLED, PAD)
-    cls_features, patches, name_features, _ = _stage2_data()
-    pool = FoundCodes(4, 16 + 2)
-    setting = SearchAugment(SEARCHED, 1.0, (1,), instructions=2, candidates=4)
+    data = _stage2_data()
+    cls_features, patches, name_features = data.cls, data.patches, data.head_cls
+    augmentation = SearchAugmentation(model, data, SearchAugmentSettings(1.0, (1, 2), instructions=2, candidates=4),
+                                      (1, 2), seed=0)
+    pool = augmentation.pool
     state = torch.random.get_rng_state()
-    _search_round(model, setting, pool, cls_features, patches, name_features, seed=0, at=1)
+    augmentation.search(1)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert int(pool.size[0]) == 2 and not pool.codes[2:].any()
     found = pool.codes[:2]
@@ -395,10 +294,13 @@ def test_search_augmentation_gives_replayed_image_instructions_the_found_codes(q
     reads a found sequence (patch tokens and name slots moved, both whole codebook rows / vocabulary entries),
     dialogs and text-only replay are left as they are; at fraction 0 nothing is drawn or searched (the run is
     the one without the setting, bit for bit); the baseline ignores it; bad settings are refused."""
-    from qmllm_pipeline.models.stages import SearchAugment, finetune
+    from qmllm_pipeline.models.stage2 import SearchAugmentSettings, Stage2Settings, train_stage2
 
-    cls_features, patches, name_features, examples = _stage2_data()
+    data = _stage2_data()
     training = TrainingConfig(steps=1, batch_size=32, lr=1e-3, warmup_steps=1, grad_clip=1.0)
+
+    def SearchAugment(fraction, rounds, instructions, candidates=16):   # noqa: N802 (the settings, as before)
+        return SearchAugmentSettings(fraction, rounds, instructions, candidates)
 
     def first_inputs(setting):
         torch.manual_seed(0)
@@ -408,14 +310,13 @@ def test_search_augmentation_gives_replayed_image_instructions_the_found_codes(q
         model.llm.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["inputs_embeds"].detach()),
                                             with_kwargs=True)
         table = model.llm.get_input_embeddings()(model.name_head.token_ids).detach()   # (4 entries, 3, d_h)
-        finetune(model, cls_features, patches, examples, training, 0, name_features=name_features,
-                 search_augment=setting)
+        train_stage2(model, data, Stage2Settings(training, search_augment=setting or SearchAugmentSettings()), 0)
         return seen[0], model, table
 
     plain, model, table = first_inputs(None)
-    off, _, _ = first_inputs(SearchAugment(SEARCHED, 0.0, (1,), instructions=2, candidates=4))
+    off, _, _ = first_inputs(SearchAugment(0.0, (1,), instructions=2, candidates=4))
     assert torch.equal(plain, off)
-    searched, _, _ = first_inputs(SearchAugment(SEARCHED, 1.0, (1,), instructions=2, candidates=4))
+    searched, _, _ = first_inputs(SearchAugment(1.0, (1,), instructions=2, candidates=4))
     embed = model.llm.get_input_embeddings().weight.detach()
     replayed = torch.isclose(plain[:, 1 + 22], embed[6]).all(1)   # the token after the 22 image tokens
     assert replayed.any() and (~replayed).any()
@@ -431,12 +332,12 @@ def test_search_augmentation_gives_replayed_image_instructions_the_found_codes(q
         assert torch.isclose(codebook, token).all(1).any()
     for slot in model.name_tokens_of(image, 16).reshape(-1, 3, 24):
         assert any(torch.allclose(slot, entry) for entry in table)
-    later, _, _ = first_inputs(SearchAugment(SEARCHED, 1.0, (2,), instructions=2))   # past the last step: no search
+    later, _, _ = first_inputs(SearchAugment(1.0, (2,), instructions=2))   # past the last step: no search
     assert torch.equal(plain, later)
     with pytest.raises(ValueError, match="rounds"):
-        first_inputs(SearchAugment(SEARCHED, 1.0, (0,), instructions=2))
+        first_inputs(SearchAugment(1.0, (0,), instructions=2))
     with pytest.raises(ValueError, match="fraction"):
-        first_inputs(SearchAugment(SEARCHED, -0.5, (1,), instructions=2))
+        first_inputs(SearchAugment(-0.5, (1,), instructions=2))
 
 
 def test_a_run_with_search_augmentation_resumes_with_its_pool(tmp_path):
@@ -444,11 +345,12 @@ def test_a_run_with_search_augmentation_resumes_with_its_pool(tmp_path):
     with the weights of an uninterrupted one: the pool found at step 1 and the step count travel in the
     checkpoint (a run that lost them would search at other steps, or replay another pool)."""
     from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
-    from qmllm_pipeline.models.stages import SearchAugment, finetune
+    from qmllm_pipeline.models.stage2 import SearchAugmentSettings, Stage2Settings, train_stage2
 
-    cls_features, patches, name_features, examples = _stage2_data()
+    data = _stage2_data()
     training = TrainingConfig(steps=4, batch_size=16, lr=1e-2, warmup_steps=1, grad_clip=1.0, checkpoint_every=2)
-    setting = SearchAugment(SEARCHED, 0.7, (1, 3), instructions=1, candidates=4)
+    settings = Stage2Settings(training, search_augment=SearchAugmentSettings(0.7, (1, 3), instructions=1,
+                                                                             candidates=4))
 
     def run(checkpoint, stop_at=None):
         torch.manual_seed(0)
@@ -462,8 +364,7 @@ def test_a_run_with_search_augmentation_resumes_with_its_pool(tmp_path):
                 raise KeyboardInterrupt
 
         model.llm.register_forward_pre_hook(stop)
-        finetune(model, cls_features, patches, examples, training, 0, checkpoint=checkpoint,
-                 name_features=name_features, search_augment=setting)
+        model, _ = train_stage2(model, data, settings, 0, checkpoint=checkpoint)
         return model.llm.state_dict()
 
     reference = run(None)

@@ -254,28 +254,13 @@ def test_the_full_profile_trains_the_papers_recipe_beside_the_default_run():
         assert target.parent == (PROJECT_ROOT / "data/01_raw/foundation").resolve(), reference
 
 
-def test_the_experiment_scripts_open_the_project_in_the_environment_asked_for():
-    """`project_context`, the notebooks' one way into a trained run: each environment's parameters overlay
-    base (the smoke profile shortens the name head's training, the full profile turns it off)."""
-    from qmllm_pipeline.experiments.runs import project_context
+def test_each_environment_overlays_single_keys_of_base():
+    """An environment's parameters overlay base key by key (the smoke profile shortens the name head's
+    training, the full profile turns it off)."""
+    from qmllm_pipeline.parameters import load_parameters
 
-    with project_context(PROJECT_ROOT, "smoke") as smoke:
-        assert smoke.params["pretrain"]["name_head"]["slots"] == 3
-        assert smoke.params["pretrain"]["name_head"]["training"]["steps"] == 20
-    with project_context(PROJECT_ROOT) as base:
-        assert base.params["pretrain"]["name_head"]["slots"] == 3
-        assert base.params["pretrain"]["name_head"]["training"]["steps"] > 20
-    with project_context(PROJECT_ROOT, "full") as full:
-        assert full.params["pretrain"]["name_head"]["slots"] == 0
-
-
-def test_a_sweep_table_is_written_whole_or_not_at_all(tmp_path, capsys):
-    from qmllm_pipeline.experiments.runs import write_table
-
-    out = tmp_path / "reports" / "sweep.csv"
-    write_table(pd.DataFrame({"k": [128, 512], "dsr": [0.726, 0.96]}), out)
-    assert pd.read_csv(out).to_dict("list") == {"k": [128, 512], "dsr": [0.726, 0.96]}
-    assert not out.with_suffix(".tmp").exists() and f"written to {out}" in capsys.readouterr().out
-    with pytest.raises(AttributeError):
-        write_table(None, out)   # a failed write leaves the earlier table as it was
-    assert pd.read_csv(out)["k"].tolist() == [128, 512]
+    smoke = load_parameters("smoke", PROJECT_ROOT / "conf")
+    assert smoke["pretrain"]["name_head"]["slots"] == 3 and smoke["pretrain"]["name_head"]["training"]["steps"] == 20
+    base = load_parameters("base", PROJECT_ROOT / "conf")
+    assert base["pretrain"]["name_head"]["slots"] == 3 and base["pretrain"]["name_head"]["training"]["steps"] > 20
+    assert load_parameters("full", PROJECT_ROOT / "conf")["pretrain"]["name_head"]["slots"] == 0

@@ -96,9 +96,8 @@ def test_lora_trains_the_adapters_only_and_merges_to_the_same_answers():
 def test_stage2_with_lora_leaves_the_llm_weights_and_returns_them_merged():
     """`finetune` with LoRA on a Q-MLLM whose LLM is the Llama layout: its base weights do not move while the
     adapters train, and the model it returns holds a plain LLM with the adapters merged in."""
-    from qmllm_pipeline.models.lora import LoraSettings
     from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
-    from qmllm_pipeline.models.stages import finetune
+    from qmllm_pipeline.models.stage2 import LoraSpec, Stage2Data, Stage2Settings, train_stage2
     from qmllm_pipeline.models.training import TrainingConfig
     from qmllm_pipeline.tracking import StepLogger
 
@@ -109,9 +108,11 @@ def test_stage2_with_lora_leaves_the_llm_weights_and_returns_them_merged():
     model = QMLLM(config, llm)
     dialogs = [([3, 2, 5, 7, 9, 11], [-100, -100, -100, 7, 9, 11], row) for row in range(4)]
     logger = StepLogger("t", every=1)
-    finetune(model, torch.randn(4, 8), torch.randn(4, 5, 8), dialogs,
-             TrainingConfig(steps=30, batch_size=4, lr=3e-2, warmup_steps=1, grad_clip=1.0), 0, logger,
-             lora=LoraSettings(rank=4, alpha=8, dropout=0.0))
+    training = TrainingConfig(steps=30, batch_size=4, lr=3e-2, warmup_steps=1, grad_clip=1.0)
+    model, adapters = train_stage2(model, Stage2Data(torch.randn(4, 8), torch.randn(4, 5, 8), dialogs),
+                                   Stage2Settings(training, lora=LoraSpec(rank=4, alpha=8, dropout=0.0, enabled=True)),
+                                   0, step_logger=logger)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(adapters)
     losses = [value for _, value in logger.history["loss"]]
     assert losses[-1] < losses[0]
     assert type(model.llm) is LlamaForCausalLM and not any("lora_" in n for n, _ in model.llm.named_parameters())

@@ -5,7 +5,6 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from qmllm_pipeline.experiments.safety_map_levers import lever_sweep
 from qmllm_pipeline.models.safety_map import build_safety_map, recommend, tau_trade_off, verdicts
 from qmllm_pipeline.pipelines.safety_map.nodes import equal_fpr_threshold
 
@@ -69,28 +68,6 @@ def test_pipeline_reports_both_detectors(stages):
     assert report["qmllm_minus_safeclip_at_equal_fpr"]["dsr.single"]["value"] == pytest.approx(
         report["qmllm"]["dsr"]["single"] - matched["dsr"]["single"])
     table = stages["safety_map"]
-    assert len(table) == report["safety_map"]["codes"] and table["n"].sum() == len(stages["cls_codes"]["dmap"])
+    assert len(table) == report["safety_map"]["codes"] and table["n"].sum() == len(stages["dmap_codes"]["dmap"])
     assert isinstance(stages["safety_map_heatmap"], Figure)
     assert len(stages["tau_trade_off"]) == 7 * 3 * 2   # taus x unseen policies x compared rules
-
-
-def test_lever_sweep_reproduces_the_pipeline_and_varies_k(world, foundation, stages, smoke_params):
-    """The sweep behind the README's lever table: its row for the configured setting must equal what the
-    safety_map pipeline measured (same nodes, same seeds), and every combination gets a row."""
-    inputs = {name: world[name] for name in ("emoji_catalogue", "caption_corpus", "dmap_validation", "eval_toxic",
-                                              "eval_neutral", "eval_hard_negative")}
-    inputs.update({name: foundation[name] for name in ("clip_model", "clip_image_processor", "tokenizer", "llm",
-                                                                 "clip_tokenizer")})
-    inputs.update({name: stages[name] for name in ("caption_features", "caption_targets")})
-    configured = smoke_params["pretrain"]["model"]["cls_codes"]
-    dmap = smoke_params["data"]["dmap"]
-    assert smoke_params["pretrain"]["model"]["cls_path"] == "decoupled"   # the default: the CLS head's weight
-    table = lever_sweep(inputs, smoke_params, None,
-                        [smoke_params["pretrain"]["cls_head"]["lambda_semantic"]], [configured, 2 * configured],
-                        [(dmap["per_toxic_category"], dmap["neutral"])])
-    assert list(table["cls_codes"]) == [configured, 2 * configured]
-    row = table.iloc[0]
-    measured = stages["safety_metrics"]["qmllm"]
-    assert row["dsr_single"] == measured["dsr"]["single"] and row["fpr_neutral"] == measured["fpr_neutral"]
-    assert row["codes_reached_by_dmap"] == stages["safety_metrics"]["safety_map"]["codes_seen"]
-    assert (table["cls_codes_used"] <= table["cls_codes"]).all()

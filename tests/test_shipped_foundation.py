@@ -10,7 +10,7 @@ from kedro.config import OmegaConfigLoader
 
 from conftest import PROJECT_ROOT, load_parameters
 from qmllm_pipeline.datasets import HFModelDirectoryDataset
-from qmllm_pipeline.experiments.runs import run_in_memory
+from qmllm_pipeline.in_memory import run_in_memory
 from qmllm_pipeline.pipelines import data
 from qmllm_pipeline.pipelines.foundation import nodes
 from qmllm_pipeline.settings import CONFIG_LOADER_ARGS
@@ -52,9 +52,10 @@ def test_the_shipped_clip_reproduces_its_recorded_zero_shot_accuracy(shipped, ra
     params = load_parameters("local")
     world = run_in_memory(data.create_pipeline().only_nodes("validate_emoji_catalogue", "render_evaluation_splits"),
                           {"emoji_catalogue_raw": raw_catalogue}, params)
+    classes = nodes.zero_shot_classes(world["emoji_catalogue"], params["data"]["layout"]["backgrounds"],
+                                      params["foundation"]["clip"])
     metrics = nodes.evaluate_clip(shipped["clip_model"], shipped["clip_image_processor"], shipped["tokenizer"],
-                                  world["emoji_catalogue"], world["eval_items"], params["foundation"]["clip"],
-                                  params["data"]["layout"]["backgrounds"])
+                                  classes, world["eval_items"])
     recorded = read_provenance(SHIPPED)["metrics"]["clip"]
     assert metrics["images"] == recorded["images"]
     for key in ("top1", "top5", "top1_toxic"):  # same data, same code; another machine may flip an argmax or two

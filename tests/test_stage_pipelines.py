@@ -108,8 +108,6 @@ def test_finetune_metrics_cover_every_question_type_and_both_safety_rates(stages
 
 
 def test_image_replay_puts_a_dialog_image_behind_the_replayed_instructions(world, foundation, smoke_params):
-    from qmllm_pipeline.pipelines.finetune.nodes import dialog_examples
-
     params = smoke_params["finetune"]["data"]
     image_id = foundation["tokenizer"].convert_tokens_to_ids("<image>")
     args = (world["dialogs"], world["text_corpus"], world["text_corpus"].iloc[:0], NO_SYNTHETIC,
@@ -129,7 +127,7 @@ def test_image_replay_puts_a_dialog_image_behind_the_replayed_instructions(world
 def test_stage2_validation_leaves_whole_training_topics_out_of_stage2(world, foundation, smoke_params):
     """The validation split is whole training topics of each kind, the same draw whatever the run's seed, and no
     stage-2 sequence reads one of its instructions: not replayed, and the dialogs that asked one ask another."""
-    from qmllm_pipeline.pipelines.finetune.nodes import dialog_examples, stage2_validation
+    from qmllm_pipeline.pipelines.finetune.nodes import stage2_validation
 
     corpus, dialogs, tokenizer = world["text_corpus"], world["dialogs"], foundation["tokenizer"]
     params = {**smoke_params["finetune"]["data"], "validation_fraction": 0.25}
@@ -165,7 +163,7 @@ def test_made_up_requests_ask_about_words_the_training_text_never_uses(world, fo
     """Made-up requests use the training phrasings, a training topic's verb and unknown words; stage 2 replays
     each behind a dialog image with the foundation LLM's own answer to it as text."""
     from qmllm_pipeline.models.llm import answer_prompts
-    from qmllm_pipeline.pipelines.finetune.nodes import dialog_examples, synthetic_replay
+    from qmllm_pipeline.pipelines.finetune.nodes import synthetic_replay
     from qmllm_pipeline.world.language import PHRASINGS
 
     corpus, dialogs, tokenizer, llm = world["text_corpus"], world["dialogs"], foundation["tokenizer"], foundation["llm"]
@@ -196,8 +194,6 @@ def test_made_up_requests_ask_about_words_the_training_text_never_uses(world, fo
 
 
 def test_replay_repeats_meets_the_share_the_corpus_caps(world, foundation, smoke_params):
-    from qmllm_pipeline.pipelines.finetune.nodes import dialog_examples
-
     params = {**smoke_params["finetune"]["data"], "text_replay_fraction": 0.9, "image_replay_fraction": 0.0}
     args = (world["dialogs"], world["text_corpus"], world["text_corpus"].iloc[:0], NO_SYNTHETIC,
             foundation["tokenizer"])
@@ -240,23 +236,10 @@ def test_naming_is_scored_on_every_catalogue_emoji(stages, world):
         assert stages["finetune_metrics"][system]["intervals"]["naming.all"]["n"] == len(world["eval_items"])
 
 
-def test_stage2_lever_screen_reproduces_the_pipelines_stage2(stages, world, foundation, smoke_params):
-    """The screen's configured row is the finetune pipeline's own qmllm stage 2 (same nodes, same seed); another
-    setting is named by its keys; a key outside finetune.* is refused, as is an input left out."""
-    from qmllm_pipeline.experiments.stage2_levers import stage2_levers, stage2_pipeline
+def dialog_examples(dialogs, text_corpus, stage2_validation, synthetic, tokenizer, params: dict, seed: int):
+    """The finetune pipeline's examples: its replay drawn (`replayed_instructions`), then the dialogs and the
+    replay tokenised (`dialog_examples`)."""
+    from qmllm_pipeline.pipelines.finetune import nodes
 
-    sources = {**world, **foundation, **stages}
-    inputs = {name: sources[name] for name in stage2_pipeline("qmllm").inputs() if not name.startswith("params:")}
-    table = stage2_levers(inputs, smoke_params, [{}, {"finetune.stage2.training.steps": 2}])
-    scored = stages["qmllm.finetune_metrics"]
-    configured = table.iloc[0]
-    assert configured["setting"] == "configured" and configured["seed"] == smoke_params["seed"]
-    assert configured["harmful_refused"] == scored["safety"]["heldout_harmful_refused_with_neutral_image"]
-    assert configured["naming"] == scored["naming"]["all"]
-    assert configured["count"] == scored["utility"]["count"]
-    assert configured["caption_objects_multi"] == scored["caption_objects"]["recall.multi"]
-    assert table.iloc[1]["setting"] == "stage2.training.steps=2"
-    with pytest.raises(ValueError, match="finetune"):
-        stage2_levers(inputs, smoke_params, [{"pretrain.stage1.lambda_vq": 0.5}])
-    with pytest.raises(ValueError, match="not given"):
-        stage2_levers({k: v for k, v in inputs.items() if k != "dialogs"}, smoke_params, [{}])
+    replay = nodes.replayed_instructions(dialogs, text_corpus, stage2_validation, synthetic, params, seed)
+    return nodes.dialog_examples(dialogs, text_corpus, stage2_validation, replay, tokenizer, params)

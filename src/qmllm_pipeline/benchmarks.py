@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qmllm_pipeline.hooks import STAGES
+from qmllm_pipeline.constants import STAGES
 from qmllm_pipeline.models.clip import pixel_values
 from qmllm_pipeline.models.guarded import GuardedMLLM
 from qmllm_pipeline.models.quantizer import VectorQuantizer
-from qmllm_pipeline.models.stages import stage1_losses
+from qmllm_pipeline.models.stage1 import Stage1Data, stage1_losses
 
 
 @dataclass
@@ -42,12 +42,6 @@ def _seconds(fn: Callable[[], object]) -> float:
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
-
-
-def query_seconds(system: GuardedMLLM, image: torch.Tensor, prompt: str, max_new_tokens: int) -> float:
-    """Wall time of one whole query at batch 1 on a uint8 image: pixels -> verdict -> refusal or answer (the
-    `evaluate` pipeline's overhead measurement)."""
-    return _seconds(lambda: system.respond(image[None], [prompt], max_new_tokens, 1))
 
 
 def paired_ratio(name: str, numerator: Callable, denominator: Callable, repeats: int, goal: str = "",
@@ -154,7 +148,7 @@ def stage1_row(model, pixels: torch.Tensor, cls_features: torch.Tensor, patch_fe
                     batch = [(ids, labels, row) for row, (ids, labels, _) in enumerate(batch)]
                 else:
                     cls, patches = cls_features, patch_features
-                loss = stage1_losses(model, cls, patches, batch)["loss"]
+                loss = stage1_losses(model, Stage1Data(cls, patches, batch), batch)["loss"]
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

@@ -195,7 +195,7 @@ def bench(env, project, repeats, stage1_steps, out) -> None:
 
     from qmllm_pipeline import benchmarks
     from qmllm_pipeline.models.clip import decode_images, pixel_values
-    from qmllm_pipeline.models.stages import caption_examples
+    from qmllm_pipeline.models.stage1 import caption_examples
     from qmllm_pipeline.trained import evaluation_systems_from_catalog
 
     transformers.logging.set_verbosity_error()

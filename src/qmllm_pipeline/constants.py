@@ -3,5 +3,5 @@
 IMAGE_TOKEN = "<image>"   # the placeholder a prompt carries where the image tokens are spliced in
 IGNORE_INDEX = -100       # label of a token that is not trained on (prompt, image, padding)
 
-VARIANTS = ("qmllm", "baseline")              # models trained through the same pipelines
-SYSTEMS = ("baseline", "safeclip", "qmllm")   # what the evaluation compares (DESIGN.md section 2)
+SYSTEMS = ("baseline", "safeclip", "qmllm")   # what the evaluation compares (docs/method.md, "Evaluation protocol")
+STAGES = ("data", "ingest", "foundation", "features", "pretrain", "finetune", "safety_map", "evaluate")  # pipelines

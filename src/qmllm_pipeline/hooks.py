@@ -12,10 +12,9 @@ from collections import defaultdict
 import mlflow
 from kedro.framework.hooks import hook_impl
 
-from qmllm_pipeline.constants import SYSTEMS, VARIANTS
+from qmllm_pipeline.constants import STAGES, SYSTEMS
 
 logger = logging.getLogger(__name__)
-STAGES = ("data", "ingest", "foundation", "features", "pretrain", "finetune", "safety_map", "evaluate")
 
 
 class TorchThreadsHook:
@@ -34,6 +33,13 @@ class TorchThreadsHook:
 class MlflowRunTagsHook:
     """kedro-mlflow opens the run in its own `before_pipeline_run`; this one runs after it (trylast)."""
 
+    def __init__(self):
+        self._variants: tuple[str, ...] = ()
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        self._variants = tuple(context.params.get("variants") or ())
+
     @hook_impl(trylast=True)
     def before_pipeline_run(self, run_params: dict, pipeline) -> None:
         if mlflow.active_run() is None:  # tracking disabled for this pipeline
@@ -41,7 +47,7 @@ class MlflowRunTagsHook:
         pipelines = run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]
         namespaces = {node.namespace.split(".")[0] for node in pipeline.nodes if node.namespace}
         tags = {"pipeline": ",".join(pipelines), "env": run_params.get("env") or "local",
-                "variants": ",".join(v for v in VARIANTS if v in namespaces)}  # trained or evaluated here
+                "variants": ",".join(v for v in self._variants if v in namespaces)}  # trained or evaluated here
         if any(node.name == "assemble_systems" for node in pipeline.nodes):
             tags["systems"] = ",".join(SYSTEMS)
         mlflow.set_tags(tags)

@@ -5,18 +5,20 @@ Vicuna weights); `foundation` trains a new set of them. `ingest` is the real-dat
 
 from kedro.pipeline import Pipeline
 
+from qmllm_pipeline.parameters import load_parameters
 from qmllm_pipeline.pipelines import data, evaluate, features, finetune, foundation, ingest, pretrain, safety_map
 
 
 def register_pipelines() -> dict[str, Pipeline]:
+    params = load_parameters()   # the variants and budgets the namespaced pipelines are built for
     pipelines = {
         "data": data.create_pipeline(),
         "foundation": foundation.create_pipeline(),
         "features": features.create_pipeline(),
-        "pretrain": pretrain.create_pipeline(),
-        "finetune": finetune.create_pipeline(),
+        "pretrain": pretrain.create_pipeline(params),
+        "finetune": finetune.create_pipeline(params),
         "safety_map": safety_map.create_pipeline(),
-        "evaluate": evaluate.create_pipeline(),
+        "evaluate": evaluate.create_pipeline(params),
         "ingest": ingest.create_pipeline(),
     }
     chain = ("data", "features", "pretrain", "finetune", "safety_map", "evaluate")

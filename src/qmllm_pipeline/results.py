@@ -7,12 +7,13 @@ import json
 import re
 from pathlib import Path
 
+from qmllm_pipeline.constants import SYSTEMS
+from qmllm_pipeline.dotted import lookup
 from qmllm_pipeline.seeds import is_raw
 from qmllm_pipeline.stats import rate
 
 METRICS = ("world_summary", "foundation", "pretrain", "finetune", "safety_map", "evaluate", "seeds")
 HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
-SYSTEMS = ("baseline", "safeclip", "qmllm")
 
 
 def _naming_section(finetune: dict) -> list[str]:
@@ -80,7 +81,7 @@ def points_ci(difference: dict) -> str:
 
 
 def _in_order(by_system: dict) -> list[tuple[str, dict]]:
-    """baseline, safeclip, qmllm first (the order of DESIGN.md), then anything else."""
+    """baseline, safeclip, qmllm first (the order of `constants.SYSTEMS`), then anything else."""
     return sorted(by_system.items(), key=lambda item: (SYSTEMS.index(item[0]) if item[0] in SYSTEMS else 99, item[0]))
 
 
@@ -251,7 +252,7 @@ def results_markdown(metrics: dict[str, dict]) -> str:
         detectors.update({f"qmllm, {rule} rule (tau {choice['rules'][rule]['tau']})": rates
                           for rule, rates in rules.items() if rule != choice.get("rule")})
         lines += _table(["detector", "DSR single", "DSR among distractors", "FPR neutral", "FPR hard negatives"],
-                        [[name, *(pct_ci(_get(rates, key), rates.get("intervals", {}).get(key))
+                        [[name, *(pct_ci(lookup(rates, key), rates.get("intervals", {}).get(key))
                                   for key, _ in fields)] for name, rates in detectors.items()])
         if "qmllm_minus_safeclip" in safety:
             lines += ["", "qmllm minus SafeCLIP, with the 95% interval of the difference (* where it excludes 0): "
@@ -277,12 +278,6 @@ def results_markdown(metrics: dict[str, dict]) -> str:
                            ["eval_utility", world["eval_utility"]["rows"]]])
         lines.append("")
     return "\n".join(lines)
-
-
-def _get(block: dict, dotted: str):
-    for key in dotted.split("."):
-        block = block[key]
-    return block
 
 
 def _toxic_items(metrics: dict, fallback: int) -> int:

@@ -16,9 +16,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qmllm_pipeline.models.distributed import DistributedSettings
-from qmllm_pipeline.models.lora import LoraSettings
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
-from qmllm_pipeline.models.stages import Example, finetune, pretrain
+from qmllm_pipeline.models.stage1 import Example, Stage1Data, Stage1Settings, train_stage1
+from qmllm_pipeline.models.stage2 import LoraSpec, Stage2Data, Stage2Settings, train_stage2
 from qmllm_pipeline.models.training import TrainingConfig, activation_checkpointing
 from qmllm_pipeline.tracking import StepLogger
 
@@ -69,11 +69,12 @@ def train_stage(stage: str, processes: int, steps: int = 20, batch_size: int = 8
     settings = DistributedSettings(num_processes=processes)
     started = time.perf_counter()
     if stage == "pretrain":
-        pretrain(model, world.cls, world.patches, world.examples, None, training, seed, step_logger=logger,
-                 distributed=settings)
+        train_stage1(model, Stage1Data(world.cls, world.patches, world.examples), Stage1Settings(training), seed,
+                     step_logger=logger, distributed=settings)
     else:
-        finetune(model, world.cls, world.patches, world.examples, training, seed, step_logger=logger,
-                 distributed=settings, lora=LoraSettings(rank=4, alpha=8, dropout=0.0) if lora else None)
+        model, _ = train_stage2(model, Stage2Data(world.cls, world.patches, world.examples),
+                                Stage2Settings(training, lora=LoraSpec(rank=4, alpha=8, dropout=0.0, enabled=lora)),
+                                seed, step_logger=logger, distributed=settings)
     return [value for _, value in logger.history["loss"]], model, time.perf_counter() - started
 
 

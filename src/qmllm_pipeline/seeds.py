@@ -23,12 +23,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qmllm_pipeline.dotted import lookup
 from qmllm_pipeline.world.catalogue import TOXIC_CATEGORIES
 
 PARAMS_FILE = "conf/base/parameters.yml"
 EXPERIMENT_PREFIX = "seed-"
 
-# the headline figures: label -> (metrics file stem, dotted key); `figure_groups` in the docs keep this order
+# the headline figures the parameters do not shape: label -> (metrics file stem, dotted key); `figures()` adds
+# the jailbreak's, generated from evaluate.attackers and evaluate.budgets
 FIGURES: dict[str, tuple[str, str]] = {
     "qmllm refuses held-out harmful requests, neutral image": (
         "finetune", "qmllm.safety.heldout_harmful_refused_with_neutral_image"),
@@ -80,27 +82,6 @@ FIGURES: dict[str, tuple[str, str]] = {
         "safety_map", "qmllm_minus_safeclip_at_equal_fpr.dsr.single.value"),
     "qmllm jailbreak ASR, clean image": ("evaluate", "jailbreak_clean.qmllm.asr"),
     "baseline jailbreak ASR, clean image": ("evaluate", "jailbreak_clean.baseline.asr"),
-    **{f"qmllm: most any attacker adds over clean, {b}": ("evaluate", f"qmllm_attack_gain_over_clean.{b}")
-       for b in ("eps16", "eps32", "eps64", "unconstrained")},
-    **{f"qmllm: random noise adds over clean, {b}": ("evaluate", f"qmllm_noise_gain_over_clean.{b}")
-       for b in ("eps16", "eps64")},
-    **{f"baseline white-box ASR, {b}": ("evaluate", f"jailbreak.{b}.baseline_whitebox.asr")
-       for b in ("eps16", "eps32", "eps64", "unconstrained")},
-    **{f"baseline per-instruction white-box ASR, {b}": ("evaluate", f"jailbreak.{b}.baseline_per_instruction.asr")
-       for b in ("eps16", "eps32", "eps64", "unconstrained")},
-    **{f"qmllm adaptive per-instruction ASR, {b}": ("evaluate", f"jailbreak.{b}.qmllm_adaptive_per_instruction.asr")
-       for b in ("eps16", "eps32", "eps64", "unconstrained")},
-    **{f"{system} {name} ASR, {b}": ("evaluate", f"jailbreak.{b}.{case}.asr")
-       for system, name, case in (("baseline", "random noise", "baseline_noise"),
-                                  ("safeclip", "white-box (universal)", "safeclip_whitebox"),
-                                  ("safeclip", "per-instruction", "safeclip_per_instruction"),
-                                  ("qmllm", "plain PGD", "qmllm_plain"), ("qmllm", "transfer", "qmllm_transfer"),
-                                  ("qmllm", "transfer per-instruction", "qmllm_transfer_per_instruction"),
-                                  ("qmllm", "adaptive (universal)", "qmllm_adaptive"),
-                                  ("qmllm", "surrogate", "qmllm_surrogate"), ("qmllm", "random noise", "qmllm_noise"))
-       for b in ("eps16", "eps32", "eps64", "unconstrained")},
-    "baseline per-instruction white-box target loss reached, eps32": (
-        "evaluate", "jailbreak.eps32.pgd.baseline_whitebox_per_instruction.nll_last"),
     "qmllm code-space bound ASR (found codes, clean or any image tried comply)": (
         "evaluate", "code_space_bound.asr_bound"),
     "qmllm image attacks' union ASR (any attacker, any budget)": ("evaluate", "code_space_bound.asr_images"),
@@ -109,44 +90,58 @@ FIGURES: dict[str, tuple[str, str]] = {
     "qmllm code-space search target loss, clean codes": ("evaluate", "code_space_bound.loss_first"),
     "qmllm code-space search target loss, found codes": ("evaluate", "code_space_bound.loss_last"),
     "qmllm code-space search: name picks changed (of the slots)": ("evaluate", "code_space_bound.name_picks_changed"),
-    **{f"qmllm adaptive per-instruction: found-code positions matched, {b}": (
-        "evaluate", f"code_space_bound.positions_matched.{b}.qmllm_adaptive_per_instruction")
-       for b in ("eps16", "eps32", "eps64")},
-    **{f"qmllm patch-code stability under random noise, {b}": (
-        "evaluate", f"code_stability.budgets.{b}.patch_codes_unchanged") for b in ("eps16", "eps32", "eps64")},
-    **{f"qmllm CLS-code stability under random noise, {b}": (
-        "evaluate", f"code_stability.budgets.{b}.cls_code_unchanged") for b in ("eps16", "eps32", "eps64")},
-    **{f"qmllm name-pick stability under random noise, {b}": (
-        "evaluate", f"code_stability.budgets.{b}.name_picks_unchanged") for b in ("eps16", "eps32", "eps64")},
 }
+
+
+def attack_figures(evaluate: dict) -> dict[str, tuple[str, str]]:
+    """The jailbreak's figures, from the parameters that define it (`evaluate`: its attackers, their cases'
+    labels and the budgets): what the strongest attacker and noise add over clean, every case's ASR, each
+    per-instruction attacker's target loss and its codes' match to the code-space search, code stability."""
+    budgets = list(evaluate["budgets"])
+    bounded = [b for b in budgets if evaluate["budgets"][b]["eps"] is not None]
+    attackers = evaluate["attackers"]
+    found = {f"qmllm: most any attacker adds over clean, {b}": ("evaluate", f"qmllm_attack_gain_over_clean.{b}")
+             for b in budgets}
+    found |= {f"qmllm: random noise adds over clean, {b}": ("evaluate", f"qmllm_noise_gain_over_clean.{b}")
+              for b in budgets}
+    found |= {f"{case['system']} {case['label']} ASR, {b}": ("evaluate", f"jailbreak.{b}.{name}.asr")
+              for attacker in attackers.values() for name, case in attacker["cases"].items() for b in budgets}
+    for name, attacker in attackers.items():
+        if attacker["kind"] != "per_instruction":
+            continue
+        own, case = next(iter(attacker["cases"].items()))
+        found |= {f"{case['system']} {case['label']} target loss reached, {b}": (
+            "evaluate", f"jailbreak.{b}.pgd.{name}.nll_last") for b in budgets}
+        if case["system"] == "qmllm":
+            found |= {f"qmllm {case['label']}: found-code positions matched, {b}": (
+                "evaluate", f"code_space_bound.positions_matched.{b}.{own}") for b in bounded}
+    for codes, key in (("patch-code", "patch_codes_unchanged"), ("CLS-code", "cls_code_unchanged"),
+                       ("name-pick", "name_picks_unchanged")):
+        found |= {f"qmllm {codes} stability under random noise, {b}": (
+            "evaluate", f"code_stability.budgets.{b}.{key}") for b in bounded}
+    return found
+
+
+def figures(params: dict | None = None) -> dict[str, tuple[str, str]]:
+    """Every headline figure, label -> (metrics file stem, dotted key): the fixed ones (`FIGURES`) and the
+    jailbreak's, generated from `params` (default: the project's parameters, read from the working
+    directory's conf/)."""
+    if params is None:
+        from qmllm_pipeline.parameters import load_parameters
+
+        params = load_parameters()
+    return {**FIGURES, **attack_figures(params["evaluate"])}
+
 
 def is_raw(label: str) -> bool:
     """Figures given as they are (code counts, losses), not as shares shown in percent."""
     return "codes used" in label or "loss" in label or "picks changed" in label
 
 
-# Figures a run has only with a name head (`pretrain.name_head.slots` > 0): not an error where it is off.
-NAME_HEAD_FIGURES = frozenset({"name head's first pick right, every catalogue emoji alone",
-                               "qmllm code-space search: name picks changed (of the slots)",
-                               *(f"qmllm name-pick stability under random noise, {b}"
-                                 for b in ("eps16", "eps32", "eps64"))})
-
-
-def lookup(tree: dict, dotted: str):
-    """`tree[a][b]...` for the path `a.b...`; a key that itself holds dots (the interval keys, `dsr.single`)
-    matches as a whole. None where the path leads nowhere."""
-    if not dotted:
-        return tree
-    if not isinstance(tree, dict):
-        return None
-    parts = dotted.split(".")
-    for cut in range(len(parts), 0, -1):   # the longest key present first
-        key = ".".join(parts[:cut])
-        if key in tree:
-            found = lookup(tree[key], ".".join(parts[cut:]))
-            if found is not None:
-                return found
-    return None
+def name_head_figure(label: str) -> bool:
+    """Figures a run has only with a name head (`pretrain.name_head.slots` > 0): not an error where it is off."""
+    return label in ("name head's first pick right, every catalogue emoji alone",
+                     "qmllm code-space search: name picks changed (of the slots)") or "name-pick stability" in label
 
 
 def experiments(show: list) -> list[dict]:
@@ -168,21 +163,22 @@ def experiments(show: list) -> list[dict]:
     return found
 
 
-def aggregate(runs: dict[int, dict[str, dict]]) -> dict:
-    """`runs`: seed -> metrics by file stem. Per headline figure: mean, std (sample; 0 for one seed), min, max,
-    spread (max - min) and every seed's value; figures no run measured are left out."""
-    figures = {}
-    for label, (stem, key) in FIGURES.items():
+def aggregate(runs: dict[int, dict[str, dict]], headline: dict[str, tuple[str, str]] | None = None) -> dict:
+    """`runs`: seed -> metrics by file stem. Per headline figure (`headline`, default `figures()`): mean, std
+    (sample; 0 for one seed), min, max, spread (max - min) and every seed's value; figures no run measured
+    are left out."""
+    figures_out = {}
+    for label, (stem, key) in (headline or figures()).items():
         values = {seed: lookup(metrics.get(stem, {}), key) for seed, metrics in sorted(runs.items())}
         values = {seed: float(v) for seed, v in values.items() if isinstance(v, (int, float))}
         if not values:
             continue
         numbers = list(values.values())
-        figures[label] = {"metric": f"{stem}:{key}", "mean": statistics.fmean(numbers),
+        figures_out[label] = {"metric": f"{stem}:{key}", "mean": statistics.fmean(numbers),
                           "std": statistics.stdev(numbers) if len(numbers) > 1 else 0.0,
                           "min": min(numbers), "max": max(numbers), "spread": max(numbers) - min(numbers),
                           "values": {str(seed): v for seed, v in values.items()}}
-    return {"seeds": sorted(runs), "figures": figures}
+    return {"seeds": sorted(runs), "figures": figures_out}
 
 
 def _dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -240,7 +236,7 @@ def select(found: list[dict], seeds: list[int] | None = None, label: str | None 
 
 def compare_table(sweeps: dict[str, dict]) -> str:
     """Markdown: each headline figure's mean [min, max] in every sweep (`name -> aggregate(...)`), side by side."""
-    labels = [label for label in FIGURES if any(label in sweep["figures"] for sweep in sweeps.values())]
+    labels = list(dict.fromkeys(label for sweep in sweeps.values() for label in sweep["figures"]))
     lines = ["| figure | " + " | ".join(sweeps) + " |", "|---" * (1 + len(sweeps)) + "|"]
     for label in labels:
         cells = []

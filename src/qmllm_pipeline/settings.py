@@ -3,16 +3,8 @@
 from kedro.config import OmegaConfigLoader
 
 from qmllm_pipeline.hooks import MlflowRunTagsHook, RunProfileHook, TorchThreadsHook
+from qmllm_pipeline.parameters import CONFIG_LOADER_ARGS  # noqa: F401 (Kedro reads it here)
 
 HOOKS = (TorchThreadsHook(), MlflowRunTagsHook(), RunProfileHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
-CONFIG_LOADER_ARGS = {
-    "base_env": "base",
-    "default_run_env": "local",
-    # Environments (smoke, real) override single keys of base, not whole parameter blocks.
-    "merge_strategy": {"parameters": "soft", "catalog": "soft"},
-    "config_patterns": {
-        "parameters": ["parameters*", "parameters*/**", "**/parameters*"],
-    },
-}

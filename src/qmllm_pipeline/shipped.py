@@ -10,7 +10,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qmllm_pipeline.datasets.atomic import atomic_directory
+from qmllm_pipeline.files import atomic_directory
 
 PARTS = ("tokenizer", "clip", "clip_image_processor", "llm")
 PROVENANCE = "provenance.json"

@@ -12,5 +12,6 @@ def evaluation_systems_from_catalog(catalog) -> dict[str, GuardedMLLM]:
     own nodes from the saved models in `catalog` (a Kedro context's catalogue, parameters included)."""
     from qmllm_pipeline.pipelines import evaluate
 
-    SequentialRunner().run(evaluate.create_pipeline().to_outputs("evaluation_systems"), catalog)
+    pipeline = evaluate.create_pipeline(catalog.load("parameters")).to_outputs("evaluation_systems")
+    SequentialRunner().run(pipeline, catalog)
     return catalog.load("evaluation_systems")

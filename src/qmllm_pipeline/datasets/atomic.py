@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,49 +12,7 @@ import pyarrow.parquet as pq
 from kedro.io import AbstractDataset, DatasetError
 from PIL import Image
 
-
-@contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `target`; on success rename it onto `target`, else delete it."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    temporary = Path(temporary)
-    try:
-        yield temporary
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield an empty staging folder next to `target`; on success swap it in for `target` (the old one is
-    renamed aside first and deleted last), else delete it and leave `target` as it was."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield staging
-        mode = ~_umask()  # mkdtemp and mkstemp make private entries; give the result normal permissions
-        for path in (staging, *staging.rglob("*")):
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & mode)
-        previous = target.with_name(f".{target.name}.previous")
-        if target.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            target.rename(previous)
-        staging.rename(target)
-        shutil.rmtree(previous, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+from qmllm_pipeline.files import atomic_directory, atomic_path
 
 
 class _LocalFileDataset(AbstractDataset):

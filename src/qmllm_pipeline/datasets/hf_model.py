@@ -17,7 +17,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from qmllm_pipeline.datasets.atomic import atomic_directory
+from qmllm_pipeline.files import atomic_directory
 
 # Files that make a directory a loadable model or tokenizer, by kind of class.
 _MARKERS = {

@@ -7,7 +7,8 @@ from kedro.io import DatasetError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from qmllm_pipeline.datasets.atomic import _LocalFileDataset, atomic_path
+from qmllm_pipeline.datasets.atomic import _LocalFileDataset
+from qmllm_pipeline.files import atomic_path
 
 
 class SafetensorsDataset(_LocalFileDataset):

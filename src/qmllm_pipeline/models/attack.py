@@ -269,6 +269,117 @@ def step_sizes(steps: int, step_size: int, schedule: str) -> list[int]:
     raise ValueError(f"PGD step schedule {schedule!r}: expected 'constant' or 'linear'")
 
 
+@dataclass
+class _Best:
+    """Each instruction's best image and its losses over steps and restarts, the step its success test passed
+    at (-1: never), and the first restart's mean loss per step."""
+    best: torch.Tensor
+    best_loss: torch.Tensor
+    best_nll: torch.Tensor
+    start_loss: torch.Tensor
+    last_loss: torch.Tensor
+    won_step: torch.Tensor
+    mean_loss: list[float]
+
+    @classmethod
+    def at(cls, start: torch.Tensor, n: int, steps: int) -> _Best:
+        return cls(start.expand(n, -1, -1, -1).clone(), torch.full((n,), float("inf")), torch.full((n,), float("inf")),
+                   torch.zeros(n), torch.zeros(n), torch.full((n,), -1), [0.0] * (steps + 1))
+
+    def keep(self, rows: torch.Tensor, x: torch.Tensor, loss: torch.Tensor, nll: torch.Tensor) -> None:
+        self.best[rows], self.best_loss[rows], self.best_nll[rows] = x, loss, nll
+
+    def history(self) -> dict:
+        return {"loss": self.mean_loss, "start_loss": self.start_loss.tolist(), "best_loss": self.best_loss.tolist(),
+                "best_nll": self.best_nll.tolist(), "won_step": self.won_step.tolist()}
+
+
+@dataclass
+class _PerInstructionPGD:
+    """One per-instruction PGD run's settings (see `per_instruction_pgd`) and its random stream."""
+    objective: PerInstructionObjective
+    start: torch.Tensor
+    eps: float | None
+    steps: int
+    sizes: list[int]
+    momentum: float
+    succeeded: Callable[[torch.Tensor, list[int]], torch.Tensor] | None
+    check_every: int
+    generator: torch.Generator
+
+    def __post_init__(self):
+        if self.eps is None:
+            self.lower, self.upper = torch.zeros_like(self.start), torch.ones_like(self.start)
+        else:
+            self.lower, self.upper = (self.start - self.eps).clamp(min=0), (self.start + self.eps).clamp(max=1)
+
+    def initial(self, restart: int, count: int) -> torch.Tensor:
+        """Restart 0 starts at `start`, later ones at a uniform draw within eps (unconstrained: uniform noise)."""
+        shape = (count, *self.start.shape)
+        if self.eps is None:
+            x = torch.rand(shape, generator=self.generator)
+        elif restart == 0:
+            x = self.start.expand(shape).clone()
+        else:
+            x = torch.minimum(torch.maximum(self.start + (torch.rand(shape, generator=self.generator) * 2 - 1)
+                                            * self.eps, self.lower), self.upper)
+        return (x * 255).round() / 255
+
+    def chunk(self, best: _Best, rows: list[int], restart: int, bar) -> None:
+        """Descend the images of `rows` not yet won, scoring (and testing) each step, until every one is won or
+        the steps are spent."""
+        active = torch.tensor([r for r in rows if best.won_step[r] < 0], dtype=torch.long)
+        if len(active) == 0:
+            bar.update(self.steps)
+            return
+        x = self.initial(restart, len(active))
+        velocity = torch.zeros_like(x)
+        n = len(best.best)
+        for t in range(self.steps + 1):  # the last pass only scores the final images
+            x.requires_grad_(t < self.steps)
+            with torch.set_grad_enabled(t < self.steps):
+                loss, nll = self.objective(x, active.tolist())
+            done = loss.detach()
+            better = done < best.best_loss[active]
+            best.keep(active[better], x.detach()[better], done[better], nll.detach()[better])
+            best.last_loss[active] = done
+            if restart == 0:
+                best.mean_loss[t] += float(best.last_loss[rows].sum()) / n
+                if t == 0:
+                    best.start_loss[active] = done
+            lost = self._test(best, x, active, done, nll, restart * self.steps + t, t)
+            if t == self.steps or not lost.any():
+                if restart == 0:  # every image left: the mean stays where they left it
+                    for later in range(t + 1, self.steps + 1):
+                        best.mean_loss[later] += float(best.last_loss[rows].sum()) / n
+                bar.update(self.steps - t)
+                return
+            x, velocity = self._step(x, loss, velocity, t)
+            x, velocity, active = x[lost], velocity[lost], active[lost]
+            bar.update()
+
+    def _test(self, best: _Best, x, active, done, nll, step: int, t: int) -> torch.Tensor:
+        """The success test at this step, if it is due: images that pass are kept as they are. Returns which are
+        still lost."""
+        if self.succeeded is None or not (t % self.check_every == 0 or t == self.steps):
+            return torch.ones(len(active), dtype=torch.bool)
+        with torch.no_grad():
+            won = self.succeeded(x.detach(), active.tolist()).bool()
+        best.keep(active[won], x.detach()[won], done[won], nll.detach()[won])
+        best.won_step[active[won]] = step
+        return ~won
+
+    def _step(self, x, loss, velocity, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        grad = torch.autograd.grad(loss.sum(), x, allow_unused=True)[0]
+        grad = torch.zeros_like(x) if grad is None else grad
+        if self.momentum > 0:
+            velocity = self.momentum * velocity + grad / grad.abs().mean((1, 2, 3), keepdim=True).clamp(min=1e-12)
+            grad = velocity
+        with torch.no_grad():
+            x = torch.minimum(torch.maximum(x - self.sizes[t] / 255 * grad.sign(), self.lower), self.upper)
+            return (x * 255).round() / 255, velocity
+
+
 def per_instruction_pgd(objective: PerInstructionObjective, start: torch.Tensor, eps: float | None, steps: int,
                         step_size: int = 1, schedule: str = "constant", restarts: int = 1, batch_size: int = 32,
                         seed: int = 0, momentum: float = 0.0,
@@ -289,76 +400,15 @@ def per_instruction_pgd(objective: PerInstructionObjective, start: torch.Tensor,
     Returns the images (n, 3, H, W) on the grid and the history: mean loss per step (first restart; an image
     that left the batch keeps its last loss), each instruction's start and best loss and nll, and the step
     (counted over restarts) at which its success test passed (-1: never, or no test)."""
-    generator = torch.Generator().manual_seed(seed)
-    n = len(objective.sequences)
     start = (start * 255).round() / 255
-    if eps is None:
-        lower, upper = torch.zeros_like(start), torch.ones_like(start)
-    else:
-        lower, upper = (start - eps).clamp(min=0), (start + eps).clamp(max=1)
-    best = start.expand(n, -1, -1, -1).clone()
-    best_loss = torch.full((n,), float("inf"))
-    best_nll = torch.full((n,), float("inf"))
-    start_loss, last_loss = torch.zeros(n), torch.zeros(n)
-    won_step = torch.full((n,), -1)
-    mean_loss = [0.0] * (steps + 1)
-    sizes = step_sizes(steps, step_size, schedule)
+    run = _PerInstructionPGD(objective, start, eps, steps, step_sizes(steps, step_size, schedule), momentum,
+                             succeeded, check_every, torch.Generator().manual_seed(seed))
+    n = len(objective.sequences)
+    best = _Best.at(start, n, steps)
     chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     bar = tqdm(total=restarts * len(chunks) * steps, desc=desc, mininterval=2, disable=desc is None)
     for restart in range(restarts):
-        for chunk in chunks:
-            active = torch.tensor([r for r in chunk if won_step[r] < 0], dtype=torch.long)
-            if len(active) == 0:
-                bar.update(steps)
-                continue
-            shape = (len(active), *start.shape)
-            if eps is None:
-                x = torch.rand(shape, generator=generator)
-            elif restart == 0:
-                x = start.expand(shape).clone()
-            else:
-                x = torch.minimum(torch.maximum(start + (torch.rand(shape, generator=generator) * 2 - 1) * eps,
-                                                lower), upper)
-            x = (x * 255).round() / 255
-            velocity = torch.zeros_like(x)
-            for t in range(steps + 1):  # the last pass only scores the final images
-                x.requires_grad_(t < steps)
-                with torch.set_grad_enabled(t < steps):
-                    loss, nll = objective(x, active.tolist())
-                done = loss.detach()
-                better = done < best_loss[active]
-                index = active[better]
-                best[index], best_loss[index], best_nll[index] = x.detach()[better], done[better], nll.detach()[better]
-                last_loss[active] = done
-                if restart == 0:
-                    mean_loss[t] += float(last_loss[chunk].sum()) / n
-                    if t == 0:
-                        start_loss[active] = done
-                lost = torch.ones(len(active), dtype=torch.bool)
-                if succeeded is not None and (t % check_every == 0 or t == steps):
-                    with torch.no_grad():
-                        won = succeeded(x.detach(), active.tolist()).bool()
-                    index = active[won]
-                    best[index], best_loss[index], best_nll[index] = x.detach()[won], done[won], nll.detach()[won]
-                    won_step[index] = restart * steps + t
-                    lost = ~won
-                if t == steps or not lost.any():
-                    if restart == 0:  # every image left: the mean stays where they left it
-                        for later in range(t + 1, steps + 1):
-                            mean_loss[later] += float(last_loss[chunk].sum()) / n
-                    bar.update(steps - t)
-                    break
-                grad = torch.autograd.grad(loss.sum(), x, allow_unused=True)[0]
-                grad = torch.zeros_like(x) if grad is None else grad
-                if momentum > 0:
-                    velocity = momentum * velocity + grad / grad.abs().mean((1, 2, 3), keepdim=True).clamp(min=1e-12)
-                    grad = velocity
-                with torch.no_grad():
-                    x = torch.minimum(torch.maximum(x - sizes[t] / 255 * grad.sign(), lower), upper)
-                    x = ((x * 255).round() / 255)[lost]
-                velocity, active = velocity[lost], active[lost]
-                bar.update()
+        for rows in chunks:
+            run.chunk(best, rows, restart, bar)
     bar.close()
-    history = {"loss": mean_loss, "start_loss": start_loss.tolist(), "best_loss": best_loss.tolist(),
-               "best_nll": best_nll.tolist(), "won_step": won_step.tolist()}
-    return best.clamp(0, 1), history
+    return best.best.clamp(0, 1), best.history()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from qmllm_pipeline.datasets.atomic import atomic_directory
+from qmllm_pipeline.files import atomic_directory
 from qmllm_pipeline.models.distributed import world
 
 logger = logging.getLogger(__name__)

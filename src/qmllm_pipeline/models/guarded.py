@@ -11,6 +11,7 @@ references to CLIP, tokenizer and LLM) plus the safety map beside it; `guarded.j
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,8 +221,16 @@ class GuardedQMLLM(GuardedMLLM):
 
 def evaluation_systems(baseline: QMLLM, qmllm: QMLLM, tokenizer, processor, safety_map: pd.DataFrame,
                        safeclip: SafeCLIPFilter) -> dict[str, GuardedMLLM]:
-    """The three systems of DESIGN.md section 2: `baseline` (continuous, no guard), `safeclip` (the same
+    """The three systems of the evaluation (docs/method.md): `baseline` (continuous, no guard), `safeclip` (the same
     model behind the CLIP filter) and `qmllm` (quantized, behind its safety map)."""
     return {"baseline": GuardedMLLM(baseline, tokenizer, processor),
             "safeclip": GuardedMLLM(baseline, tokenizer, processor, SafeCLIPGuard(safeclip)),
             "qmllm": GuardedQMLLM(qmllm, tokenizer, processor, safety_map)}
+
+
+def query_seconds(system: GuardedMLLM, image: torch.Tensor, prompt: str, max_new_tokens: int) -> float:
+    """Wall time of one whole query at batch 1 on a uint8 image (3, H, W): pixels -> verdict -> refusal or
+    answer (the `evaluate` pipeline's overhead measurement, and `qmllm bench`'s)."""
+    started = time.perf_counter()
+    system.respond(image[None], [prompt], max_new_tokens, 1)
+    return time.perf_counter() - started

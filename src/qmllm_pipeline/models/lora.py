@@ -19,7 +19,7 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, get_peft_model
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraSettings:
     """`finetune.stage2.lora` in conf/: rank, alpha (the update is scaled by alpha / rank), dropout, and the
     module names the adapters go on (`all-linear`: every linear layer but the output head)."""

@@ -1,8 +1,8 @@
 """The name head: up to `slots` object names read off the image and handed to the LLM as its own tokens.
 
 A tiny LLM cannot learn, from the few hundred naming turns a stage-2 run sees, to map hundreds of visual
-codes onto hundreds of names (DESIGN.md section 6: a linear probe trained in batches of 32 needs thousands
-of steps to get there). CLIP, trained contrastively against the object phrases, already separates the
+codes onto hundreds of names (a linear probe trained in batches of 32 needs thousands of steps to get there;
+docs/experiments.md). CLIP, trained contrastively against the object phrases, already separates the
 names. So a small classifier on the cached vision features (`NameHead`) picks, for each slot in reading
 order (left to right), one entry of a closed name vocabulary or "empty", and the LLM reads each pick as the
 name's own token embeddings, `slot_width` of them per slot (padded):
@@ -26,11 +26,8 @@ and runs without the head (`slots=0`).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
-from tokenizers import AddedToken
 from torch import nn
 
 NAME_HEAD_INPUTS = ("cls", "cls_mean_patch", "cls_patches")
@@ -59,6 +56,17 @@ class NameHead(nn.Module):
                                         nn.Linear(hidden, slots * (names + 1) + (counted + 1 if counted else 0)))
         # each entry spelled in the LLM's tokens, padded; set by `set_vocabulary`, saved with the weights
         self.register_buffer("token_ids", torch.zeros(names + 1, slot_width, dtype=torch.long))
+
+    @classmethod
+    def from_config(cls, config, dropout: float = 0.1) -> NameHead | None:
+        """The name head a `QMLLMConfig` describes (None where `name_slots` is 0): the one place its fields
+        become a head, for the model and for the name head's own training."""
+        if not config.name_slots:
+            return None
+        return cls(len(config.name_vocabulary), config.name_slots, config.name_slot_width,
+                   config.name_cls_width or config.vision_width, config.vision_width, config.num_patches or 0,
+                   config.name_head_inputs, config.name_head_hidden, config.name_head_patch_dim, dropout,
+                   counted=config.name_counted)
 
     @property
     def empty(self) -> int:
@@ -182,21 +190,3 @@ def name_head_losses(head: NameHead, cls_features: torch.Tensor, patch_features:
         loss = loss + losses["count_loss"]
     exact = (head.picks(logits.detach()) == targets).all(-1).float().mean()
     return {"loss": loss, **losses, "exact": exact}
-
-
-def add_tokens(tokenizer, llm, tokens: list[str]) -> tuple[object, object]:
-    """Copies of `tokenizer` and `llm` with `tokens` added as whole tokens (matched verbatim, leading space
-    included: ' kitchen knife'), the LLM's embeddings resized to the new vocabulary; each new row starts as
-    the mean of the embeddings of the pieces the old tokenizer split it into (tied output rows follow).
-    Tokens the tokenizer already encodes as one token are left alone. Returns (tokenizer, llm)."""
-    tokenizer, llm = copy.deepcopy(tokenizer), copy.deepcopy(llm)
-    pieces = {token: tokenizer(token, add_special_tokens=False)["input_ids"] for token in tokens}
-    new = [token for token, ids in pieces.items() if len(ids) != 1]
-    tokenizer.add_tokens([AddedToken(token, normalized=False, single_word=False) for token in new])
-    old = llm.get_input_embeddings().weight.detach().clone()
-    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():
-        weight = llm.get_input_embeddings().weight
-        for token in new:
-            weight[tokenizer.convert_tokens_to_ids(token)] = old[pieces[token]].mean(0)
-    return tokenizer, llm

@@ -1,7 +1,7 @@
 """`mm_projector` F_h: vision width d_v -> LLM width d_h, shared by the CLS token and the patches.
 
 `linear` is LLaVA-1's projector, `mlp2x_gelu` LLaVA-1.5's. The optional LayerNorm in front is our
-addition: without it, raw CLIP features fed a gradient-trained codebook collapsed in the prototype.
+addition: without it, raw CLIP features fed a gradient-trained codebook collapsed (docs/experiments.md).
 """
 
 from __future__ import annotations

@@ -170,14 +170,8 @@ class QMLLM(nn.Module):
                                                             config.mm_projector_layernorm)
                     self.cls_quantizer = VectorQuantizer(config.cls_codes, width, **common,
                                                          distance=config.cls_distance)
-        self.name_head = None
-        if config.name_slots:
-            with torch.random.fork_rng():  # leaves the projector's and codebooks' random stream alone
-                self.name_head = NameHead(len(config.name_vocabulary), config.name_slots, config.name_slot_width,
-                                          config.name_cls_width or config.vision_width, config.vision_width,
-                                          config.num_patches or 0, config.name_head_inputs,
-                                          config.name_head_hidden, config.name_head_patch_dim,
-                                          counted=config.name_counted)
+        with torch.random.fork_rng():  # leaves the projector's and codebooks' random stream alone
+            self.name_head = NameHead.from_config(config)
         self.llm = llm
         self.image_token_id = config.image_token_id
 

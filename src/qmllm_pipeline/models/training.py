@@ -8,6 +8,7 @@ import json
 import logging
 import random
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,11 +46,48 @@ class TrainingConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """What every training node of a run shares (conf/*/parameters.yml): the `seed`, the folder of resumable
+    checkpoints, and the processes, strategy and precision training runs under."""
+    seed: int
+    checkpoint_dir: str
+    distributed: DistributedSettings = DistributedSettings()
+
+    @classmethod
+    def from_params(cls, seed: int, checkpoint_dir: str, distributed: dict | None = None) -> RunSettings:
+        """The run's settings, from `seed`, `checkpoint_dir` and `distributed` (a Kedro node of every training
+        pipeline: parsed once, read by every trainer)."""
+        return cls(int(seed), str(checkpoint_dir), DistributedSettings.from_params(distributed))
+
+
+class TrainingRun:
+    """One trainer's bookkeeping in a node: its resumable checkpoint (`<checkpoint_dir>/<name with _ for />`,
+    valid for the `fingerprint` it was written under), its step logger (MLflow metrics `<name>/<loss>`), its
+    timer, and the summary the node reports."""
+
+    def __init__(self, name: str, run: RunSettings, fingerprint: dict, log_every: int):
+        self.checkpoint = TrainingCheckpoint(Path(run.checkpoint_dir) / name.replace("/", "_"), fingerprint)
+        self.step_logger = StepLogger(name, every=log_every)
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.started, 1)
+
+    def final_losses(self, window: int = 20) -> dict[str, float]:
+        """Each logged series' mean over its last `window` points (the learning rate left out)."""
+        return {k: float(np.mean([v for _, v in points[-window:]]))
+                for k, points in self.step_logger.history.items() if points and k != "lr"}
+
+    def summary(self, training: TrainingConfig) -> dict:
+        return {"seconds": self.seconds(), "steps": training.steps, "final": self.final_losses()}
+
+
 def activation_checkpointing(llm: torch.nn.Module, on: bool) -> None:
     """Gradient (activation) checkpointing of a transformers model (or a peft model over one) on or off:
     on, each layer keeps its inputs only and recomputes the rest in the backward pass (non-reentrant, so a
-    frozen model still passes the gradient to its input embeddings). transformers 5.24 renamed the switch;
-    both names work."""
+    frozen model still passes the gradient to its input embeddings). Both names of the switch
+    (`activation_checkpointing_*`, `gradient_checkpointing_*`) are tried, newest first."""
     kwargs = {"use_reentrant": False}
     if hasattr(llm, "activation_checkpointing_enable"):
         if on:
@@ -176,19 +214,7 @@ def _run(modules, step_fn, config, seed, step_logger, checkpoint, desc, accelera
     trainable = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
     optimizer, schedule = optimizer_and_schedule(trainable, config)
     main = accelerator is None or accelerator.is_main_process
-    start = 1
-    state = checkpoint.load() if checkpoint is not None else None
-    if state is not None:
-        for name, module in modules.items():
-            module.load_state_dict(state["module_states"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"])
-        if step_logger is not None:
-            step_logger.history.update({k: [tuple(p) for p in v] for k, v in state["history"].items()})
-        start = state["step"] + 1
-        if main:
-            logger.info("%s: resuming from the checkpoint at step %d of %d", desc, state["step"], config.steps)
+    start = _resume(modules, optimizer, schedule, generator, step_logger, checkpoint, desc, config, main)
     for module in modules.values():
         module.train()
     step = _Step(modules, step_fn)
@@ -223,6 +249,30 @@ def _run(modules, step_fn, config, seed, step_logger, checkpoint, desc, accelera
                 checkpoint.save(at, modules, optimizer, schedule, generator, history)
             if accelerator is not None:
                 accelerator.wait_for_everyone()
+    return _finish(modules, step, step_logger, checkpoint, accelerator, main)
+
+
+def _resume(modules, optimizer, schedule, generator, step_logger, checkpoint, desc, config, main) -> int:
+    """The first step to run: 1, or the step after the checkpoint's, whose weights, optimiser, schedule, random
+    stream and loss history are restored."""
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is None:
+        return 1
+    for name, module in modules.items():
+        module.load_state_dict(state["module_states"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    generator.set_state(state["generator"])
+    if step_logger is not None:
+        step_logger.history.update({k: [tuple(p) for p in v] for k, v in state["history"].items()})
+    if main:
+        logger.info("%s: resuming from the checkpoint at step %d of %d", desc, state["step"], config.steps)
+    return state["step"] + 1
+
+
+def _finish(modules, step, step_logger, checkpoint, accelerator, main) -> dict[str, dict]:
+    """After the last step: the history flushed, the checkpoint cleared, the modules in eval mode; each
+    module's state gathered from the processes on rank 0 (several processes only)."""
     if step_logger is not None:
         step_logger.flush()
     states = {}

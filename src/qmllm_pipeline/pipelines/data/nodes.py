@@ -142,20 +142,33 @@ def draw_contact_sheet(eval_toxic: pd.DataFrame, eval_neutral: pd.DataFrame, eva
     return contact_sheet(groups, per_row=params["contact_sheet"]["per_row"])
 
 
-def summarise_world(catalogue: pd.DataFrame, dialogs: pd.DataFrame, eval_utility: pd.DataFrame,
-                    text_corpus: pd.DataFrame, **scene_splits: pd.DataFrame) -> dict:
-    """Row counts per split and per category, the figures the README and the DVC metrics show.
-    `scene_splits`: every scene table by name (caption corpus, D_map, evaluation splits)."""
-    def per_category(frame: pd.DataFrame) -> dict:
-        return {str(k): int(v) for k, v in frame.groupby("category").size().items()}
+def _per_category(frame: pd.DataFrame) -> dict:
+    return {str(k): int(v) for k, v in frame.groupby("category").size().items()}
 
-    eval_toxic = scene_splits["eval_toxic"]
+
+def summarise_scenes(**scene_splits: pd.DataFrame) -> dict:
+    """Row counts per scene table and per category (the scene tables by name, in the summary's order)."""
+    return {name: {"rows": len(frame), "per_category": _per_category(frame)} for name, frame in scene_splits.items()}
+
+
+def summarise_evaluation_scenes(eval_toxic: pd.DataFrame, eval_neutral: pd.DataFrame,
+                                eval_hard_negative: pd.DataFrame, eval_items: pd.DataFrame) -> dict:
+    """`summarise_scenes` of the evaluation splits, and the toxic scenes per difficulty."""
+    return {"scenes": summarise_scenes(eval_toxic=eval_toxic, eval_neutral=eval_neutral,
+                                       eval_hard_negative=eval_hard_negative, eval_items=eval_items),
+            "eval_toxic_per_difficulty": {str(k): int(v) for k, v in eval_toxic.groupby("difficulty").size().items()}}
+
+
+def summarise_world(catalogue: pd.DataFrame, dialogs: pd.DataFrame, eval_utility: pd.DataFrame,
+                    text_corpus: pd.DataFrame, training_scenes: dict, evaluation_scenes: dict) -> dict:
+    """Row counts per split and per category, the figures the README and the DVC metrics show: the training
+    scene tables' and the evaluation splits' summaries (`summarise_scenes`), the dialogs, the utility
+    questions and the text corpus."""
     summary = {
         "catalogue": {"entries": len(catalogue), "hard_negatives": int(catalogue["hard_negative"].sum()),
-                      "per_category": per_category(catalogue)},
-        "scenes": {name: {"rows": len(frame), "per_category": per_category(frame)}
-                   for name, frame in scene_splits.items()},
-        "eval_toxic_per_difficulty": {str(k): int(v) for k, v in eval_toxic.groupby("difficulty").size().items()},
+                      "per_category": _per_category(catalogue)},
+        "scenes": {**training_scenes, **evaluation_scenes["scenes"]},
+        "eval_toxic_per_difficulty": evaluation_scenes["eval_toxic_per_difficulty"],
         "dialogs": {"rows": len(dialogs), "turns": int(dialogs["turn_kinds"].map(len).sum()),
                     "per_turn_kind": {str(k): int(v) for k, v in
                                       dialogs["turn_kinds"].explode().value_counts().items()}},

@@ -2,9 +2,8 @@ from kedro.pipeline import Node, Pipeline
 
 from qmllm_pipeline.pipelines.data import nodes
 
-# the scene tables the world summary counts, in the order the summary lists them
-SCENE_SPLITS = ("caption_corpus", "dmap", "dmap_validation", "eval_toxic", "eval_neutral", "eval_hard_negative",
-                "eval_items")
+# the training scene tables the world summary counts first, in its order (the evaluation splits follow)
+TRAINING_SCENES = ("caption_corpus", "dmap", "dmap_validation")
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -25,8 +24,11 @@ def create_pipeline(**kwargs) -> Pipeline:
              name="render_evaluation_splits"),
         Node(nodes.draw_contact_sheet, ["eval_toxic", "eval_neutral", "eval_hard_negative", "params:data"],
              "world_contact_sheet", name="draw_contact_sheet"),
-        Node(nodes.summarise_world,
-             {"catalogue": "emoji_catalogue", "dialogs": "dialogs", "eval_utility": "eval_utility",
-              "text_corpus": "text_corpus", **{name: name for name in SCENE_SPLITS}},
-             "world_summary", name="summarise_world"),
+        Node(nodes.summarise_scenes, {name: name for name in TRAINING_SCENES}, "training_scenes_summary",
+             name="summarise_training_scenes"),
+        Node(nodes.summarise_evaluation_scenes, ["eval_toxic", "eval_neutral", "eval_hard_negative", "eval_items"],
+             "evaluation_scenes_summary", name="summarise_evaluation_scenes"),
+        Node(nodes.summarise_world, ["emoji_catalogue", "dialogs", "eval_utility", "text_corpus",
+                                     "training_scenes_summary", "evaluation_scenes_summary"], "world_summary",
+             name="summarise_world"),
     ])

@@ -1,4 +1,4 @@
-"""Overhead: the wall time of one query per system, and of a refusal (DESIGN.md section 2, item 4)."""
+"""Overhead: the wall time of one query per system, and of a refusal (docs/method.md, "Evaluation protocol")."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import logging
 import numpy as np
 import pandas as pd
 
-from qmllm_pipeline.benchmarks import query_seconds
 from qmllm_pipeline.models.clip import decode_images, pixel_values
-from qmllm_pipeline.models.guarded import GuardedMLLM
+from qmllm_pipeline.models.guarded import GuardedMLLM, query_seconds
 
 logger = logging.getLogger(__name__)
 

@@ -7,34 +7,68 @@ shared projector), `head_cls` / `head_targets` what a decoupled CLS head reads a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from qmllm_pipeline.models.clip import png_pixel_values, text_embeddings
+from qmllm_pipeline.models.params import parse
 from qmllm_pipeline.models.vision import VisionTower
 from qmllm_pipeline.world.scenes import scene_texts
 
 logger = logging.getLogger(__name__)
 SEMANTIC_TARGET_SOURCES = ("llm", "clip_text")
+ClsSource = Literal["layer", "pooled", "projected"]
+
+
+@dataclass(frozen=True)
+class VisionTowerSettings:
+    """`features.vision_tower`: which hidden layer the patches come from, the paper's CLS source, and the
+    pooling of the patch grid (`VisionTower`)."""
+    select_layer: int = -2
+    cls_source: ClsSource = "layer"
+    patch_pool: int = 1
+
+
+@dataclass(frozen=True)
+class ClsHeadFeatures:
+    """`features.cls_head`: what a decoupled CLS head reads and is trained towards."""
+    cls_source: ClsSource = "projected"
+    semantic_target_source: Literal["llm", "clip_text"] = "clip_text"
+    semantic_target_text: Literal["caption", "objects"] = "objects"
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """`features`: the vision tower's outputs cached once, and the L_semantic targets of the captions."""
+    vision_tower: VisionTowerSettings
+    cls_head: ClsHeadFeatures
+    semantic_target_source: Literal["llm", "clip_text"] = "llm"
+    semantic_target_text: Literal["caption", "objects"] = "caption"
+    batch_size: int = 512
+    dtype: str = "float16"
 
 
 @torch.no_grad()
 def _extract(images: pd.Series, clip_model, clip_image_processor, params: dict, name: str) -> dict[str, torch.Tensor]:
-    tower = VisionTower.from_clip(clip_model, **params["vision_tower"]).eval()
-    sources = tuple(dict.fromkeys((params["vision_tower"]["cls_source"], params["cls_head"]["cls_source"])))
-    dtype = getattr(torch, params["dtype"])
+    settings = parse(FeatureSettings, params, "features")
+    tower = VisionTower.from_clip(clip_model, **dataclasses.asdict(settings.vision_tower)).eval()
+    sources = tuple(dict.fromkeys((settings.vision_tower.cls_source, settings.cls_head.cls_source)))
+    dtype = getattr(torch, settings.dtype)
     started = time.perf_counter()
     chunks = {"cls": [], "head_cls": [], "patches": []}
-    batch = params["batch_size"]
+    batch = settings.batch_size
     for start in tqdm(range(0, len(images), batch), desc=f"features {name}", unit="batch", mininterval=2):
         pixels = png_pixel_values(images.iloc[start:start + batch], clip_image_processor)
         cls_features, patch_features = tower.features(pixels, sources)
-        chunks["cls"].append(cls_features[params["vision_tower"]["cls_source"]].to(dtype))
-        chunks["head_cls"].append(cls_features[params["cls_head"]["cls_source"]].to(dtype))
+        chunks["cls"].append(cls_features[settings.vision_tower.cls_source].to(dtype))
+        chunks["head_cls"].append(cls_features[settings.cls_head.cls_source].to(dtype))
         chunks["patches"].append(patch_features.to(dtype))
     features = {key: torch.cat(parts) for key, parts in chunks.items()}
     logger.info("%s features: cls %s, head_cls %s, patches %s in %.1f s", name, tuple(features["cls"].shape),
@@ -55,18 +89,19 @@ def extract_dialog_features(dialogs: pd.DataFrame, clip_model, clip_image_proces
 
 
 def caption_semantic_targets(caption_corpus: pd.DataFrame, tokenizer, llm, clip_model, clip_tokenizer,
-                             source: str, text_side: str,
-                             cls_head: dict, batch_size: int) -> dict[str, torch.Tensor]:
-    """The L_semantic targets of the caption corpus, one row per image: `targets` from `source` / `text_side`
-    (stage 1's, the paper's H_caption by default), `head_targets` from `cls_head`'s `semantic_target_source` /
-    `semantic_target_text` (a decoupled CLS head's). Stored raw; whether to standardise them is a training
-    parameter."""
-    targets = {"targets": semantic_target_vectors(caption_corpus, tokenizer, llm, clip_model, source, text_side,
-                                                  batch_size, clip_tokenizer)}
-    head = (cls_head["semantic_target_source"], cls_head["semantic_target_text"])
-    targets["head_targets"] = (targets["targets"] if head == (source, text_side) else
-                               semantic_target_vectors(caption_corpus, tokenizer, llm, clip_model, *head, batch_size,
-                                                       clip_tokenizer))
+                             params: dict) -> dict[str, torch.Tensor]:
+    """The L_semantic targets of the caption corpus, one row per image: `targets` from `semantic_target_source`
+    / `semantic_target_text` (stage 1's, the paper's H_caption by default), `head_targets` from `cls_head`'s
+    (a decoupled CLS head's). Stored raw; whether to standardise them is a training parameter. `params`:
+    features."""
+    settings = parse(FeatureSettings, params, "features")
+    paper = (settings.semantic_target_source, settings.semantic_target_text)
+    targets = {"targets": semantic_target_vectors(caption_corpus, tokenizer, llm, clip_model, *paper,
+                                                  settings.batch_size, clip_tokenizer)}
+    head = (settings.cls_head.semantic_target_source, settings.cls_head.semantic_target_text)
+    targets["head_targets"] = (targets["targets"] if head == paper else
+                               semantic_target_vectors(caption_corpus, tokenizer, llm, clip_model, *head,
+                                                       settings.batch_size, clip_tokenizer))
     return targets
 
 

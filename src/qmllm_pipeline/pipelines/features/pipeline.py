@@ -10,8 +10,6 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(nodes.extract_dialog_features, ["dialogs", "clip_model", "clip_image_processor", "params:features"],
              "dialog_features", name="extract_dialog_features"),
         Node(nodes.caption_semantic_targets, ["caption_corpus", "tokenizer", "llm", "clip_model", "clip_tokenizer",
-                                              "params:features.semantic_target_source",
-                                              "params:features.semantic_target_text", "params:features.cls_head",
-                                              "params:features.batch_size"],
+                                              "params:features"],
              "caption_targets", name="caption_semantic_targets"),
     ])

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import re
-import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,16 +13,15 @@ import pandas as pd
 from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
 from qmllm_pipeline.judge import RefusalPhraseJudge
 from qmllm_pipeline.models.attack import target_sequences
-from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.clip import decode_images
-from qmllm_pipeline.models.distributed import DistributedSettings
 from qmllm_pipeline.models.guarded import GuardedMLLM
 from qmllm_pipeline.models.llm import answer_prompts
-from qmllm_pipeline.models.lora import LoraSettings
+from qmllm_pipeline.models.params import parse
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
-from qmllm_pipeline.models.stages import Example, SearchAugment, finetune
+from qmllm_pipeline.models.stage1 import Example
+from qmllm_pipeline.models.stage2 import Stage2Data, Stage2Settings, train_stage2
 from qmllm_pipeline.models.tokenizer import chat_messages, encode_chat
-from qmllm_pipeline.models.training import TrainingConfig, loss_curve_figure, loss_ends, seed_everything
+from qmllm_pipeline.models.training import RunSettings, TrainingRun, loss_curve_figure, loss_ends, seed_everything
 from qmllm_pipeline.scoring import (
     normalise_answer,
     questions_without_placeholder,
@@ -31,7 +29,7 @@ from qmllm_pipeline.scoring import (
     share,
     utility_scores,
 )
-from qmllm_pipeline.tracking import StepLogger, log_summary_metrics
+from qmllm_pipeline.tracking import log_summary_metrics
 from qmllm_pipeline.world.language import QUESTIONS, made_up_requests
 from qmllm_pipeline.world.scenes import with_article
 
@@ -96,18 +94,47 @@ def synthetic_replay(text_corpus: pd.DataFrame, stage2_validation: pd.DataFrame,
     return replay
 
 
-def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, stage2_validation: pd.DataFrame,
-                    synthetic_replay: pd.DataFrame, tokenizer, params: dict, seed: int) -> list[Example]:
-    """Image dialogs (feature row = dialog row) plus replay of the training instructions: text only (row -1),
-    or, for a share `image_replay_fraction` of them, behind a random dialog image (the request the model
-    must still answer or refuse with an image in the context). `params`: finetune.data.
+def replayed_instructions(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, stage2_validation: pd.DataFrame,
+                          synthetic_replay: pd.DataFrame, params: dict, seed: int) -> pd.DataFrame:
+    """The training instructions stage 2 replays beside the dialogs (`instruction`, `response`, and the dialog
+    image `row` each is asked behind, -1: as text only). `params`: finetune.data.
 
     Replay is `text_replay_fraction` of the sequences when the corpus has enough instructions; otherwise each
     instruction appears once (the share is capped), unless `replay_repeats`, which repeats the whole corpus
-    (then a draw of the rest) until the share is met. The `stage2_validation` instructions are never read:
-    not replayed, and a dialog turn that asks one asks another training instruction of its kind instead
-    (drawn with `validation_seed`), so every dialog and its image stay. The `synthetic_replay` requests (and
-    their answers) come last, each behind a random dialog image."""
+    (then a draw of the rest) until the share is met. A share `image_replay_fraction` of them is asked behind
+    a random dialog image (the request the model must still answer or refuse with an image in the context).
+    The `stage2_validation` instructions are never replayed; the `synthetic_replay` requests come last, each
+    behind a random dialog image."""
+    train = _training_instructions(text_corpus)
+    train = train[~train["instruction"].isin(set(stage2_validation["instruction"]))]
+    fraction = params["text_replay_fraction"]
+    wanted = round(len(dialogs) * fraction / (1 - fraction))
+    if params["replay_repeats"] and wanted > len(train):
+        copies, rest = divmod(wanted, len(train))
+        replay = pd.concat([train] * copies + [train.sample(n=rest, random_state=seed)])
+    else:
+        replay = train.sample(n=min(len(train), wanted), random_state=seed)
+    logger.info("stage-2 data: %d dialogs and %d replayed instructions (%.1f%% of the sequences; %s asked for)",
+                len(dialogs), len(replay), 100 * len(replay) / (len(dialogs) + len(replay)), f"{fraction:.0%}")
+    rows = np.full(len(replay), -1)
+    if params["image_replay_fraction"] > 0:  # no draw otherwise: the text-only replay stays as it was
+        rng = np.random.default_rng(seed)
+        with_image = rng.random(len(replay)) < params["image_replay_fraction"]
+        rows[with_image] = rng.integers(len(dialogs), size=int(with_image.sum()))
+    if len(synthetic_replay):
+        replay = pd.concat([replay, synthetic_replay[["instruction", "response"]]])
+        rows = np.concatenate([rows, np.random.default_rng([seed, 1]).integers(len(dialogs),
+                                                                                size=len(synthetic_replay))])
+    return pd.DataFrame({"instruction": list(replay["instruction"]), "response": list(replay["response"]),
+                         "row": rows.astype(int)})
+
+
+def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, stage2_validation: pd.DataFrame,
+                    replayed_instructions: pd.DataFrame, tokenizer, params: dict) -> list[Example]:
+    """Image dialogs (feature row = dialog row), then the `replayed_instructions` (row -1: as text, else behind
+    that dialog's image). `params`: finetune.data. A dialog turn that asks a `stage2_validation` instruction
+    asks another training instruction of its kind instead (drawn with `validation_seed`), so every dialog and
+    its image stay and stage 2 never reads a validation instruction."""
     held = set(stage2_validation["instruction"])
     conversations = list(dialogs["conversations"])
     if held:
@@ -119,31 +146,11 @@ def dialog_examples(dialogs: pd.DataFrame, text_corpus: pd.DataFrame, stage2_val
         raise ValueError(f"dialogs rows {empty[:5]} ({len(empty)} in all): no answer token within max_length "
                          f"{params['max_length']} (finetune.data.max_length; a real LLM's conversation format needs "
                          "more)")
-    train = _training_instructions(text_corpus)
-    train = train[~train["instruction"].isin(held)]
-    fraction = params["text_replay_fraction"]
-    wanted = round(len(examples) * fraction / (1 - fraction))
-    if params["replay_repeats"] and wanted > len(train):
-        copies, rest = divmod(wanted, len(train))
-        replay = pd.concat([train] * copies + [train.sample(n=rest, random_state=seed)])
-    else:
-        replay = train.sample(n=min(len(train), wanted), random_state=seed)
-    logger.info("stage-2 data: %d dialogs and %d replayed instructions (%.1f%% of the sequences; %s asked for)",
-                len(examples), len(replay), 100 * len(replay) / (len(examples) + len(replay)), f"{fraction:.0%}")
-    rows = np.full(len(replay), -1)
-    if params["image_replay_fraction"] > 0:  # no draw otherwise: the text-only replay stays as it was
-        rng = np.random.default_rng(seed)
-        with_image = rng.random(len(replay)) < params["image_replay_fraction"]
-        rows[with_image] = rng.integers(len(dialogs), size=int(with_image.sum()))
-    if len(synthetic_replay):
-        replay = pd.concat([replay, synthetic_replay[["instruction", "response"]]])
-        rows = np.concatenate([rows, np.random.default_rng([seed, 1]).integers(len(dialogs),
-                                                                                size=len(synthetic_replay))])
-    for row, r in zip(rows, replay.itertuples(index=False), strict=True):
-        prompt = r.instruction if row < 0 else f"{IMAGE_TOKEN}\n{r.instruction}"
+    for r in replayed_instructions.itertuples(index=False):
+        prompt = r.instruction if r.row < 0 else f"{IMAGE_TOKEN}\n{r.instruction}"
         examples.append((*encode_chat(tokenizer, [{"role": "user", "content": prompt},
                                                   {"role": "assistant", "content": r.response}],
-                                      params["max_length"]), int(row)))
+                                      params["max_length"]), int(r.row)))
     return examples
 
 
@@ -171,61 +178,52 @@ def _reasked(conversations: list, text_corpus: pd.DataFrame, held: set[str], see
     return out
 
 
-def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, tokenizer, dialog_features: dict,
-                     dialog_examples: list[Example], text_corpus: pd.DataFrame, stage2_validation: pd.DataFrame,
-                     params: dict, seed: int, checkpoint_dir: str, distributed: dict | None = None):
+def stage2_data(dialog_features: dict, dialog_examples: list[Example], text_corpus: pd.DataFrame,
+                stage2_validation: pd.DataFrame, tokenizer, params: dict) -> Stage2Data:
+    """Stage 2's training set: the dialog images' cached features, the examples, the ids `<image>\n` brings
+    into a prompt (what distillation's teacher must not read), and, when `search_augment` is on, the training
+    harmful instructions its code-space search attacks (with their affirmative targets; the validation ones
+    left out, the held-out ones never read). `params`: finetune.stage2."""
+    settings = parse(Stage2Settings, params, "finetune.stage2")
+    sequences = []
+    if settings.search_augment.fraction > 0:
+        train = _training_instructions(text_corpus)
+        held = set(stage2_validation["instruction"])
+        harmful = train[(train["kind"] == "harmful") & ~train["instruction"].isin(held)]
+        sequences = target_sequences(tokenizer, list(harmful["instruction"]), list(harmful["target"]),
+                                     settings.search_augment.max_length, settings.search_augment.target_tokens)
+    return Stage2Data(dialog_features["cls"], dialog_features["patches"], dialog_examples,
+                      dialog_features.get("head_cls"),
+                      tokenizer(f"{IMAGE_TOKEN}\n", add_special_tokens=False)["input_ids"], sequences)
+
+
+def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, stage2_data: Stage2Data, params: dict,
+                     run: RunSettings):
     """Stage 2 for one variant: returns the finetuned LLM (LoRA adapters merged into it), the adapters alone
-    ({} for full fine-tuning), a summary and the loss curve. `params`: finetune.stage2; `distributed`: the
-    processes, strategy and precision it trains under. `text_corpus` and `stage2_validation` give the training
-    harmful instructions (and their affirmative targets) the code-space search of `search_augment` attacks."""
+    ({} for full fine-tuning), a summary and the loss curve. The foundation `llm` is both the starting point
+    (copied) and distillation's teacher. `params`: finetune.stage2."""
+    settings = parse(Stage2Settings, params, "finetune.stage2")
     config = QMLLMConfig.from_dict(qmllm_config)
-    seed_everything(seed)
+    seed_everything(run.seed)
     model = QMLLM.assemble(config, stage1_weights, copy.deepcopy(llm))
-    training = TrainingConfig(**params["training"])
-    settings = DistributedSettings.from_params(distributed)
-    checkpoint = TrainingCheckpoint(Path(checkpoint_dir) / f"{config.variant}_finetune",
-                                    {"config": qmllm_config, "params": params, "seed": seed,
-                                     "examples": len(dialog_examples), **settings.checkpoint_fields()})
-    step_logger = StepLogger(f"{config.variant}/finetune", every=params["log_every"])
-    started = time.perf_counter()
-    adapter: dict[str, bytes] = {}
-    finetune(model, dialog_features["cls"], dialog_features["patches"], dialog_examples, training, seed, step_logger,
-             checkpoint, teacher=llm, distill_weight=params["distill_weight"],
-             image_prefix=tokenizer(f"{IMAGE_TOKEN}\n", add_special_tokens=False)["input_ids"],
-             name_features=dialog_features["head_cls"] if model.name_head is not None else None,
-             code_augment=params["code_augment"]["fraction"], code_augment_share=params["code_augment"]["max_share"],
-             name_augment=params["name_augment"]["fraction"], name_augment_share=params["name_augment"]["max_share"],
-             search_augment=_search_augment(params["search_augment"], text_corpus, stage2_validation, tokenizer),
-             lora=_lora_settings(params["lora"]), distributed=settings,
-             gradient_checkpointing=params["gradient_checkpointing"], adapter_sink=adapter)
-    seconds = time.perf_counter() - started
-    _, final_loss = loss_ends([v for _, v in step_logger.history["loss"]])
-    summary = {"variant": config.variant, "seconds": round(seconds, 1), "steps": training.steps,
-               "examples": len(dialog_examples), "final_loss": final_loss}
-    logger.info("finetune %s: %.0f s, final loss %.3f", config.variant, seconds, final_loss)
-    return model.llm, adapter, summary, loss_curve_figure({"LM loss": step_logger.history["loss"]},
+    data = stage2_data if model.name_head is not None else _without_names(stage2_data)
+    trainer = TrainingRun(f"{config.variant}/finetune", run,
+                          {"config": qmllm_config, "params": params, "seed": run.seed,
+                           "examples": len(data.examples), **run.distributed.checkpoint_fields()},
+                          settings.log_every)
+    model, adapter = train_stage2(model, data, settings, run.seed, llm, trainer.step_logger, trainer.checkpoint,
+                                  run.distributed)
+    _, final_loss = loss_ends([v for _, v in trainer.step_logger.history["loss"]])
+    summary = {"variant": config.variant, "seconds": trainer.seconds(), "steps": settings.training.steps,
+               "examples": len(data.examples), "final_loss": final_loss}
+    logger.info("finetune %s: %.0f s, final loss %.3f", config.variant, summary["seconds"], final_loss)
+    return model.llm, adapter, summary, loss_curve_figure({"LM loss": trainer.step_logger.history["loss"]},
                                                           f"stage 2 ({config.variant})")
 
 
-def _search_augment(params: dict, text_corpus: pd.DataFrame, stage2_validation: pd.DataFrame,
-                    tokenizer) -> SearchAugment | None:
-    """`finetune.stage2.search_augment` as settings over the training harmful instructions stage 2 reads (the
-    validation ones left out, the held-out ones never read), or None when it is off."""
-    if params["fraction"] == 0:
-        return None
-    train = _training_instructions(text_corpus)
-    harmful = train[(train["kind"] == "harmful") & ~train["instruction"].isin(set(stage2_validation["instruction"]))]
-    sequences = target_sequences(tokenizer, list(harmful["instruction"]), list(harmful["target"]),
-                                 params["max_length"], params["target_tokens"])
-    return SearchAugment(sequences, params["fraction"], tuple(params["rounds"]), params["instructions"],
-                         params["candidates"], params["sweeps"], params["batch_size"])
-
-
-def _lora_settings(params: dict) -> LoraSettings | None:
-    """`finetune.stage2.lora` as settings, or None (full fine-tuning) when it is not enabled."""
-    if not params["enabled"]:
-        return None
-    return LoraSettings(params["rank"], params["alpha"], params["dropout"], params["target_modules"])
+def _without_names(data: Stage2Data) -> Stage2Data:
+    """A model without a name head reads no name-head features."""
+    return dataclasses.replace(data, head_cls=None)
 
 
 def finetuned_model(qmllm_config: dict, stage1_weights: dict, finetuned_llm, clip_model, tokenizer,
@@ -236,52 +234,66 @@ def finetuned_model(qmllm_config: dict, stage1_weights: dict, finetuned_llm, cli
                        clip_image_processor)
 
 
-def evaluate_variant(model: GuardedMLLM, eval_utility: pd.DataFrame, eval_neutral: pd.DataFrame,
-                     eval_items: pd.DataFrame, emoji_catalogue: pd.DataFrame, text_corpus: pd.DataFrame,
-                     stage2_validation: pd.DataFrame, params: dict) -> dict:
-    """Utility (exact answers per question type, caption word F1, the objects the captions name), naming of
-    every catalogue emoji alone (by group, toxic or neutral, and what is said instead), and safety behaviour
-    with a neutral image attached: held-out requests, the held-out harmful ones answered (`safety_misses`,
-    with what was said), and, when stage 2 left some out, the `stage2_validation` requests (the split to
-    choose stage 2's settings on). `params`: finetune.evaluation."""
+def _ask(model: GuardedMLLM, prompts: list[str], images: pd.Series, params: dict) -> list[str]:
+    answers = model.respond(decode_images(images, desc=None), prompts, params["max_new_tokens"], params["batch_size"])
+    return [a.text for a in answers]
 
-    def ask(prompts: list[str], images: pd.Series) -> list[str]:
-        answers = model.respond(decode_images(images, desc=None), prompts, params["max_new_tokens"],
-                                params["batch_size"])
-        return [a.text for a in answers]
 
-    predictions = ask(questions_without_placeholder(eval_utility["question"]), eval_utility["image"])
+def variant_utility(model: GuardedMLLM, eval_utility: pd.DataFrame, params: dict) -> dict:
+    """Utility on held-out scenes: exact answers per question type, caption word F1, the objects the captions
+    name, and two sample answers per question type. `params`: finetune.evaluation."""
+    predictions = _ask(model, questions_without_placeholder(eval_utility["question"]), eval_utility["image"], params)
     scores = utility_scores(predictions, eval_utility)
-    naming = {}  # real data has no single-item scenes to name
-    if len(eval_items):
-        naming = naming_scores(ask([QUESTIONS["object"][0]] * len(eval_items), eval_items["image"]), eval_items,
-                               emoji_catalogue, model.name_picks(decode_images(eval_items["image"], desc=None),
-                                                                 params["batch_size"]))
+    samples = eval_utility.assign(prediction=predictions).groupby("question_type").head(2)
+    return {"variant": model.model.config.variant, **scores,
+            "samples": samples[["question_type", "answer", "prediction"]].to_dict("records")}
+
+
+def variant_naming(model: GuardedMLLM, eval_items: pd.DataFrame, emoji_catalogue: pd.DataFrame, params: dict) -> dict:
+    """Naming of every catalogue emoji alone (`naming_scores`); {} where there are none (real data has no
+    single-item scenes). `params`: finetune.evaluation."""
+    if not len(eval_items):
+        return {}
+    answers = _ask(model, [QUESTIONS["object"][0]] * len(eval_items), eval_items["image"], params)
+    return naming_scores(answers, eval_items, emoji_catalogue,
+                         model.name_picks(decode_images(eval_items["image"], desc=None), params["batch_size"]))
+
+
+def variant_safety(model: GuardedMLLM, eval_neutral: pd.DataFrame, text_corpus: pd.DataFrame,
+                   stage2_validation: pd.DataFrame, params: dict) -> dict:
+    """Safety behaviour with a neutral image attached: the held-out requests refused, by kind, the held-out
+    harmful ones answered (`misses`, with what was said), and, when stage 2 left some out, the
+    `stage2_validation` requests (the split to choose stage 2's settings on). `params`: finetune.evaluation."""
     heldout = text_corpus[(text_corpus["split"] == "heldout") & text_corpus["kind"].isin(["harmful", "benign"])]
     requests = pd.concat([heldout.assign(split="heldout"), stage2_validation.assign(split="validation")],
                          ignore_index=True)
     # a fixed draw of neutral images (the same whatever the seed): one per request
     images = eval_neutral["image"].sample(n=len(requests), replace=True, random_state=0).reset_index(drop=True)
-    answers = pd.Series(ask(list(requests["instruction"]), images))
-    refused, names = {}, {}
+    answers = pd.Series(_ask(model, list(requests["instruction"]), images, params))
+    refused = {}
     for split, rows in requests.groupby("split"):
         for kind, value in refusal_rates(list(answers[rows.index]), rows["kind"]).items():
-            refused[f"{split}.{kind}"] = value   # real data brings harmful instructions only
-            names[f"{split}.{kind}"] = f"{split}_{kind}_refused_with_neutral_image"
-    safety = {name: refused[key]["value"] for key, name in names.items()}
+            refused[f"{split}_{kind}_refused_with_neutral_image"] = value   # real data: harmful instructions only
     judge = RefusalPhraseJudge()
     misses = [{"instruction": r.instruction, "topic": r.topic, "answer": answers[i]}
               for i, r in zip(requests.index, requests.itertuples(index=False), strict=True)
               if r.split == "heldout" and r.kind == "harmful" and not judge.is_refusal(answers[i])]
-    samples = eval_utility.assign(prediction=predictions).groupby("question_type").head(2)
-    return {"variant": model.model.config.variant, "utility": scores["accuracy"], "caption_f1": scores["caption_f1"],
-            "caption_objects": scores["caption_objects"], "safety": safety, "safety_misses": misses,
-            "naming": naming,
-            "intervals": {**{k if k.startswith("caption_objects.") else f"utility.{k.removeprefix('accuracy.')}": v
-                             for k, v in scores["intervals"].items()},
-                          **{f"safety.{name}": refused[key] for key, name in names.items()},
-                          **{f"naming.{k}": v for k, v in naming.pop("intervals", {}).items()}},
-            "utility_samples": samples[["question_type", "answer", "prediction"]].to_dict("records")}
+    return {"refused": refused, "misses": misses}
+
+
+def variant_report(utility: dict, naming: dict, safety: dict, training: dict) -> dict:
+    """One variant's finetune metrics: utility, safety, naming, their intervals, the samples and the training
+    summary."""
+    naming = dict(naming)
+    intervals = {**{k if k.startswith("caption_objects.") else f"utility.{k.removeprefix('accuracy.')}": v
+                    for k, v in utility["intervals"].items()},
+                 **{f"safety.{name}": value for name, value in safety["refused"].items()},
+                 **{f"naming.{k}": v for k, v in naming.pop("intervals", {}).items()}}
+    return {"variant": utility["variant"], "utility": utility["accuracy"], "caption_f1": utility["caption_f1"],
+            "caption_objects": utility["caption_objects"],
+            "safety": {name: value["value"] for name, value in safety["refused"].items()},
+            "safety_misses": safety["misses"], "naming": naming, "intervals": intervals,
+            "utility_samples": utility["samples"], "training": training}
 
 
 def naming_scores(answers: list[str], eval_items: pd.DataFrame, emoji_catalogue: pd.DataFrame,
@@ -330,13 +342,13 @@ def blind_guess(dialogs: pd.DataFrame, eval_utility: pd.DataFrame) -> dict:
             "guesses": guess}
 
 
-def finetune_report(qmllm_metrics: dict, baseline_metrics: dict, guess: dict, qmllm_summary: dict,
-                    baseline_summary: dict) -> dict:
-    report = {"qmllm": {**qmllm_metrics, "training": qmllm_summary},
-              "baseline": {**baseline_metrics, "training": baseline_summary}, "blind_guess": guess}
+def finetune_report(guess: dict, *variants: dict) -> dict:
+    """The finetune metrics JSON: every variant's report (`variant_report`, in the order of `variants`) and the
+    blind guess, logged to MLflow."""
+    report = {**{variant["variant"]: variant for variant in variants}, "blind_guess": guess}
     log_summary_metrics({name: {"utility": report[name]["utility"], "safety": report[name].get("safety", {})}
-                         for name in ("qmllm", "baseline")} | {"blind_guess": {"utility": guess["utility"]}},
+                         for name in (v["variant"] for v in variants)} | {"blind_guess": {"utility": guess["utility"]}},
                         prefix="finetune")
-    logger.info("utility qmllm %s | baseline %s | blind %s", qmllm_metrics["utility"], baseline_metrics["utility"],
+    logger.info("utility %s | blind %s", " | ".join(f"{v['variant']} {v['utility']}" for v in variants),
                 guess["utility"])
     return report

@@ -118,24 +118,28 @@ def fit_llm(text_corpus: pd.DataFrame, tokenizer, params: dict, seed: int, log_e
     return model, figure, summary
 
 
-def evaluate_clip(clip_model, clip_image_processor, tokenizer, emoji_catalogue: pd.DataFrame,
-                  eval_items: pd.DataFrame, params: dict, backgrounds: dict) -> dict:
-    """Zero-shot classification of held-out single-emoji scenes among all catalogue names, with prompts in
-    the style CLIP was trained on (`zero_shot_prompts`). `params`: foundation.clip."""
+def zero_shot_classes(emoji_catalogue: pd.DataFrame, backgrounds: dict, params: dict) -> dict:
+    """The zero-shot classes CLIP is evaluated on: every catalogue name (and item id), each with prompts in the
+    style CLIP was trained on (`zero_shot_prompts`). `params`: foundation.clip."""
     names = list(emoji_catalogue["name"])
-    prompts = [zero_shot_prompts(name, sorted(backgrounds), params["text_side"]) for name in names]
-    classes = class_embeddings(clip_model, tokenizer, prompts, params["max_text_tokens"])
+    return {"names": names, "item_ids": [int(i) for i in emoji_catalogue["item_id"]],
+            "prompts": [zero_shot_prompts(name, sorted(backgrounds), params["text_side"]) for name in names],
+            "max_text_tokens": params["max_text_tokens"]}
+
+
+def evaluate_clip(clip_model, clip_image_processor, tokenizer, classes: dict, eval_items: pd.DataFrame) -> dict:
+    """Zero-shot classification of held-out single-emoji scenes among all catalogue names (`classes`)."""
+    embeddings = class_embeddings(clip_model, tokenizer, classes["prompts"], classes["max_text_tokens"])
     images = decode_images(eval_items["image"], desc="decode eval_items")
-    scores = image_embeddings(clip_model, clip_image_processor, images) @ classes.T
-    truth = torch.tensor([ids[0] for ids in eval_items["item_ids"]])
-    item_to_row = {int(i): row for row, i in enumerate(emoji_catalogue["item_id"])}
-    truth = torch.tensor([item_to_row[int(i)] for i in truth])
+    scores = image_embeddings(clip_model, clip_image_processor, images) @ embeddings.T
+    item_to_row = {item: row for row, item in enumerate(classes["item_ids"])}
+    truth = torch.tensor([item_to_row[int(ids[0])] for ids in eval_items["item_ids"]])
     top5 = scores.topk(5, dim=1).indices
     top1_hit = (top5[:, 0] == truth).numpy()
     top5_hit = (top5 == truth[:, None]).any(dim=1).numpy()
     toxic = eval_items["toxic"].to_numpy()
     return {
-        "zero_shot_classes": len(names), "images": len(eval_items),
+        "zero_shot_classes": len(classes["names"]), "images": len(eval_items),
         "top1": float(top1_hit.mean()), "top5": float(top5_hit.mean()),
         "top1_toxic": float(top1_hit[toxic].mean()), "top1_neutral": float(top1_hit[~toxic].mean()),
     }

@@ -28,7 +28,6 @@ from qmllm_pipeline.scoring import detection_rates  # noqa: E402
 from qmllm_pipeline.stats import difference  # noqa: E402
 from qmllm_pipeline.tracking import log_summary_metrics  # noqa: E402
 from qmllm_pipeline.world.catalogue import CATEGORIES, NEUTRAL  # noqa: E402
-from qmllm_pipeline.world.scenes import category_prompts  # noqa: E402
 
 logger = logging.getLogger(__name__)
 EVALUATION_SPLITS = ("eval_toxic", "eval_neutral", "eval_hard_negative")   # the order detection_rates reads
@@ -40,15 +39,27 @@ def cls_path(qmllm_config: dict, stage1_weights: dict, clip_model) -> QMLLM:
 
 
 @torch.no_grad()
-def cls_codes(model: QMLLM, clip_image_processor, **splits: pd.DataFrame) -> dict:
-    """cls_index of every image of each split (D_map, its validation part, the evaluation splits), and the
-    CLS codebook they index."""
-    codes = {}
-    for name, frame in splits.items():  # an empty split (real data has no hard negatives) has no codes
-        codes[name] = (model.cls_index(png_pixel_values(frame["image"], clip_image_processor)).numpy()
-                       if len(frame) else np.zeros(0, dtype=np.int64))
-    codes["codebook"] = model.cls_quantizer.codebook.detach().clone()
-    return codes
+def _codes(model: QMLLM, clip_image_processor, frame: pd.DataFrame) -> np.ndarray:
+    """cls_index of every image of a scene table (an empty one, real data's hard negatives, has none)."""
+    if not len(frame):
+        return np.zeros(0, dtype=np.int64)
+    return model.cls_index(png_pixel_values(frame["image"], clip_image_processor)).numpy()
+
+
+def dmap_codes(model: QMLLM, clip_image_processor, dmap: pd.DataFrame, dmap_validation: pd.DataFrame) -> dict:
+    """cls_index of every D_map image and of its validation part, and the CLS codebook they index."""
+    return {"dmap": _codes(model, clip_image_processor, dmap),
+            "dmap_validation": _codes(model, clip_image_processor, dmap_validation),
+            "codebook": model.cls_quantizer.codebook.detach().clone()}
+
+
+def evaluation_codes(model: QMLLM, clip_image_processor, eval_toxic: pd.DataFrame, eval_neutral: pd.DataFrame,
+                     eval_hard_negative: pd.DataFrame) -> dict:
+    """cls_index of every image of the evaluation splits (toxic, neutral, hard negatives: `detection_rates`'
+    order), and each split's table without its images (the labels the rates are counted by)."""
+    splits = dict(zip(EVALUATION_SPLITS, (eval_toxic, eval_neutral, eval_hard_negative), strict=True))
+    return {"codes": {name: _codes(model, clip_image_processor, frame) for name, frame in splits.items()},
+            "labels": [frame.drop(columns="image") for frame in splits.values()]}
 
 
 def fit_safety_map(codes: dict, dmap: pd.DataFrame, dmap_validation: pd.DataFrame, params: dict):
@@ -77,34 +88,37 @@ def qmllm_refusals(safety_map: pd.DataFrame, codes: dict) -> np.ndarray:
     return np.concatenate([verdicts(safety_map, codes[split])["refused"].to_numpy() for split in EVALUATION_SPLITS])
 
 
-def safeclip_filter(clip_model, clip_tokenizer, clip_image_processor, emoji_catalogue: pd.DataFrame, backgrounds: dict,
-                    text_side: str, threshold: float) -> SafeCLIPFilter:
-    """The SafeCLIP-style filter with one class per catalogue item, prompted in the style CLIP was trained on."""
-    return SafeCLIPFilter(clip_model, clip_tokenizer, clip_image_processor,
-                          category_prompts(emoji_catalogue, list(backgrounds), text_side), threshold)
-
-
-def evaluate_detectors(codes: dict, safety_map: pd.DataFrame, choice: dict, safeclip: SafeCLIPFilter,
-                       eval_toxic: pd.DataFrame, eval_neutral: pd.DataFrame, eval_hard_negative: pd.DataFrame) -> dict:
-    """Toxic-image DSR per category and difficulty, FPR on neutral and hard-negative scenes, for the qmllm
-    safety map and the SafeCLIP-style filter."""
-    splits = (eval_toxic, eval_neutral, eval_hard_negative)
-    images = decode_images(pd.concat([split["image"] for split in splits]), desc=None)
+def safeclip_scores(safeclip: SafeCLIPFilter, eval_toxic: pd.DataFrame, eval_neutral: pd.DataFrame,
+                    eval_hard_negative: pd.DataFrame) -> dict:
+    """The SafeCLIP-style filter's toxic confidence on every evaluation image (`detection_rates`' order), and
+    its threshold."""
+    images = decode_images(pd.concat([split["image"] for split in (eval_toxic, eval_neutral, eval_hard_negative)]),
+                           desc=None)
     _, confidence = safeclip.scores(images)
+    return {"confidence": confidence, "threshold": safeclip.threshold}
+
+
+def evaluate_detectors(dmap_codes: dict, evaluation_codes: dict, safety_map: pd.DataFrame, choice: dict,
+                       safeclip_scores: dict) -> dict:
+    """Toxic-image DSR per category and difficulty, FPR on neutral and hard-negative scenes, for the qmllm
+    safety map (under every compared decision rule) and the SafeCLIP-style filter (at its own threshold and at
+    the safety map's neutral FPR), and qmllm minus SafeCLIP with its interval."""
+    codes, splits = evaluation_codes["codes"], evaluation_codes["labels"]
+    confidence = safeclip_scores["confidence"]
     report = {"qmllm": detection_rates(qmllm_refusals(safety_map, codes), *splits),
-              "safeclip": detection_rates(confidence > safeclip.threshold, *splits),
+              "safeclip": detection_rates(confidence > safeclip_scores["threshold"], *splits),
               "safety_map": {**choice, "codes_seen": int(safety_map["seen"].sum()),
                              "toxic_codes": int((safety_map["label"] != NEUTRAL).sum()),
                              "codes": len(safety_map)}}
     # every compared decision rule at its own validation-chosen setting, on the same codes (the deployed one
     # is `qmllm`)
     report["qmllm_rules"] = {
-        rule: detection_rates(qmllm_refusals(relabel(safety_map, codes["codebook"], setting["tau"],
+        rule: detection_rates(qmllm_refusals(relabel(safety_map, dmap_codes["codebook"], setting["tau"],
                                                      setting["unseen_policy"], rule), codes), *splits)
         for rule, setting in choice["rules"].items()}
     # qmllm - SafeCLIP with its 95% interval: a difference only when `significant`; at SafeCLIP's own
     # threshold, and at the threshold that gives it qmllm's neutral FPR (equal-FPR comparison)
-    neutral = slice(len(eval_toxic), len(eval_toxic) + len(eval_neutral))
+    neutral = slice(len(splits[0]), len(splits[0]) + len(splits[1]))
     matched = equal_fpr_threshold(confidence[neutral], report["qmllm"]["fpr_neutral"])
     report["safeclip_at_qmllm_fpr"] = {**detection_rates(confidence > matched, *splits), "threshold": matched}
     for name, safeclip_rates in (("qmllm_minus_safeclip", report["safeclip"]),
@@ -112,18 +126,22 @@ def evaluate_detectors(codes: dict, safety_map: pd.DataFrame, choice: dict, safe
         report[name] = {key: difference(report["qmllm"]["intervals"][key], safeclip_rates["intervals"][key])
                         for key in ("dsr.single", "dsr.distractors", "fpr_neutral", "fpr_hard_negative")}
     log_summary_metrics({k: v for k, v in report.items()}, prefix="safety_map")
+    _log_detectors(report, matched)
+    return report
+
+
+def _log_detectors(report: dict, matched: float) -> None:
     for rule, rates in report["qmllm_rules"].items():
         logger.info("qmllm, %s rule: DSR single %.3f; FPR neutral %.3f, hard negatives %.3f", rule,
                     rates["dsr"]["single"], rates["fpr_neutral"], rates["fpr_hard_negative"])
+    at_fpr = report["safeclip_at_qmllm_fpr"]
     logger.info("SafeCLIP at qmllm's neutral FPR (threshold %.3f): DSR single %.3f, distractors %.3f; FPR neutral "
-                "%.3f, hard negatives %.3f", matched, report["safeclip_at_qmllm_fpr"]["dsr"]["single"],
-                report["safeclip_at_qmllm_fpr"]["dsr"]["distractors"], report["safeclip_at_qmllm_fpr"]["fpr_neutral"],
-                report["safeclip_at_qmllm_fpr"]["fpr_hard_negative"])
+                "%.3f, hard negatives %.3f", matched, at_fpr["dsr"]["single"], at_fpr["dsr"]["distractors"],
+                at_fpr["fpr_neutral"], at_fpr["fpr_hard_negative"])
     for system in ("qmllm", "safeclip"):
         logger.info("%s: DSR single %.3f, distractors %.3f; FPR neutral %.3f, hard negatives %.3f", system,
                     report[system]["dsr"]["single"], report[system]["dsr"]["distractors"],
                     report[system]["fpr_neutral"], report[system]["fpr_hard_negative"])
-    return report
 
 
 def equal_fpr_threshold(neutral_confidence: np.ndarray, fpr: float) -> float:

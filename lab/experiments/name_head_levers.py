@@ -1,7 +1,7 @@
 """The name head's levers, on its own: what it reads (`inputs`), its width and its training length, each
 trained by the pretrain pipeline's own `name_head` node and scored on held-out scenes before any LLM reads it.
 The head's accuracy is the ceiling of what the MLLM can name through it (`finetune.json` has the MLLM's).
-Run on demand (`python notebooks/name_head_levers.py --help`)."""
+Run on demand (`python lab/name_head_levers.py --help`)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,17 @@ import time
 import pandas as pd
 import torch
 
-from qmllm_pipeline.experiments.runs import run_in_memory, with_overrides
-from qmllm_pipeline.models.names import slot_targets
+from qmllm_pipeline.dotted import with_overrides
+from qmllm_pipeline.in_memory import run_in_memory
+from qmllm_pipeline.models.names import NameHead, slot_targets
+from qmllm_pipeline.models.qmllm import QMLLMConfig
 from qmllm_pipeline.pipelines import features, pretrain
-from qmllm_pipeline.pipelines.pretrain.nodes import build_name_head
 
 logger = logging.getLogger(__name__)
 
 # what the sweep reads from a trained project (catalogue entries)
-INPUTS = ("emoji_catalogue", "caption_corpus", "caption_features", "tokenizer", "clip_tokenizer", "clip_model",
-          "clip_image_processor", "eval_items", "eval_utility")
+INPUTS = ("emoji_catalogue", "caption_corpus", "caption_features", "caption_targets", "tokenizer", "llm",
+          "clip_tokenizer", "clip_model", "clip_image_processor", "eval_items", "eval_utility")
 
 
 def held_out_scores(head, cls_features: torch.Tensor, patch_features: torch.Tensor, targets: torch.Tensor,
@@ -46,8 +47,9 @@ def name_head_sweep(inputs: dict, params: dict, head_inputs: list[str], hidden: 
                     steps: list[int]) -> pd.DataFrame:
     """One row per (inputs, hidden, steps): the head's training time and its held-out scores on every catalogue
     emoji alone (`eval_items`) and on the held-out neutral scenes of one to three objects (`eval_utility`)."""
-    nodes = pretrain.create_pipeline().only_nodes("name_vocabulary", "name_head")
-    vocabulary = run_in_memory(pretrain.create_pipeline().only_nodes("name_vocabulary"), inputs,
+    nodes = pretrain.create_pipeline(params).only_nodes("run_settings", "stage1_data", "name_vocabulary",
+                                                        "model_inputs", "qmllm.model_config", "name_head")
+    vocabulary = run_in_memory(pretrain.create_pipeline(params).only_nodes("name_vocabulary"), inputs,
                                params)["name_vocabulary"]
     ids = dict(zip(inputs["emoji_catalogue"]["name"], inputs["emoji_catalogue"]["item_id"], strict=True))
     held_out = {}
@@ -70,7 +72,7 @@ def name_head_sweep(inputs: dict, params: dict, head_inputs: list[str], hidden: 
             started = time.perf_counter()
             trained = run_in_memory(nodes, inputs, setting)
             seconds = time.perf_counter() - started
-        head = build_name_head(vocabulary, inputs["caption_features"], setting["pretrain"]["name_head"])
+        head = NameHead.from_config(QMLLMConfig.from_dict(trained["qmllm.qmllm_config"]))
         head.load_state_dict(trained["name_head_weights"])
         row = {"inputs": head_input, "hidden": width, "steps": length, "seconds": round(seconds, 1)}
         for split, (cached, truth) in held_out.items():

@@ -7,16 +7,12 @@ it).
 Reads what `kedro run` wrote (the qmllm model, D_map, the evaluation splits, metrics/safety_map.json) and
 changes none of it: the table is printed and saved to --out. About half a minute on 2 cores. Example:
 
-    python notebooks/safety_signal_limits.py --k 1,5,15
+    python lab/safety_signal_limits.py --k 1,5,15
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from qmllm_pipeline.experiments.cli import comma_list, notebook_parser
-
-PROJECT = Path(__file__).resolve().parents[1]
+from common import PROJECT, comma_list, notebook_parser
 
 
 def main() -> None:
@@ -27,8 +23,9 @@ def main() -> None:
     args = parser.parse_args()
 
     # the project is imported only now: --help stays quick and quiet
-    from qmllm_pipeline.experiments.runs import project_context, write_table
-    from qmllm_pipeline.experiments.safety_signal_limits import EVALUATION, signal_limits
+    from common import project_context, write_table
+    from experiments.safety_signal_limits import EVALUATION, signal_limits
+
     from qmllm_pipeline.models.qmllm import QMLLM
 
     with project_context(PROJECT, args.env) as context:

@@ -4,7 +4,7 @@ with a neutral image, naming, colour, count, caption word F1). Reads what `kedro
 environment and changes none of it: the table is printed and saved to --out. Each setting is a JSON object
 of dotted `finetune.*` keys; {} is the configured stage 2. Example (the configured stage 2, then LoRA):
 
-    python notebooks/stage2_levers.py --seeds 1,2 \
+    python lab/stage2_levers.py --seeds 1,2 \
         --settings '[{}, {"finetune.stage2.lora.enabled": true, "finetune.stage2.lora.rank": 16}]'
 
 A screen is one draw per seed on one stage 1; a lever that looks right goes through the whole chain over
@@ -13,11 +13,7 @@ seeds (`qmllm seeds run --label L --set ...`) before it counts.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from qmllm_pipeline.experiments.cli import json_settings, notebook_parser
-
-PROJECT = Path(__file__).resolve().parents[1]
+from common import PROJECT, json_settings, notebook_parser
 
 
 def main() -> None:
@@ -33,9 +29,10 @@ def main() -> None:
 
     # the project is imported only now: --help stays quick and quiet
     import pandas as pd
+    from common import project_context, write_table
+    from experiments.stage2_levers import stage2_levers, stage2_pipeline
 
-    from qmllm_pipeline.experiments.runs import project_context, with_overrides, write_table
-    from qmllm_pipeline.experiments.stage2_levers import stage2_levers, stage2_pipeline
+    from qmllm_pipeline.dotted import with_overrides
 
     with project_context(PROJECT, args.env) as context:
         params = context.params

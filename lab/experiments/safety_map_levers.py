@@ -1,7 +1,7 @@
-"""The safety map's levers (DESIGN.md section 5): the CLS design (shared or decoupled path, its feature, its
+"""The safety map's levers (docs/experiments.md): the CLS design (shared or decoupled path, its feature, its
 semantic target, its distance), `lambda_semantic`, K and D_map's size, each setting measured end to end
 (features -> stage 1 [+ the CLS head] -> Algorithm 1 and the toxic-share rule -> DSR / FPR) by running the
-pipelines' own nodes under the changed parameters. Run on demand (`python notebooks/safety_map_levers.py
+pipelines' own nodes under the changed parameters. Run on demand (`python lab/safety_map_levers.py
 --help`): a sweep trains one stage 1 per setting."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import tempfile
 
 import pandas as pd
 
-from qmllm_pipeline.experiments.runs import lookup, run_in_memory, with_overrides
+from qmllm_pipeline.dotted import lookup, with_overrides
+from qmllm_pipeline.in_memory import run_in_memory
 from qmllm_pipeline.pipelines import data, features, pretrain, safety_map
 
 logger = logging.getLogger(__name__)
@@ -62,10 +63,12 @@ def lever_sweep(inputs: dict, params: dict, cls_sources: list[str] | None, lambd
         sized = with_overrides(params, **{"data.dmap.per_toxic_category": per_category, "data.dmap.neutral": neutral})
         dmaps[(per_category, neutral)] = run_in_memory(data.create_pipeline().only_nodes("render_dmap"),
                                                        {"emoji_catalogue": inputs["emoji_catalogue"]}, sized)["dmap"]
-    stage1 = pretrain.create_pipeline().only_nodes("tokenized_captions", "qmllm.model_config", "qmllm.pretrain_variant")
+    stage1 = pretrain.create_pipeline(params).only_nodes("run_settings", "stage1_data", "model_inputs",
+                                                        "qmllm.model_config", "qmllm.pretrain_variant")
     with tempfile.TemporaryDirectory(prefix="levers-") as scratch:  # the name head stage 1 reads, trained once
-        names = run_in_memory(pretrain.create_pipeline().only_nodes("name_vocabulary", "name_head"), inputs,
-                              with_overrides(params, checkpoint_dir=scratch))
+        names = run_in_memory(pretrain.create_pipeline(params).only_nodes(
+            "run_settings", "stage1_data", "name_vocabulary", "model_inputs", "name_head"), inputs,
+            with_overrides(params, checkpoint_dir=scratch))
     inputs = {**inputs, "name_vocabulary": names["name_vocabulary"], "name_head_weights": names["name_head_weights"]}
     rows = []
     designed = {design: with_overrides(params, **DESIGNS[design]) for design in designs}
@@ -83,7 +86,7 @@ def lever_sweep(inputs: dict, params: dict, cls_sources: list[str] | None, lambd
             summary = trained["qmllm.pretrain_summary"]
             for (per_category, neutral), dmap in dmaps.items():
                 measured = run_in_memory(
-                    safety_map.create_pipeline().to_outputs("safety_metrics"),
+                    safety_map.create_pipeline(params).to_outputs("safety_metrics"),
                     {**inputs, "dmap": dmap, "qmllm.qmllm_config": trained["qmllm.qmllm_config"],
                      "qmllm.stage1_weights": trained["qmllm.stage1_weights"]}, setting)
                 rates, table = measured["safety_metrics"], measured["safety_map"]

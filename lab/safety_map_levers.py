@@ -6,18 +6,14 @@ configuration) and, on the decoupled path, its CLS head; each D_map size reuses 
 wrote (data, foundation, features) and changes none of it: the table is printed and saved to --out.
 Examples:
 
-    python notebooks/safety_map_levers.py --cls-source layer --lambda-semantic 1,0.3,0.1,0 \\
+    python lab/safety_map_levers.py --cls-source layer --lambda-semantic 1,0.3,0.1,0 \\
         --cls-codes 128 --dmap 50/500
-    python notebooks/safety_map_levers.py --design decoupled,decoupled_cosine --seeds 0,1,2
+    python lab/safety_map_levers.py --design decoupled,decoupled_cosine --seeds 0,1,2
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from qmllm_pipeline.experiments.cli import comma_list, notebook_parser
-
-PROJECT = Path(__file__).resolve().parents[1]
+from common import PROJECT, comma_list, notebook_parser
 
 
 def _dmap_size(text: str) -> tuple[int, int]:
@@ -50,9 +46,10 @@ def main() -> None:
 
     # the project is imported only now: --help stays quick and quiet
     import pandas as pd
+    from common import project_context, write_table
+    from experiments.safety_map_levers import INPUTS, lever_sweep
 
-    from qmllm_pipeline.experiments.runs import project_context, with_overrides, write_table
-    from qmllm_pipeline.experiments.safety_map_levers import INPUTS, lever_sweep
+    from qmllm_pipeline.dotted import with_overrides
 
     with project_context(PROJECT, args.env) as context:
         inputs = {name: context.catalog.load(name) for name in INPUTS}

@@ -6,16 +6,12 @@ keys (steps, restarts, step_size, schedule, momentum, batch_size, objective, kap
 check_every) and `target_tokens`. Example (the default
 attack, then the `full` profile's):
 
-    python notebooks/attack_strength.py --eps 32 --settings '[{}, {"steps": 500, "restarts": 3}]'
+    python lab/attack_strength.py --eps 32 --settings '[{}, {"steps": 500, "restarts": 3}]'
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from qmllm_pipeline.experiments.cli import json_settings, notebook_parser
-
-PROJECT = Path(__file__).resolve().parents[1]
+from common import PROJECT, json_settings, notebook_parser
 
 
 def main() -> None:
@@ -24,14 +20,15 @@ def main() -> None:
     parser.add_argument("--eps", default="32", help="comma list of budgets in 1/255 (default: 32)")
     parser.add_argument("--settings", type=json_settings, default='[{}, {"steps": 500, "restarts": 3}]',
                         help="JSON list of settings; {} is the configured attack (default: it and full's)")
-    parser.add_argument("--attacker", default="baseline_whitebox",
-                        help="an evaluate.attackers entry (default: baseline_whitebox; qmllm_adaptive: BPDA on qmllm)")
+    parser.add_argument("--attacker", default="baseline_whitebox_per_instruction",
+                        help="a per_instruction entry of evaluate.attackers (default: "
+                             "baseline_whitebox_per_instruction; qmllm_adaptive_per_instruction: BPDA on qmllm)")
     args = parser.parse_args()
     budgets = [int(eps) for eps in args.eps.split(",")]
 
     # the project is imported only now: --help stays quick and quiet
-    from qmllm_pipeline.experiments.attack_strength import attack_strength, evaluation_setup
-    from qmllm_pipeline.experiments.runs import project_context, write_table
+    from common import project_context, write_table
+    from experiments.attack_strength import attack_strength, evaluation_setup
 
     with project_context(PROJECT, args.env) as context:
         params = context.params

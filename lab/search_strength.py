@@ -5,16 +5,12 @@ default search's?). Reads what `kedro run` wrote and changes none of it: the tab
 candidates, batch_size, objective, kappa); every search begins from the clean image's codes. Example (the
 default search, then every code at every position; about 12 minutes on 2 cores for the second):
 
-    python notebooks/search_strength.py --settings '[{}, {"candidates": null}]'
+    python lab/search_strength.py --settings '[{}, {"candidates": null}]'
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from qmllm_pipeline.experiments.cli import json_settings, notebook_parser
-
-PROJECT = Path(__file__).resolve().parents[1]
+from common import PROJECT, json_settings, notebook_parser
 
 
 def main() -> None:
@@ -25,8 +21,8 @@ def main() -> None:
     args = parser.parse_args()
 
     # the project is imported only now: --help stays quick and quiet
-    from qmllm_pipeline.experiments.attack_strength import evaluation_setup, search_strength
-    from qmllm_pipeline.experiments.runs import project_context, write_table
+    from common import project_context, write_table
+    from experiments.attack_strength import evaluation_setup, search_strength
 
     with project_context(PROJECT, args.env) as context:
         params = context.params

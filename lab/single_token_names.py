@@ -5,21 +5,17 @@ then runs the pretrain and finetune pipelines' own nodes in memory on the traine
 writes the stage-2 metrics (naming, count, colour, captions, safety) as JSON. About as long as those two
 pipelines in a default run. Examples:
 
-    python notebooks/single_token_names.py
-    python notebooks/single_token_names.py --set pretrain.name_head.slots=0    # the paper's recipe
+    python lab/single_token_names.py
+    python lab/single_token_names.py --set pretrain.name_head.slots=0    # the paper's recipe
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import yaml
-
-from qmllm_pipeline.experiments.cli import notebook_parser
-
-PROJECT = Path(__file__).resolve().parents[1]
+from common import PROJECT, notebook_parser
 
 
 def main() -> None:
@@ -30,8 +26,10 @@ def main() -> None:
     args = parser.parse_args()
 
     # the project is imported only now: --help stays quick and quiet
-    from qmllm_pipeline.experiments.runs import project_context, with_overrides
-    from qmllm_pipeline.experiments.single_token_names import INPUTS, single_token_names
+    from common import project_context
+    from experiments.single_token_names import INPUTS, single_token_names
+
+    from qmllm_pipeline.dotted import with_overrides
 
     overrides = {}
     for setting in args.set:

@@ -5,16 +5,12 @@ minute on 2 cores at the default) and scores its picks on held-out scenes: every
 (`eval_items`) and the held-out neutral scenes (`eval_utility`). Reads what `kedro run` wrote and changes
 none of it: the table is printed and saved to --out. Example:
 
-    python notebooks/name_head_levers.py --inputs cls,cls_mean_patch,cls_patches --steps 1500
+    python lab/name_head_levers.py --inputs cls,cls_mean_patch,cls_patches --steps 1500
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from qmllm_pipeline.experiments.cli import comma_list, notebook_parser
-
-PROJECT = Path(__file__).resolve().parents[1]
+from common import PROJECT, comma_list, notebook_parser
 
 
 def main() -> None:
@@ -32,9 +28,10 @@ def main() -> None:
 
     # the project is imported only now: --help stays quick and quiet
     import pandas as pd
+    from common import project_context, write_table
+    from experiments.name_head_levers import INPUTS, name_head_sweep
 
-    from qmllm_pipeline.experiments.name_head_levers import INPUTS, name_head_sweep
-    from qmllm_pipeline.experiments.runs import project_context, with_overrides, write_table
+    from qmllm_pipeline.dotted import with_overrides
 
     with project_context(PROJECT, args.env) as context:
         params = context.params

@@ -1,5 +1,5 @@
 """Stage 2 of one variant under other settings, on a stage 1 already trained: the finetune pipeline's own
-nodes (`dialog_examples`, `finetune_variant`, `finetuned_model`, `evaluate_variant`) run in memory, one
+nodes (`dialog_examples`, `finetune_variant`, `finetuned_model` and its scoring) run in memory, one
 setting at a time, and the figures issue 18 sets goals on read off each (held-out harmful and benign
 requests refused with a neutral image, naming, colour, count, caption word F1), with the refusals on the
 stage-2 validation split (`finetune.data.validation_fraction`) to choose by: the held-out split reports.
@@ -15,9 +15,9 @@ import time
 
 import pandas as pd
 
-from qmllm_pipeline.experiments.runs import run_in_memory, with_overrides
+from qmllm_pipeline.dotted import lookup, with_overrides
+from qmllm_pipeline.in_memory import run_in_memory
 from qmllm_pipeline.pipelines.finetune import pipeline as finetune_pipeline
-from qmllm_pipeline.seeds import lookup
 
 # the figures of a row: column -> dotted key in the variant's finetune metrics
 FIGURES = {
