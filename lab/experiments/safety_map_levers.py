@@ -86,7 +86,7 @@ def lever_sweep(inputs: dict, params: dict, cls_sources: list[str] | None, lambd
             summary = trained["qmllm.pretrain_summary"]
             for (per_category, neutral), dmap in dmaps.items():
                 measured = run_in_memory(
-                    safety_map.create_pipeline(params).to_outputs("safety_metrics"),
+                    safety_map.create_pipeline().to_outputs("safety_metrics"),
                     {**inputs, "dmap": dmap, "qmllm.qmllm_config": trained["qmllm.qmllm_config"],
                      "qmllm.stage1_weights": trained["qmllm.stage1_weights"]}, setting)
                 rates, table = measured["safety_metrics"], measured["safety_map"]
