@@ -70,9 +70,7 @@ class RunProfileHook:
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict) -> None:
-        from qmllm_pipeline.pipeline_registry import register_pipelines
-
-        pipelines = register_pipelines()
+        from kedro.framework.project import pipelines  # the run's registry, built once
         self._stage_of = {node.name: stage for stage in STAGES for node in pipelines[stage].nodes}
         self._seconds.clear()
         self._run_started = time.perf_counter()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +227,3 @@ def code_indices(model: QMLLM, cls_features: torch.Tensor, patch_features: torch
         patch_out.append(encoding.patches.indices)
     return torch.cat(cls_out), torch.cat(patch_out)
 
-
-STAGE1_WITH_HEAD = ("paper", "patch_only")  # a decoupled model's stage 1: the paper's, or without the CLS terms
-Stage1WithHead = Literal["paper", "patch_only"]

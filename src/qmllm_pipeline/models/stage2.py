@@ -99,7 +99,6 @@ class Stage2Batch:
     imaged: list[int]
     replayed: torch.Tensor | None = None
     image_tokens: torch.Tensor | None = None
-    encoding: object = None
 
 
 class FoundCodes(torch.nn.Module):
@@ -241,7 +240,8 @@ class Distillation:
         return {"lm": out.loss, "distill": kl, "loss": out.loss + self.weight * kl}
 
 
-def draw_batch(model: QMLLM, data: Stage2Data, batch_size: int, generator: torch.Generator) -> Stage2Batch:
+def draw_batch(model: QMLLM, data: Stage2Data, batch_size: int,
+               generator: torch.Generator) -> tuple[Stage2Batch, torch.Generator]:
     """A batch of examples and, for those with an image, what the LLM reads for it (projector and codebooks
     frozen). Returns the generator this process continues with (its share of the batch, `rank_share`)."""
     picks = torch.randint(len(data.examples), (batch_size,), generator=generator).tolist()
@@ -252,10 +252,9 @@ def draw_batch(model: QMLLM, data: Stage2Data, batch_size: int, generator: torch
     if rows:
         device = next(model.mm_projector.parameters()).device
         with torch.no_grad():
-            batch.encoding = model.encode_features(data.cls[rows].float().to(device),
-                                                   data.patches[rows].float().to(device), with_cls=False,
-                                                   name_features=_rows(data.head_cls, rows, device))
-            batch.image_tokens = batch.encoding.image_tokens
+            batch.image_tokens = model.encode_features(data.cls[rows].float().to(device),
+                                                       data.patches[rows].float().to(device), with_cls=False,
+                                                       name_features=_rows(data.head_cls, rows, device)).image_tokens
             batch.replayed = torch.tensor([i >= data.dialogs for i in imaged])
     return batch, generator
 

@@ -145,7 +145,7 @@ def jailbreak_budget(systems: dict[str, GuardedMLLM], instructions: dict, start:
             "images": {name: c.image for name, c in crafted.items() if c.image.dim() == 3},
             "instruction_images": {name: c.image for name, c in crafted.items() if c.image.dim() == 4},
             "pgd": {name: stats for name, spec in settings.attackers.items()
-                    if (stats := attackers.summary(spec, name, crafted[name]))}}
+                    if (stats := attackers.summary(name, spec, crafted[name]))}}
 
 
 def collect_jailbreaks(*budgets: dict) -> list[dict]:
@@ -172,7 +172,7 @@ def code_stability(systems: dict[str, GuardedMLLM], eval_neutral: pd.DataFrame, 
         clean = model.encode_images(pixel_values(images, processor))
         out = {}
         for budget in budgets.values():
-            eps = None if budget["eps"] is None else budget["eps"] / 255
+            eps = parse(Budget, budget, f"evaluate.budgets.{budget.get('name')}").linf
             noisy = torch.stack([(random_sign_noise(image.float() / 255, eps, seed + i) * 255).round()
                                  .to(torch.uint8) for i, image in enumerate(images)])
             moved = model.encode_images(pixel_values(noisy, processor))

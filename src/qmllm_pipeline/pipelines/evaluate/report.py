@@ -31,20 +31,19 @@ def jailbreak_summary(clean: dict, jailbreaks: list[dict], bound: dict, params: 
     bound_metrics["gain_over_clean"] = difference(bound["intervals"]["asr"], clean["qmllm"]["intervals"]["asr"])
     bound_metrics["gain_over_images"] = difference(bound["intervals"]["asr_bound"], bound["intervals"]["asr_images"])
     cases = {system: settings.system_cases(system) for system in SYSTEMS}
-    attacks = settings.system_cases("qmllm", with_noise=False)
-    noise = [case for case in cases["qmllm"] if case not in attacks]
+    attacks = {system: settings.system_cases(system, with_noise=False) for system in SYSTEMS}
+    noise = {system: [case for case in cases[system] if case not in attacks[system]] for system in SYSTEMS}
     metrics = {"jailbreak_clean": _numbers(clean),
                "jailbreak": {name: {k: (_numbers(v) if isinstance(v, dict) else v) for k, v in entry.items()}
                              for name, entry in jailbreak.items()},
                "code_space_bound": bound_metrics,
-               **_gains(jailbreak, clean["qmllm"], attacks, noise[0] if noise else None)}
+               **_gains(jailbreak, clean["qmllm"], attacks["qmllm"], next(iter(noise["qmllm"]), None))}
     labels = {case: spec.label for case, (_, spec) in settings.cases().items()}
     return {"metrics": metrics, "clean": clean, "jailbreaks": jailbreaks, "jailbreak": jailbreak,
             "rows": [(system, case, labels[case]) for system in SYSTEMS for case in cases[system]],
             "worst": {system: _worst(jailbreak, clean, system, cases[system]) for system in SYSTEMS},
             "qmllm_cases": cases["qmllm"],
-            "noise_cases": [case for system in SYSTEMS for case in cases[system]
-                            if case not in settings.system_cases(system, with_noise=False)],
+            "noise_cases": [case for system in SYSTEMS for case in noise[system]],
             "first_case": {name: next(iter(spec.cases)) for name, spec in settings.attackers.items()}}
 
 

@@ -48,6 +48,6 @@ def craft(name: str, spec: AttackerSpec, systems: dict, instructions: dict, star
     return kind_of(spec, name).craft(name, spec, systems, instructions, start, settings, budget, seed)
 
 
-def summary(spec: AttackerSpec, name: str, crafted: Crafted) -> dict:
+def summary(name: str, spec: AttackerSpec, crafted: Crafted) -> dict:
     """What the report keeps of attacker `name`'s optimisation at one budget ({} for none)."""
     return kind_of(spec, name).summary(crafted)
