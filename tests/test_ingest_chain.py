@@ -2,13 +2,17 @@
 a D_map folder and an evaluation folder of images), then `features` and `pretrain` on what it wrote. The
 scene tables `ingest` writes follow the same schema as the emoji world's, checked when written."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
 from qmllm_pipeline.dotted import with_overrides
 from qmllm_pipeline.fixtures import HARMFUL, write_data
 from qmllm_pipeline.in_memory import run_in_memory
-from qmllm_pipeline.models.clip import decode_images
+from qmllm_pipeline.loaders import sha256_of
+from qmllm_pipeline.models.feature_shards import gather
+from qmllm_pipeline.models.image_data import SceneImages
 from qmllm_pipeline.pipelines import features, ingest, pretrain
 from qmllm_pipeline.schema import SCHEMAS, SchemaError, check_table
 from qmllm_pipeline.world.catalogue import CATEGORIES
@@ -34,7 +38,10 @@ def test_ingest_then_features_and_pretrain_run_on_its_output(tmp_path, world, fo
     for name in ("caption_corpus", "dialogs", "dmap", "dmap_validation", "eval_toxic", "eval_neutral", "eval_utility",
                  "eval_hard_negative"):
         check_table(ingested[name], name)
-    assert {image.shape for image in decode_images(ingested["caption_corpus"]["image"], desc=None)} == {(3, 32, 32)}
+    corpus = ingested["caption_corpus"]  # a manifest (ingest.embed_images: false): the pixels stay on disk
+    assert "image" not in corpus and all(Path(path).is_file() for path in corpus["image_path"])
+    assert list(corpus["image_sha256"]) == [sha256_of(Path(path)) for path in corpus["image_path"]]
+    assert {SceneImages(corpus, None).image(i).size for i in range(len(corpus))} == {(32, 32)}
     assert list(ingested["text_corpus"]["kind"]) == ["harmful"] * len(HARMFUL)
     assert set(ingested["emoji_catalogue"]["category"]) == set(CATEGORIES)
     assert len(ingested["caption_corpus"]) == 16 and len(ingested["dialogs"]) == 16  # the text-only one left out
@@ -50,7 +57,8 @@ def test_ingest_then_features_and_pretrain_run_on_its_output(tmp_path, world, fo
         run_in_memory(chain, inputs, params)   # the embedded world's name head cannot train on real captions
     params = with_overrides(params, **{"pretrain.name_head.slots": 0})   # the real environment's setting
     trained = run_in_memory(chain, inputs, params)
-    assert trained["caption_features"]["cls"].shape[0] == 16 and trained["dialog_features"]["cls"].shape[0] == 16
+    caption_features, dialog_features = gather(trained["caption_features"]), gather(trained["dialog_features"])
+    assert caption_features["cls"].shape[0] == 16 and dialog_features["cls"].shape[0] == 16
     assert {"qmllm.stage1_weights", "baseline.stage1_weights"} <= set(trained)
     assert trained["pretrain_metrics"]["qmllm"]["codebooks"]["cls"]["codes_used"] >= 1
 

@@ -52,7 +52,7 @@ def test_every_pipeline_of_the_real_path_runs_and_writes_its_outputs(real_run):
     root, before = real_run
     out = root / "data/real"
     for path in ("03_primary/caption_corpus.parquet", "03_primary/text_corpus.parquet",
-                 "04_feature/caption_features.safetensors", "06_models/qmllm/stage1.safetensors",
+                 "04_feature/caption_features/shard-00000.safetensors", "06_models/qmllm/stage1.safetensors",
                  "06_models/baseline/llm/config.json", "06_models/qmllm/safety_map.parquet",
                  "06_models/qmllm/guarded.json", "08_reporting/evaluation_report.md", "metrics/evaluate.json"):
         assert (out / path).is_file(), path

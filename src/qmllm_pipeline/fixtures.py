@@ -20,6 +20,7 @@ import json
 import string
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import (
@@ -85,14 +86,17 @@ def write_models(root: Path, seed: int = 0) -> None:
     tokenizer.save_pretrained(root / LLM_DIR)
 
 
-def write_data(root: Path, images: int = 16) -> None:
+def write_data(root: Path, images: int = 16, image_side: int | None = None) -> None:
+    """The fixture's data. `images` caption and dialog images: flat colour fields (60 + i) x 48 (None), or
+    `image_side` x `image_side` ones whose pixels are that colour plus uniform noise, so a PNG cannot compress
+    them (every file near side^2 x 3 bytes: what a data-scale measurement needs)."""
     folder = root / "images"
     folder.mkdir(parents=True, exist_ok=True)
     captions, dialogs = [], []
     names = list(COLOURS)
     for i in range(images):
         name = names[i % len(names)]
-        Image.new("RGB", (60 + i, 48), COLOURS[name]).save(folder / f"{i:03d}.png")  # resized by the processor
+        _fixture_image(COLOURS[name], i, image_side).save(folder / f"{i:03d}.png")  # resized by the processor
         captions.append({"id": f"c{i}", "image": f"{i:03d}.png", "conversations": [
             {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": f"a {name} square"}]})
         dialogs.append({"id": f"d{i}", "image": f"{i:03d}.png", "conversations": [
@@ -116,11 +120,19 @@ def write_data(root: Path, images: int = 16) -> None:
     (root / "harmful_instructions.txt").write_text("# one harmful instruction a line\n" + "\n".join(HARMFUL) + "\n")
 
 
-def write_real_fixture(root: str | Path, seed: int = 0) -> Path:
-    """Write the miniature real inputs under `root` (see the module docstring); returns it."""
+def _fixture_image(colour, index: int, side: int | None) -> Image.Image:
+    if side is None:
+        return Image.new("RGB", (60 + index, 48), colour)
+    noise = np.random.default_rng(index).integers(0, 128, (side, side, 3))
+    return Image.fromarray((np.array(colour) // 2 + noise).astype(np.uint8))
+
+
+def write_real_fixture(root: str | Path, seed: int = 0, images: int = 16, image_side: int | None = None) -> Path:
+    """Write the miniature real inputs under `root` (see the module docstring; `images`, `image_side`: as
+    `write_data`); returns it."""
     root = Path(root)
     write_models(root, seed)
-    write_data(root)
+    write_data(root, images, image_side)
     return root
 
 

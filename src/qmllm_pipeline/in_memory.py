@@ -8,10 +8,16 @@ from kedro.pipeline import Pipeline
 from kedro.runner import SequentialRunner
 
 from qmllm_pipeline.dotted import lookup
+from qmllm_pipeline.models.feature_shards import gather
 
 
 class KeptMemoryDataset(MemoryDataset):
-    """A MemoryDataset the runner cannot release, so intermediate outputs can be read after the run."""
+    """A MemoryDataset the runner cannot release, so intermediate outputs can be read after the run. Lazy
+    feature shards are computed and concatenated as they are saved, as the default catalogue's
+    `SafetensorsDataset` does (once, whatever reads them next)."""
+
+    def save(self, data) -> None:
+        super().save(gather(data))
 
     def _release(self) -> None:
         pass

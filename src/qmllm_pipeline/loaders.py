@@ -8,6 +8,7 @@ Pillow's own exceptions never escape; the caller builds the whole table before a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -123,13 +124,17 @@ def square(image: Image.Image, size: int | None) -> Image.Image:
 
 def load_llava_json(
     json_path: str | Path, image_folder: str | Path, on_bad_input: str = ERROR, max_pixels: int = 89_478_485,
-    image_size: int | None = None,
+    image_size: int | None = None, embed_images: bool = True,
 ) -> tuple[pd.DataFrame, LoadReport]:
     """Read a LLaVA-format JSON list (`id`, optional `image`, `conversations` of `from`/`value` turns).
 
-    Returns one row per usable record: id, image (PNG bytes, or None for text-only records), the
-    conversations, and `caption` (the last assistant turn, which is the caption in LCS-558K).
-    A file that is not valid JSON always raises, naming the line and column.
+    Returns one row per usable record: id, the conversations, `caption` (the last assistant turn, which is the
+    caption in LCS-558K) and the image: with `embed_images`, `image` (PNG bytes of the image as CLIP reads it,
+    or None for text-only records); without, a manifest entry that leaves the pixels on disk: `image_path`,
+    `image_sha256` (of the file), `image_size` (the square it is read at, 0: as it is) and `image_bytes` (the
+    file's size), None for text-only records. Either way every image is opened and decoded once here, so a
+    bad file is found at ingest. An image path that resolves outside `image_folder` (absolute, `..`, a
+    symlink out) is bad input. A file that is not valid JSON always raises, naming the line and column.
     """
     _check_policy(on_bad_input)
     json_path, image_folder = Path(json_path), Path(image_folder)
@@ -151,18 +156,43 @@ def load_llava_json(
         where = f"{json_path} record {position}"
         try:
             conversations = _check_record(record, where)
-            image = None
+            image = {"image": None} if embed_images else dict.fromkeys(MANIFEST_FIELDS)
             if record.get("image") is not None:
-                image = png_bytes(square(open_image_checked(image_folder / str(record["image"]), max_pixels),
-                                         image_size))
+                path = inside(image_folder, str(record["image"]), where)
+                if embed_images:
+                    image["image"] = png_bytes(square(open_image_checked(path, max_pixels), image_size))
+                else:
+                    open_image_checked(path, max_pixels)  # decoded once, to find a bad file now
+                    image = {"image_path": str(path), "image_sha256": sha256_of(path), "image_size": image_size or 0,
+                             "image_bytes": path.stat().st_size}
         except BadInputError as error:
             report.bad(error)
             continue
-        rows.append({"id": str(record.get("id", position)), "image": image, "conversations": conversations,
+        rows.append({"id": str(record.get("id", position)), **image, "conversations": conversations,
                      "caption": conversations[-1]["value"]})
     report.rows = len(rows)
-    columns = ["id", "image", "conversations", "caption"]
+    columns = ["id", *(("image",) if embed_images else MANIFEST_FIELDS), "conversations", "caption"]
     return pd.DataFrame(rows, columns=columns), report
+
+
+MANIFEST_FIELDS = ("image_path", "image_sha256", "image_size", "image_bytes")
+
+
+def inside(folder: Path, relative: str, where: str) -> Path:
+    """`folder / relative`, refused (BadInputError naming the record) if it resolves outside `folder`."""
+    path = folder / relative
+    root = folder.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise BadInputError(where, f"image path {relative!r} resolves outside the image folder {folder}")
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_record(record, where: str) -> list[dict]:

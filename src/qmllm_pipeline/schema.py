@@ -26,6 +26,12 @@ SCHEMAS: dict[str, dict[str, type]] = {
 }
 
 
+# The large tables (stage 1's captions and stage 2's dialogs) may instead be a manifest of image files on disk
+# (`ingest.embed_images: false`, the real default): these columns in place of `image`.
+MANIFEST: dict[str, type] = {"image_path": str, "image_sha256": str, "image_size": int, "image_bytes": int}
+STREAMABLE = ("caption_corpus", "dialogs")
+
+
 class SchemaError(ValueError):
     """A scene table lacks a column its readers need, or holds a value of the wrong kind."""
 
@@ -35,6 +41,8 @@ def _is(value, kind: type) -> bool:
         return isinstance(value, (list, tuple, np.ndarray))
     if kind is bool:
         return isinstance(value, (bool, np.bool_))
+    if kind is int:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
     return isinstance(value, kind)
 
 
@@ -42,6 +50,8 @@ def check_table(frame: pd.DataFrame, name: str, writer: str = "") -> pd.DataFram
     """Return `frame` unchanged if it follows `SCHEMAS[name]`; otherwise raise a SchemaError that names the
     table, the writer and the problem (the first offending row for a wrong value)."""
     schema = SCHEMAS[name]
+    if name in STREAMABLE and "image" not in frame.columns and "image_path" in frame.columns:
+        schema = {**{k: v for k, v in schema.items() if k != "image"}, **MANIFEST}
     where = f"{name}{f' (written by {writer})' if writer else ''}"
     missing = [column for column in schema if column not in frame.columns]
     if missing:

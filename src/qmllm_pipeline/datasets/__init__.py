@@ -15,8 +15,8 @@ from qmllm_pipeline.datasets.atomic import (
     atomic_path,
 )
 from qmllm_pipeline.datasets.hf_model import HFModelDirectoryDataset
-from qmllm_pipeline.datasets.tensors import SafetensorsDataset
+from qmllm_pipeline.datasets.tensors import SafetensorsDataset, ShardedSafetensorsDataset
 
 __all__ = ["AtomicImageDataset", "AtomicJSONDataset", "AtomicParquetDataset", "AtomicTextDataset",
            "FileFolderDataset", "HFModelDirectoryDataset",
-           "SafetensorsDataset", "atomic_directory", "atomic_path"]
+           "SafetensorsDataset", "ShardedSafetensorsDataset", "atomic_directory", "atomic_path"]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.distributed import DistributedSettings, rank_share
+from qmllm_pipeline.models.feature_shards import gather
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.models.tokenizer import encode_chat
 from qmllm_pipeline.models.training import TrainingConfig, activation_checkpointing, train_loop
@@ -64,7 +65,9 @@ class Stage1Data:
 
     @classmethod
     def from_cache(cls, features: dict, targets: dict, examples: list[Example]) -> Stage1Data:
-        """From the `features` pipeline's caches (`cls`, `patches`, `head_cls`; `targets`, `head_targets`)."""
+        """From the `features` pipeline's caches (`cls`, `patches`, `head_cls`; `targets`, `head_targets`): tensors,
+        shards on disk (`ShardedFeatures`, read a batch at a time) or lazy shards (computed and gathered here)."""
+        features = gather(features)
         return cls(features["cls"], features["patches"], examples, features.get("head_cls"), targets.get("targets"),
                    targets.get("head_targets"))
 

@@ -8,6 +8,7 @@ shared projector), `head_cls` / `head_targets` what a decoupled CLS head reads a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from qmllm_pipeline.models.clip import png_pixel_values, text_embeddings
+from qmllm_pipeline.models.clip import text_embeddings
+from qmllm_pipeline.models.feature_shards import Shards, shard_name
+from qmllm_pipeline.models.image_data import SceneImages, image_loader
 from qmllm_pipeline.models.params import parse
 from qmllm_pipeline.models.vision import VisionTower
 from qmllm_pipeline.world.scenes import scene_texts
@@ -53,39 +56,57 @@ class FeatureSettings:
     semantic_target_text: Literal["caption", "objects"] = "caption"
     batch_size: int = 512
     dtype: str = "float16"
+    rows_per_shard: int = 4096
+    num_workers: int = 0
 
 
-@torch.no_grad()
-def _extract(images: pd.Series, clip_model, clip_image_processor, params: dict, name: str) -> dict[str, torch.Tensor]:
+def _extract(table: pd.DataFrame, clip_model, clip_image_processor, params: dict, name: str) -> Shards:
+    """The table's features as lazy shards of `rows_per_shard` rows: each, when called, decodes its images
+    through a DataLoader (`num_workers` processes) and runs the tower over them `batch_size` at a time."""
     settings = parse(FeatureSettings, params, "features")
+    if settings.rows_per_shard % settings.batch_size:
+        raise ValueError(f"features.rows_per_shard ({settings.rows_per_shard}) must be a multiple of "
+                         f"features.batch_size ({settings.batch_size}), so that every batch lies in one shard")
     tower = VisionTower.from_clip(clip_model, **dataclasses.asdict(settings.vision_tower)).eval()
     sources = tuple(dict.fromkeys((settings.vision_tower.cls_source, settings.cls_head.cls_source)))
     dtype = getattr(torch, settings.dtype)
-    started = time.perf_counter()
-    chunks = {"cls": [], "head_cls": [], "patches": []}
-    batch = settings.batch_size
-    for start in tqdm(range(0, len(images), batch), desc=f"features {name}", unit="batch", mininterval=2):
-        pixels = png_pixel_values(images.iloc[start:start + batch], clip_image_processor)
-        cls_features, patch_features = tower.features(pixels, sources)
-        chunks["cls"].append(cls_features[settings.vision_tower.cls_source].to(dtype))
-        chunks["head_cls"].append(cls_features[settings.cls_head.cls_source].to(dtype))
-        chunks["patches"].append(patch_features.to(dtype))
-    features = {key: torch.cat(parts) for key, parts in chunks.items()}
-    logger.info("%s features: cls %s, head_cls %s, patches %s in %.1f s", name, tuple(features["cls"].shape),
-                tuple(features["head_cls"].shape), tuple(features["patches"].shape), time.perf_counter() - started)
-    return features
+    images = SceneImages(table, clip_image_processor)
+    count = len(images)
+    shards = (count + settings.rows_per_shard - 1) // settings.rows_per_shard
+
+    @torch.no_grad()
+    def shard(index: int) -> dict[str, torch.Tensor]:
+        rows = range(index * settings.rows_per_shard, min(count, (index + 1) * settings.rows_per_shard))
+        started = time.perf_counter()
+        chunks = {"cls": [], "head_cls": [], "patches": []}
+        loader = image_loader(images, rows, settings.batch_size, settings.num_workers)
+        for pixels in tqdm(loader, desc=f"features {name} {index + 1}/{shards}", unit="batch", mininterval=2):
+            cls_features, patch_features = tower.features(pixels, sources)
+            chunks["cls"].append(cls_features[settings.vision_tower.cls_source].to(dtype))
+            chunks["head_cls"].append(cls_features[settings.cls_head.cls_source].to(dtype))
+            chunks["patches"].append(patch_features.to(dtype))
+        features = {key: torch.cat(parts) for key, parts in chunks.items()}
+        logger.info("%s features, shard %d/%d (rows %d-%d): cls %s, head_cls %s, patches %s in %.1f s", name,
+                    index + 1, shards, rows.start, rows.stop - 1, tuple(features["cls"].shape),
+                    tuple(features["head_cls"].shape), tuple(features["patches"].shape),
+                    time.perf_counter() - started)
+        return features
+
+    return {shard_name(index): functools.partial(shard, index) for index in range(shards)}
 
 
 def extract_caption_features(caption_corpus: pd.DataFrame, clip_model, clip_image_processor,
-                             params: dict) -> dict[str, torch.Tensor]:
-    """CLS (the paper's and the CLS head's) and patch features of every caption-corpus image, in corpus order."""
-    return _extract(caption_corpus["image"], clip_model, clip_image_processor, params, "caption_corpus")
+                             params: dict) -> Shards:
+    """CLS (the paper's and the CLS head's) and patch features of every caption-corpus image, in corpus order,
+    as lazy shards (`models/feature_shards.py`: the catalogue's dataset computes and writes one at a time)."""
+    return _extract(caption_corpus, clip_model, clip_image_processor, params, "caption_corpus")
 
 
 def extract_dialog_features(dialogs: pd.DataFrame, clip_model, clip_image_processor,
-                            params: dict) -> dict[str, torch.Tensor]:
-    """CLS (the paper's and the CLS head's) and patch features of every dialog image, in dialog order."""
-    return _extract(dialogs["image"], clip_model, clip_image_processor, params, "dialogs")
+                            params: dict) -> Shards:
+    """CLS (the paper's and the CLS head's) and patch features of every dialog image, in dialog order, as lazy
+    shards."""
+    return _extract(dialogs, clip_model, clip_image_processor, params, "dialogs")
 
 
 def caption_semantic_targets(caption_corpus: pd.DataFrame, tokenizer, llm, clip_model, clip_tokenizer,

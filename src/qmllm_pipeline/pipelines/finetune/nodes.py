@@ -14,6 +14,7 @@ from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
 from qmllm_pipeline.judge import RefusalPhraseJudge
 from qmllm_pipeline.models.attack import target_sequences
 from qmllm_pipeline.models.clip import decode_images
+from qmllm_pipeline.models.feature_shards import gather
 from qmllm_pipeline.models.guarded import GuardedMLLM
 from qmllm_pipeline.models.llm import answer_prompts
 from qmllm_pipeline.models.params import parse
@@ -180,7 +181,8 @@ def _reasked(conversations: list, text_corpus: pd.DataFrame, held: set[str], see
 
 def stage2_data(dialog_features: dict, dialog_examples: list[Example], text_corpus: pd.DataFrame,
                 stage2_validation: pd.DataFrame, tokenizer, params: dict) -> Stage2Data:
-    """Stage 2's training set: the dialog images' cached features, the examples, the ids `<image>\n` brings
+    """Stage 2's training set: the dialog images' cached features (tensors or shards read a batch at a time),
+    the examples, the ids `<image>\n` brings
     into a prompt (what distillation's teacher must not read), and, when `search_augment` is on, the training
     harmful instructions its code-space search attacks (with their affirmative targets; the validation ones
     left out, the held-out ones never read). `params`: finetune.stage2."""
@@ -192,6 +194,7 @@ def stage2_data(dialog_features: dict, dialog_examples: list[Example], text_corp
         harmful = train[(train["kind"] == "harmful") & ~train["instruction"].isin(held)]
         sequences = target_sequences(tokenizer, list(harmful["instruction"]), list(harmful["target"]),
                                      settings.search_augment.max_length, settings.search_augment.target_tokens)
+    dialog_features = gather(dialog_features)
     return Stage2Data(dialog_features["cls"], dialog_features["patches"], dialog_examples,
                       dialog_features.get("head_cls"),
                       tokenizer(f"{IMAGE_TOKEN}\n", add_special_tokens=False)["input_ids"], sequences)

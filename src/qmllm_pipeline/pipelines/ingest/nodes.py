@@ -7,38 +7,52 @@ import logging
 
 import pandas as pd
 
-from qmllm_pipeline.loaders import load_dmap_folder, load_instructions, load_llava_json
+from qmllm_pipeline.loaders import (
+    MANIFEST_FIELDS,
+    LoadReport,
+    load_dmap_folder,
+    load_instructions,
+    load_llava_json,
+)
 from qmllm_pipeline.schema import SCHEMAS, check_table
 from qmllm_pipeline.world.catalogue import CATEGORIES, NEUTRAL
 
 logger = logging.getLogger(__name__)
 
 
+def _image_columns(params: dict) -> list[str]:
+    return ["image"] if params["embed_images"] else list(MANIFEST_FIELDS)
+
+
+def _corpus_json(params: dict, key: str) -> tuple[pd.DataFrame, LoadReport]:
+    """A LLaVA-format JSON of the corpus (`embed_images`: PNG bytes in the table; else a manifest of the files)."""
+    return load_llava_json(params[key], params["image_folder"], params["on_bad_input"], params["max_image_pixels"],
+                           params.get("image_size"), embed_images=params["embed_images"])
+
+
 def ingest_captions(params: dict) -> tuple[pd.DataFrame, dict]:
     """Stage-1 image-caption pairs from a LLaVA-format JSON (e.g. LCS-558K's blip_laion_cc_sbu_558k.json)."""
-    frame, report = load_llava_json(params["captions_json"], params["image_folder"], params["on_bad_input"],
-                                    params["max_image_pixels"],
-                                    params.get("image_size"))
-    frame = frame.dropna(subset=["image"]).rename(columns={"id": "scene_id"}).reset_index(drop=True)
+    frame, report = _corpus_json(params, "captions_json")
+    frame = frame.dropna(subset=[_image_columns(params)[0]]).rename(columns={"id": "scene_id"}).reset_index(drop=True)
     frame["objects"] = [[] for _ in range(len(frame))]  # real captions name no structured objects
     frame["background"] = ""
     logger.info("ingested %d caption pairs, skipped %d", len(frame), len(report.skipped))
-    columns = ["scene_id", "image", "caption", "objects", "background"]
+    columns = ["scene_id", *_image_columns(params), "caption", "objects", "background"]
     return check_table(frame[columns], "caption_corpus", "ingest"), report.as_dict()
 
 
 def ingest_dialogs(params: dict) -> tuple[pd.DataFrame, dict]:
     """Stage-2 dialogs from a LLaVA-format JSON (e.g. llava_v1_5_mix665k.json). Records without an image are
     left out (counted in the report as `text_only`): stage 2 replays text from `text_corpus`."""
-    frame, report = load_llava_json(params["dialogs_json"], params["image_folder"], params["on_bad_input"],
-                                    params["max_image_pixels"],
-                                    params.get("image_size"))
-    with_image = frame["image"].notna()
+    frame, report = _corpus_json(params, "dialogs_json")
+    with_image = frame[_image_columns(params)[0]].notna()
     frame = frame[with_image].reset_index(drop=True)
+    if not params["embed_images"]:  # the text-only records' missing sizes made these columns float
+        frame = frame.astype({"image_size": int, "image_bytes": int})
     frame["turn_kinds"] = [["conversation"] * (len(turns) // 2) for turns in frame["conversations"]]
     logger.info("ingested %d dialogs, skipped %d, left out %d text-only", len(frame), len(report.skipped),
                 int((~with_image).sum()))
-    columns = ["id", "image", "conversations", "turn_kinds"]
+    columns = ["id", *_image_columns(params), "conversations", "turn_kinds"]
     return check_table(frame[columns], "dialogs", "ingest"), {**report.as_dict(), "text_only": int((~with_image).sum())}
 
 
