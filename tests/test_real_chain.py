@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
@@ -52,11 +53,13 @@ def test_every_pipeline_of_the_real_path_runs_and_writes_its_outputs(real_run):
     root, before = real_run
     out = root / "data/real"
     for path in ("03_primary/caption_corpus.parquet", "03_primary/text_corpus.parquet",
-                 "04_feature/caption_features/shard-00000.safetensors", "06_models/qmllm/stage1.safetensors",
+                 "04_feature/caption_targets.safetensors", "06_models/qmllm/stage1.safetensors",
                  "06_models/baseline/llm/config.json", "06_models/qmllm/safety_map.parquet",
                  "06_models/qmllm/guarded.json", "08_reporting/evaluation_report.md", "metrics/evaluate.json"):
         assert (out / path).is_file(), path
     assert not (root / "data/03_primary").exists()  # nothing written where a default run writes
+    assert not list((out / "04_feature").glob("*_features*"))  # features.cache false: the tower runs per batch
+    assert "image" not in pd.read_parquet(out / "03_primary/caption_corpus.parquet")  # a manifest, not pixels
     raw = root / "data/01_raw/real"
     assert {name: _digest(raw / name) for name in (CLIP_DIR, LLM_DIR)} == before  # real weights untouched
     report = json.loads((out / "08_reporting/ingest_report.json").read_text())
@@ -89,7 +92,7 @@ def test_the_lora_adapter_is_saved_alone_and_gives_the_merged_llm_on_the_base(re
     adapter = root / "data/real/06_models/qmllm/lora_adapter"
     assert {p.name for p in adapter.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}  # peft's layout
     raw = root / "data/01_raw/real" / LLM_DIR
-    base = HFModelDirectoryDataset(str(raw), "transformers.LlamaForCausalLM", load_args={"torch_dtype": "bfloat16"},
+    base = HFModelDirectoryDataset(str(raw), "transformers.LlamaForCausalLM", load_args={"dtype": "bfloat16"},
                                    prepare_for_images="vicuna_v1", tokenizer_path=str(raw)).load()
     adapted = PeftModel.from_pretrained(base, adapter).eval()
     merged = LlamaForCausalLM.from_pretrained(root / "data/real/06_models/qmllm/llm").eval()

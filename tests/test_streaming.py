@@ -14,7 +14,7 @@ from qmllm_pipeline.datasets import ShardedSafetensorsDataset
 from qmllm_pipeline.fixtures import CLIP_DIR, write_data, write_models
 from qmllm_pipeline.loaders import BadInputError, load_llava_json
 from qmllm_pipeline.models.feature_shards import ShardedFeatures, gather, shard_name
-from qmllm_pipeline.models.image_data import SceneImages
+from qmllm_pipeline.models.image_data import SceneImages, TowerFeatures
 from qmllm_pipeline.models.stage1 import Stage1Data, Stage1Settings, train_stage1
 from qmllm_pipeline.models.training import TrainingConfig
 from qmllm_pipeline.pipelines.features.nodes import extract_caption_features
@@ -117,6 +117,29 @@ def test_manifest_and_embedded_tables_give_the_same_features_in_shards_and_with_
         extract_caption_features(embedded, clip, processor, _features_params(smoke_params, rows_per_shard=6))
 
 
+def test_features_on_the_fly_match_the_cache_and_share_one_pass_per_batch(fixture_data, smoke_params):
+    root, clip, processor = fixture_data
+    manifest, _ = load_llava_json(root / "blip_laion_cc_sbu_558k.json", root / "images", image_size=56,
+                                  embed_images=False)
+    cached = gather(extract_caption_features(manifest, clip, processor, _features_params(smoke_params)))
+    live = extract_caption_features(manifest, clip, processor, _features_params(smoke_params, cache=False,
+                                                                                   num_workers=2))
+    assert isinstance(live, TowerFeatures) and set(live) == set(cached)
+    rows = torch.tensor([11, 3, 3, 0, 7])
+    for key, whole in cached.items():
+        assert live[key].shape == whole.shape and live[key].dtype == whole.dtype
+        torch.testing.assert_close(live[key][rows].float(), whole[rows].float(), atol=2e-3, rtol=2e-3)
+    passes = []
+    live.tower.vision_model.register_forward_hook(lambda *_: passes.append(1))
+    batch = torch.tensor([1, 2, 4])
+    live["cls"][batch], live["patches"][batch], live["head_cls"][batch]
+    assert len(passes) == 1   # one tower pass for the three columns of a batch
+    data = Stage1Data.from_cache(live, {}, [])
+    assert data.patches is live["patches"] and len(data.cls) == 12
+    with pytest.raises(IndexError, match="out of range for 12 images"):
+        live["cls"][torch.tensor([12])]
+
+
 def test_an_image_changed_after_ingest_stops_the_features_with_its_path(fixture_data, tmp_path):
     root, _, processor = fixture_data
     folder = tmp_path / "images"
@@ -164,3 +187,51 @@ def test_the_fixture_writes_incompressible_images_of_one_size(tmp_path):
 
     assert {Image.open(p).size for p in files} == {(64, 64)}
     assert Path(tmp_path / "blip_laion_cc_sbu_558k.json").is_file()
+
+
+@pytest.mark.slow
+def test_data_scale_runs_the_chain_at_each_size_and_writes_its_table(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from qmllm_pipeline.commands import main
+
+    out = tmp_path / "data_scale.json"
+    result = CliRunner().invoke(main, ["data-scale", "--images", "8", "--images", "24", "--side", "64", "--workers",
+                                       "0", "--loader-images", "8", "--out", str(out),
+                                       "--project", str(Path(__file__).resolve().parents[1])])
+    assert result.exit_code == 0, result.output
+    table = json.loads(out.read_text())
+    assert table["images"] == [8, 24] and all(mb > 100 for mb in table["peak_rss_mb"])
+    inputs = [disk["input_images"] for disk in table["disk_mb"]]
+    assert 2.5 < inputs[1] / inputs[0] < 3.5                 # the images are written, of one size, at each size
+    assert all(disk["04_feature"] > 0 for disk in table["disk_mb"])
+    assert [(row["step"], row["workers"]) for row in table["loader"]] == [("loader alone", 0), ("loader + tower", 0)]
+    assert "peak RSS growth 8 -> 24 images" in result.output and table["command"].startswith("qmllm data-scale")
+
+
+def test_stage2_on_patch_codes_reads_what_the_features_give_and_trains_alike():
+    import dataclasses
+
+    from qmllm_pipeline.models.stage2 import Stage2Data, Stage2Settings, draw_batch, patch_codes, train_stage2
+    from qmllm_pipeline.scaling import largest_difference
+
+    world = small_world(rows=12)
+    model = small_qmllm(small_llama()).eval()
+    data = Stage2Data(world.cls, world.patches, world.examples)
+    codes = patch_codes(model, data, batch_size=5)
+    deployed = model.encode_features(world.cls, world.patches, straight_through=False, with_cls=False,
+                                     with_names=False)
+    assert codes.dtype == torch.int16 and torch.equal(codes.long(), deployed.patches.indices)
+    on_codes, _ = draw_batch(model, dataclasses.replace(data, codes=codes), 6, torch.Generator().manual_seed(3))
+    on_features, _ = draw_batch(model, data, 6, torch.Generator().manual_seed(3))
+    assert on_codes.picks == on_features.picks and torch.equal(on_codes.replayed, on_features.replayed)
+    rows = [world.examples[i][2] for i in on_codes.imaged]
+    assert torch.equal(on_codes.image_tokens, deployed.image_tokens[rows])        # the codebook rows, exactly
+    torch.testing.assert_close(on_codes.image_tokens, on_features.image_tokens)   # straight-through: to rounding
+
+    settings = Stage2Settings(TrainingConfig(steps=4, batch_size=4, lr=1e-2, warmup_steps=1), image_input="codes")
+    trained = [train_stage2(small_qmllm(small_llama()), data, dataclasses.replace(settings, image_input=kind), 0)[0]
+               for kind in ("codes", "features")]
+    assert largest_difference(*trained) < 1e-4

@@ -35,9 +35,12 @@ def project_copy(project: Path, root: Path) -> Path:
     return root
 
 
-def fixture_params(side: int, workers: int, extra: str = "") -> str:
+def fixture_params(side: int, workers: int) -> str:
     """`--params` of the fixture's settings with the images read at `side` and `workers` decoding processes."""
+    from qmllm_pipeline.dotted import with_overrides
     from qmllm_pipeline.fixtures import FIXTURE_PARAMETERS
+
+    params = with_overrides(FIXTURE_PARAMETERS, **{"ingest.image_size": side, "features.num_workers": workers})
 
     def leaves(node, path=""):
         for key, value in node.items():
@@ -46,8 +49,7 @@ def fixture_params(side: int, workers: int, extra: str = "") -> str:
             else:
                 yield f"{path}{key}={str(value).lower() if isinstance(value, bool) else value}"
 
-    pairs = [*leaves(FIXTURE_PARAMETERS), f"ingest.image_size={side}", f"features.num_workers={workers}"]
-    return ",".join(pairs + ([extra] if extra else []))
+    return ",".join(leaves(params))
 
 
 def folder_mb(path: Path) -> float:

@@ -39,6 +39,11 @@ def is_lazy(features) -> bool:
     return isinstance(features, dict) and bool(features) and all(callable(v) for v in features.values())
 
 
+def is_computed_on_read(features) -> bool:
+    """Whether `features` are computed when their rows are read (`image_data.TowerFeatures`), not stored."""
+    return bool(getattr(features, "computed_on_read", False))
+
+
 def iterate(shards: Shards) -> Iterator[dict[str, torch.Tensor]]:
     """Each shard's tensors in shard-name order, computed one at a time."""
     for name in sorted(shards):

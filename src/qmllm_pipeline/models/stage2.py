@@ -16,11 +16,14 @@ code-space search are the objects below. With LoRA the LLM's weights stay frozen
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from qmllm_pipeline.constants import IGNORE_INDEX
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
@@ -68,6 +71,7 @@ class Stage2Settings:
     distill_weight: float = 0.0
     search_augment: SearchAugmentSettings = field(default_factory=SearchAugmentSettings)
     lora: LoraSpec = field(default_factory=LoraSpec)
+    image_input: Literal["features", "codes"] = "features"
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,28 @@ class Stage2Data:
     head_cls: torch.Tensor | None = None
     image_prefix: list[int] = field(default_factory=list)
     search_sequences: list[Sequence] = field(default_factory=list)
+    codes: torch.Tensor | None = None
 
     @property
     def dialogs(self) -> int:
         return len(self.cls)
+
+
+@torch.no_grad()
+def patch_codes(model: QMLLM, data: Stage2Data, batch_size: int = 256) -> torch.Tensor:
+    """Each dialog image's patch codes (N, P), int16 where the codebook allows, in one pass over the features
+    (`image_input: codes`). Stage 2 freezes the projector and the codebook, so these are the codes every batch
+    would compute; the LLM then reads their codebook rows, as the deployed model does. N x P small integers
+    (576 x 2 bytes an image at LLaVA-1.5's size) instead of the features or a tower pass per batch."""
+    device = next(model.mm_projector.parameters()).device
+    codes = []
+    for start in tqdm(range(0, data.dialogs, batch_size), desc="stage-2 patch codes", unit="batch", mininterval=2):
+        rows = torch.arange(start, min(start + batch_size, data.dialogs))
+        encoding = model.encode_features(data.cls[rows].float().to(device), data.patches[rows].float().to(device),
+                                         with_cls=False, with_names=False)
+        codes.append(encoding.patches.indices.cpu())
+    dtype = torch.int16 if model.patch_quantizer.num_codes <= torch.iinfo(torch.int16).max else torch.int32
+    return torch.cat(codes).to(dtype)
 
 
 @dataclass
@@ -145,9 +167,12 @@ class SearchAugmentation:
     def __init__(self, model: QMLLM, data: Stage2Data, settings: SearchAugmentSettings, rounds: tuple[int, ...],
                  seed: int):
         self.model, self.data, self.settings, self.rounds, self.seed = model, data, settings, rounds, seed
-        with torch.no_grad():   # the patch tokens' count N, after any pooling
-            patches = model.encode_features(data.cls[:1].float(), data.patches[:1].float(), with_cls=False,
-                                            with_names=False).patches.indices.shape[1]
+        if data.codes is not None:
+            patches = data.codes.shape[1]
+        else:
+            with torch.no_grad():   # the patch tokens' count N, after any pooling
+                patches = model.encode_features(data.cls[:1].float(), data.patches[:1].float(), with_cls=False,
+                                                with_names=False).patches.indices.shape[1]
         length = patches + (model.name_head.slots if model.name_head is not None else 0)
         self.pool = FoundCodes(len(rounds) * settings.instructions, length)
 
@@ -179,14 +204,18 @@ class SearchAugmentation:
         training = model.llm.training
         model.llm.eval()
         device = next(model.mm_projector.parameters()).device
-        with torch.no_grad():
-            encoding = model.encode_features(data.cls[rows].float().to(device), data.patches[rows].float().to(device),
-                                             with_cls=False, name_features=_rows(data.head_cls, rows, device))
-        starts = encoding.patches.indices
-        if encoding.name_picks is not None:
-            starts = torch.cat([starts, encoding.name_picks.to(starts)], 1)
-        objective = CodeObjective.over_codes(model, [data.search_sequences[i] for i in which],
-                                             encoding.patches.indices.shape[1])
+        if data.codes is not None:
+            starts = data.codes[rows].long().to(device)
+            patch_count = starts.shape[1]
+        else:
+            with torch.no_grad():
+                encoding = model.encode_features(data.cls[rows].float().to(device),
+                                                 data.patches[rows].float().to(device), with_cls=False,
+                                                 name_features=_rows(data.head_cls, rows, device))
+            starts, patch_count = encoding.patches.indices, encoding.patches.indices.shape[1]
+            if encoding.name_picks is not None:
+                starts = torch.cat([starts, encoding.name_picks.to(starts)], 1)
+        objective = CodeObjective.over_codes(model, [data.search_sequences[i] for i in which], patch_count)
         found, history = search_each(objective, starts, settings.sweeps, 1, settings.candidates,
                                      settings.batch_size, seed=self.seed + at, desc=f"stage-2 code search, step {at}")
         model.llm.train(training)
@@ -249,7 +278,11 @@ def draw_batch(model: QMLLM, data: Stage2Data, batch_size: int,
     imaged = [i for i in picks if data.examples[i][2] >= 0]  # image tokens are spliced in this order
     batch = Stage2Batch(picks, [data.examples[i][0] for i in picks], [data.examples[i][1] for i in picks], imaged)
     rows = [data.examples[i][2] for i in imaged]
-    if rows:
+    if rows and data.codes is not None:  # image_input: codes
+        device = next(model.mm_projector.parameters()).device
+        batch.image_tokens = model.patch_quantizer.lookup(data.codes[rows].long().to(device))
+        batch.replayed = torch.tensor([i >= data.dialogs for i in imaged])
+    elif rows:
         device = next(model.mm_projector.parameters()).device
         with torch.no_grad():
             batch.image_tokens = model.encode_features(data.cls[rows].float().to(device),
@@ -268,6 +301,11 @@ def train_stage2(model: QMLLM, data: Stage2Data, settings: Stage2Settings, seed:
     paper's stage 2 stays bit for bit). Returns the model (its LLM with any LoRA adapters merged) and the
     adapters alone ({} for full fine-tuning)."""
     _freeze_all_but_llm(model, settings.lora)
+    if settings.image_input == "codes" and model.quantized and data.codes is None:
+        if model.name_head is not None:
+            raise ValueError("finetune.stage2.image_input: codes reads patch codes alone; a model with a name head "
+                             "needs its features (image_input: features)")
+        data = dataclasses.replace(data, codes=patch_codes(model, data))
     distill = Distillation(teacher, settings.distill_weight, data.image_prefix) \
         if teacher is not None and settings.distill_weight > 0 else None
     rounds = rounds_within(settings.search_augment, data.search_sequences, settings.training.steps)

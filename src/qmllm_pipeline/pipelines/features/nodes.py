@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from qmllm_pipeline.models.clip import text_embeddings
 from qmllm_pipeline.models.feature_shards import Shards, shard_name
-from qmllm_pipeline.models.image_data import SceneImages, image_loader
+from qmllm_pipeline.models.image_data import SceneImages, TowerFeatures, image_loader
 from qmllm_pipeline.models.params import parse
 from qmllm_pipeline.models.vision import VisionTower
 from qmllm_pipeline.world.scenes import scene_texts
@@ -58,12 +58,21 @@ class FeatureSettings:
     dtype: str = "float16"
     rows_per_shard: int = 4096
     num_workers: int = 0
+    cache: bool = True
 
 
-def _extract(table: pd.DataFrame, clip_model, clip_image_processor, params: dict, name: str) -> Shards:
+def _extract(table: pd.DataFrame, clip_model, clip_image_processor, params: dict,
+             name: str) -> Shards | TowerFeatures:
     """The table's features as lazy shards of `rows_per_shard` rows: each, when called, decodes its images
-    through a DataLoader (`num_workers` processes) and runs the tower over them `batch_size` at a time."""
+    through a DataLoader (`num_workers` processes) and runs the tower over them `batch_size` at a time. With
+    `cache: false`, none are computed here: `TowerFeatures` runs the tower for the rows each batch asks for."""
     settings = parse(FeatureSettings, params, "features")
+    if not settings.cache:
+        tower = VisionTower.from_clip(clip_model, **dataclasses.asdict(settings.vision_tower))
+        logger.info("%s features: computed on the fly for each batch (features.cache: false)", name)
+        return TowerFeatures(SceneImages(table, clip_image_processor), tower, settings.vision_tower.cls_source,
+                             settings.cls_head.cls_source, getattr(torch, settings.dtype), settings.batch_size,
+                             settings.num_workers)
     if settings.rows_per_shard % settings.batch_size:
         raise ValueError(f"features.rows_per_shard ({settings.rows_per_shard}) must be a multiple of "
                          f"features.batch_size ({settings.batch_size}), so that every batch lies in one shard")
@@ -96,16 +105,17 @@ def _extract(table: pd.DataFrame, clip_model, clip_image_processor, params: dict
 
 
 def extract_caption_features(caption_corpus: pd.DataFrame, clip_model, clip_image_processor,
-                             params: dict) -> Shards:
+                             params: dict) -> Shards | TowerFeatures:
     """CLS (the paper's and the CLS head's) and patch features of every caption-corpus image, in corpus order,
-    as lazy shards (`models/feature_shards.py`: the catalogue's dataset computes and writes one at a time)."""
+    as lazy shards (`models/feature_shards.py`: the catalogue's dataset computes and writes one at a time), or
+    with `cache: false` as `TowerFeatures` (computed per batch by whoever reads them)."""
     return _extract(caption_corpus, clip_model, clip_image_processor, params, "caption_corpus")
 
 
 def extract_dialog_features(dialogs: pd.DataFrame, clip_model, clip_image_processor,
-                            params: dict) -> Shards:
+                            params: dict) -> Shards | TowerFeatures:
     """CLS (the paper's and the CLS head's) and patch features of every dialog image, in dialog order, as lazy
-    shards."""
+    shards or `TowerFeatures`."""
     return _extract(dialogs, clip_model, clip_image_processor, params, "dialogs")
 
 
