@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from safetensors.torch import load_file
 
 from qmllm_pipeline.fixtures import CLIP_DIR, FIXTURE_PARAMETERS, LLM_DIR, write_real_fixture
 from qmllm_pipeline.loaders import BadInputError, load_instructions
+from qmllm_pipeline.models.lora import load_adapted_llm
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def test_every_pipeline_of_the_real_path_runs_and_writes_its_outputs(real_run):
     out = root / "data/real"
     for path in ("03_primary/caption_corpus.parquet", "03_primary/text_corpus.parquet",
                  "04_feature/caption_targets.safetensors", "06_models/qmllm/stage1.safetensors",
-                 "06_models/baseline/llm/config.json", "06_models/qmllm/safety_map.parquet",
+                 "06_models/baseline/llm/adapted_llm.json", "06_models/qmllm/safety_map.parquet",
                  "06_models/qmllm/guarded.json", "08_reporting/evaluation_report.md", "metrics/evaluate.json"):
         assert (out / path).is_file(), path
     assert not (root / "data/03_primary").exists()  # nothing written where a default run writes
@@ -76,15 +76,16 @@ def test_the_real_tokenizer_gets_the_image_token_and_the_llm_its_row(real_run):
     assert "<image>" not in raw_tokenizer.get_vocab()
     config = json.loads((root / "data/real/06_models/qmllm/config.json").read_text())
     assert config["conversation_format"] == "vicuna_v1" and config["image_token_id"] == len(raw_tokenizer)
-    llm = load_file(root / "data/real/06_models/qmllm/llm/model.safetensors")
-    assert llm["model.embed_tokens.weight"].shape[0] == len(raw_tokenizer) + 1
-    assert "lora_A" not in " ".join(llm)  # stage 2's LoRA adapters are merged into the saved LLM
+    folder = root / "data/real/06_models/qmllm/llm"
+    assert [p.name for p in folder.iterdir()] == ["adapted_llm.json"]  # the base plus the adapters, not a copy
+    llm = load_adapted_llm(folder)
+    assert llm.get_input_embeddings().weight.shape[0] == len(raw_tokenizer) + 1
+    assert "lora_A" not in " ".join(llm.state_dict())  # the adapters merged as it loads
 
 
 def test_the_lora_adapter_is_saved_alone_and_gives_the_merged_llm_on_the_base(real_run):
     import torch
     from peft import PeftModel
-    from transformers import LlamaForCausalLM
 
     from qmllm_pipeline.datasets import HFModelDirectoryDataset
 
@@ -95,7 +96,8 @@ def test_the_lora_adapter_is_saved_alone_and_gives_the_merged_llm_on_the_base(re
     base = HFModelDirectoryDataset(str(raw), "transformers.LlamaForCausalLM", load_args={"dtype": "bfloat16"},
                                    prepare_for_images="vicuna_v1", tokenizer_path=str(raw)).load()
     adapted = PeftModel.from_pretrained(base, adapter).eval()
-    merged = LlamaForCausalLM.from_pretrained(root / "data/real/06_models/qmllm/llm").eval()
+    merged = HFModelDirectoryDataset(str(root / "data/real/06_models/qmllm/llm"),
+                                     "transformers.LlamaForCausalLM").load()
     ids = torch.tensor([[1, 40, 50, 60, 70, 2]])
     with torch.no_grad():
         difference = (adapted(input_ids=ids).logits.float() - merged(input_ids=ids).logits.float()).abs().max()

@@ -7,17 +7,26 @@ marked `read_only: true` so that no pipeline can overwrite them, and prepared fo
 (`prepare_for_images: <conversation format>`): a tokenizer gets `<image>`, a pad token and the format's chat
 template, an LLM the embedding rows of the tokenizer at `tokenizer_path` so prepared (new rows: the mean of
 the old), as LLaVA's builder does when it loads a base LLM.
+
+An LLM that stage 2 trained with LoRA is saved, under `adapter_of: {base, tokenizer, conversation_format}`, as a pointer
+(`adapted_llm.json`: the base, prepared for images, plus the `lora_adapter` folder beside it) instead of a
+merged copy; loading merges them again. Without `adapter_of`, or for an LLM trained in full, the weights.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
 from qmllm_pipeline.files import atomic_directory
+from qmllm_pipeline.models.lora import ADAPTED_FILE, adapted_from, load_adapted_llm, write_adapted_pointer
+
+logger = logging.getLogger(__name__)
 
 # Files that make a directory a loadable model or tokenizer, by kind of class.
 _MARKERS = {
@@ -40,8 +49,13 @@ class HFModelDirectoryDataset(AbstractDataset):
 
     def __init__(self, path: str, model_class: str, load_args: dict[str, Any] | None = None, read_only: bool = False,
                  metadata: dict[str, Any] | None = None, prepare_for_images: str | None = None,
-                 tokenizer_path: str | None = None):
+                 tokenizer_path: str | None = None, adapter_of: dict[str, str] | None = None):
         self._path = Path(path)
+        self._adapter_of = adapter_of
+        if adapter_of is not None and set(adapter_of) != {"base", "tokenizer", "conversation_format"}:
+            raise DatasetError(f"{path}: adapter_of needs exactly `base` (the base LLM's folder), `tokenizer` (the "
+                               "tokenizer it is prepared with) and `conversation_format`, got "
+                               f"{sorted(adapter_of)}")
         self._model_class = model_class
         self._load_args = load_args or {}
         self._read_only = read_only
@@ -62,7 +76,8 @@ class HFModelDirectoryDataset(AbstractDataset):
                 "prepare_for_images": self._format}
 
     def _exists(self) -> bool:
-        return self._path.is_dir() and any((self._path / m).is_file() for m in _MARKERS[self._kind()])
+        markers = (*_MARKERS[self._kind()], *((ADAPTED_FILE,) if self._kind() == "model" else ()))
+        return self._path.is_dir() and any((self._path / m).is_file() for m in markers)
 
     def load(self) -> Any:
         if not self._path.is_dir():
@@ -71,6 +86,11 @@ class HFModelDirectoryDataset(AbstractDataset):
         if not self._exists():
             expected = " or ".join(_MARKERS[self._kind()])
             raise DatasetError(f"{self._path}: not a saved {self._kind()} directory (no {expected})")
+        if self._kind() == "model" and (self._path / ADAPTED_FILE).is_file():
+            try:
+                return load_adapted_llm(self._path)
+            except (OSError, ValueError) as error:
+                raise DatasetError(str(error)) from None
         cls = _import(self._model_class)
         args = {"local_files_only": True, **self._load_args}
         if self._kind() == "model":
@@ -97,8 +117,15 @@ class HFModelDirectoryDataset(AbstractDataset):
     def save(self, data: Any) -> None:
         if self._read_only:
             raise DatasetError(f"{self._path}: read-only model directory (real weights); not overwriting it")
+        adapter = adapted_from(data) if self._adapter_of and self._kind() == "model" else None
         with atomic_directory(self._path) as staging:
-            if self._kind() == "model":
+            if adapter is not None:
+                base, tokenizer = (os.path.relpath(self._adapter_of[key], self._path) for key in ("base", "tokenizer"))
+                dtype = self._load_args.get("dtype")
+                write_adapted_pointer(staging, base, adapter, tokenizer, self._adapter_of["conversation_format"],
+                                      str(dtype).removeprefix("torch.") if dtype else None)
+                logger.info("%s: the base LLM plus %s (LoRA), not a merged copy", self._path, adapter)
+            elif self._kind() == "model":
                 data.save_pretrained(staging, safe_serialization=True)
             else:
                 data.save_pretrained(staging)

@@ -224,9 +224,13 @@ class QMLLM(nn.Module):
         (local files only, safetensors only)."""
         from transformers import AutoModelForCausalLM, CLIPModel
 
+        from qmllm_pipeline.models.lora import ADAPTED_FILE, load_adapted_llm
+
         directory = Path(directory)
         config = load_config(directory)
-        if llm is None:
+        if llm is None and (config.reference("llm", directory) / ADAPTED_FILE).is_file():
+            llm = load_adapted_llm(config.reference("llm", directory))  # a LoRA stage 2: base + adapters
+        elif llm is None:
             llm = AutoModelForCausalLM.from_pretrained(config.reference("llm", directory), local_files_only=True,
                                                        use_safetensors=True)
         if clip_model is None:

@@ -29,7 +29,7 @@ from qmllm_pipeline.constants import IGNORE_INDEX
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.code_search import CodeObjective, search_each
 from qmllm_pipeline.models.distributed import DistributedSettings, rank_share
-from qmllm_pipeline.models.lora import LoraSettings, adapter_files, merged, with_lora
+from qmllm_pipeline.models.lora import LoraSettings, adapter_files, mark_adapted, merged, with_lora
 from qmllm_pipeline.models.qmllm import QMLLM
 from qmllm_pipeline.models.stage1 import Example
 from qmllm_pipeline.models.training import TrainingConfig, activation_checkpointing, train_loop
@@ -336,6 +336,8 @@ def train_stage2(model: QMLLM, data: Stage2Data, settings: Stage2Settings, seed:
         activation_checkpointing(model.llm, False)
     adapters = adapter_files(model.llm)
     model.llm = merged(model.llm)
+    if adapters:
+        mark_adapted(model.llm)  # a catalogue entry with `adapter_of` saves the pointer, not the weights
     return model, adapters
 
 
