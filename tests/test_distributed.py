@@ -145,3 +145,48 @@ def test_the_shipped_settings_survive_dvcs_rewrite_of_the_parameters_file(tmp_pa
     rewritten = yaml.safe_load(copy.read_text())["distributed"]
     assert rewritten["mixed_precision"] is False  # what DVC writes, as YAML reads it
     assert DistributedSettings.from_params(rewritten) == DistributedSettings()
+
+
+_MACHINE = """
+import json, sys
+from safetensors.torch import save_file
+from qmllm_pipeline.models.distributed import DistributedSettings
+from qmllm_pipeline.scaling import train_stage
+rank, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+settings = DistributedSettings(num_processes=1, num_machines=2, machine_rank=rank, port=port)
+losses, model, _ = train_stage("pretrain", 1, steps=6, settings=settings)
+save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out + ".safetensors")
+open(out + ".json", "w").write(json.dumps(losses))
+"""
+
+
+def test_two_machines_on_localhost_train_as_two_processes_on_one(tmp_path):
+    """Two "machines" (two separate runs, each forking one worker, joined over TCP on the loopback as two
+    hosts would be): both get the same weights back, equal to one machine's two processes."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    runs = [subprocess.Popen([sys.executable, "-c", _MACHINE, str(rank), str(port), str(tmp_path / f"m{rank}")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [run.communicate(timeout=240) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    weights = [load_file(tmp_path / f"m{rank}.safetensors") for rank in (0, 1)]
+    losses = [json.loads((tmp_path / f"m{rank}.json").read_text()) for rank in (0, 1)]
+    one_losses, one_model, _ = scaling.train_stage("pretrain", 2, steps=6)
+    assert len(losses[0]) == 6 and losses[1] == []          # the loss history is logged on the first machine
+    assert max(abs(a - b) for a, b in zip(losses[0], one_losses, strict=True)) < 1e-6
+    one = one_model.state_dict()
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key      # each machine's node gets the same weights
+        assert torch.allclose(value.float(), one[key].float(), atol=1e-6), key
+    with pytest.raises(ValueError, match="several machines train with ddp only"):
+        DistributedSettings(num_processes=2, num_machines=2, strategy="fsdp")
+    with pytest.raises(ValueError, match="machine_rank must be in"):
+        DistributedSettings(num_machines=2, machine_rank=2)

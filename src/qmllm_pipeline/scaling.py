@@ -59,14 +59,15 @@ def small_qmllm(llm: LlamaForCausalLM, width: int = 8, quantized: bool = True) -
 
 
 def train_stage(stage: str, processes: int, steps: int = 20, batch_size: int = 8, seed: int = 0,
-                lora: bool = False) -> tuple[list[float], QMLLM, float]:
+                lora: bool = False, settings: DistributedSettings | None = None) -> tuple[list[float], QMLLM, float]:
     """Stage 1 (`pretrain`) or stage 2 (`finetune`, full or LoRA) of a small Q-MLLM on `processes`
-    processes; returns the logged loss per step (the mean over the processes), the model and the seconds."""
+    processes (or as `settings` say: this machine's share of a run over several); returns the logged loss per
+    step (the mean over the processes; none on a machine but the first), the model and the seconds."""
     world = small_world()
     model = small_qmllm(small_llama())
     logger = StepLogger(stage, every=steps)
     training = TrainingConfig(steps=steps, batch_size=batch_size, lr=1e-2, warmup_steps=2)
-    settings = DistributedSettings(num_processes=processes)
+    settings = settings or DistributedSettings(num_processes=processes)
     started = time.perf_counter()
     if stage == "pretrain":
         train_stage1(model, Stage1Data(world.cls, world.patches, world.examples), Stage1Settings(training), seed,

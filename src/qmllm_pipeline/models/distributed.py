@@ -8,9 +8,15 @@ same training loop on its share of every global batch (`rank_share`), and the ma
 writes checkpoints and hands the trained weights and loss history back to the node through a temporary
 folder. The node then returns them to Kedro, which saves them once and logs them to MLflow once. Wrapping
 the whole `kedro run` in `accelerate launch` instead would run every node (data loading, evaluation,
-saving, MLflow runs) N times; forking inside the node keeps the pipeline one run. The cost: one machine
-(no multi-node), and the fork needs CUDA untouched in the parent (the node loads everything to the CPU;
-each worker moves its copy to its own GPU).
+saving, MLflow runs) N times; forking inside the node keeps the pipeline one run. The fork needs CUDA
+untouched in the parent (the node loads everything to the CPU; each worker moves its copy to its own GPU).
+
+Several machines (`num_machines` > 1, DDP only): the same `kedro run` starts on each, with its
+`machine_rank` and the first machine's address as `main_process_ip`; the training nodes' workers of all the
+machines form one process group over TCP (global rank = machine_rank x num_processes + local rank), and each
+machine's first worker hands the trained weights back to its own node (under DDP every process holds them
+whole). Everything outside the training loop runs on every machine, on its own copy of the data; the first
+machine's outputs and MLflow run (the loss history is logged there) are the ones to keep.
 
 With one process the loop runs in place under a one-process `Accelerator`: the same steps, in the same
 order, as plain PyTorch (mixed precision and the device aside).
@@ -34,13 +40,22 @@ SHARDED = ("fsdp", "deepspeed_zero2", "deepspeed_zero3")  # optimiser state spli
 
 @dataclass(frozen=True)
 class DistributedSettings:
-    """`num_processes` workers on this machine (1: in place, as plain PyTorch), the `strategy` that splits
-    the work between them, `mixed_precision` for the forward pass (Accelerate's autocast), and the
-    rendezvous `port` on 127.0.0.1."""
+    """`num_processes` workers on this machine (1 on one machine: in place, as plain PyTorch), the `strategy`
+    that splits the work between them, `mixed_precision` for the forward pass (Accelerate's autocast), the
+    rendezvous `port`, and for a run over `num_machines` machines this one's `machine_rank` and the first
+    machine's address `main_process_ip` (where the rendezvous is)."""
     num_processes: int = 1
     strategy: str = "ddp"
     mixed_precision: str = "no"
     port: int = 29500
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str = "127.0.0.1"
+
+    @property
+    def world_size(self) -> int:
+        """Processes over every machine."""
+        return self.num_processes * self.num_machines
 
     def __post_init__(self):
         if self.num_processes < 1:
@@ -50,6 +65,12 @@ class DistributedSettings:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"distributed.mixed_precision must be one of {MIXED_PRECISION}, "
                              f"got {self.mixed_precision!r}")
+        if self.num_machines < 1 or not 0 <= self.machine_rank < self.num_machines:
+            raise ValueError(f"distributed.machine_rank must be in [0, num_machines), got {self.machine_rank} of "
+                             f"{self.num_machines}")
+        if self.num_machines > 1 and self.strategy != "ddp":
+            raise ValueError(f"distributed.num_machines {self.num_machines}: several machines train with ddp only "
+                             f"(with {self.strategy} the weights would need gathering to every machine)")
 
     @classmethod
     def from_params(cls, params: dict | None) -> DistributedSettings:
@@ -78,18 +99,18 @@ def make_accelerator(settings: DistributedSettings, batch_size: int = 1, grad_cl
 
     AcceleratorState._reset_state(reset_partial_state=True)
     plugins = {}
-    if settings.strategy == "fsdp" and settings.num_processes > 1:
+    if settings.strategy == "fsdp" and settings.world_size > 1:
         from accelerate import FullyShardedDataParallelPlugin
 
         plugins["fsdp_plugin"] = FullyShardedDataParallelPlugin(auto_wrap_policy="transformer_based_wrap",
                                                                  use_orig_params=True)
-    elif settings.strategy.startswith("deepspeed") and settings.num_processes > 1:
+    elif settings.strategy.startswith("deepspeed") and settings.world_size > 1:
         from accelerate import DeepSpeedPlugin
 
         plugins["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=int(settings.strategy[-1]),
                                                       gradient_clipping=grad_clip)
         plugins["deepspeed_plugin"].deepspeed_config["train_micro_batch_size_per_gpu"] = max(
-            1, batch_size // settings.num_processes)
+            1, batch_size // settings.world_size)
     # the schedule steps once per optimiser step: the loop's steps are global batches, not one process's
     # share of a data loader (Accelerate's default steps it once per process)
     return Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available(),
@@ -149,7 +170,8 @@ def from_main(tensor: torch.Tensor) -> torch.Tensor:
 
 def launch(function: Callable[[], None], settings: DistributedSettings, threads: int | None = None) -> None:
     """Run `function()` in `settings.num_processes` forked processes on this machine, joined before this
-    returns; an exception in any of them is raised here. On CPUs the processes talk over gloo on the
+    returns; an exception in any of them is raised here. With several machines they join the processes the
+    other machines' runs start, over TCP at `main_process_ip:port`. On CPUs the processes talk over gloo on the
     loopback (Accelerate's `debug_launcher` setup, with the port a setting); on GPUs Accelerate's
     `notebook_launcher` starts them, one per GPU. `threads`: torch threads per process (default: this
     process's count split between them, so that the processes together do not oversubscribe the cores; a
@@ -162,13 +184,19 @@ def launch(function: Callable[[], None], settings: DistributedSettings, threads:
 
     def body():
         torch.set_num_threads(per_process)
+        if dist.is_initialized():  # Accelerate's CPU debug launch sets no LOCAL_RANK: on one machine it is the rank
+            os.environ.setdefault("LOCAL_RANK", str(dist.get_rank()))
         function()
 
     if torch.cuda.is_available():
         from accelerate import notebook_launcher
 
         notebook_launcher(body, num_processes=size, mixed_precision=settings.mixed_precision,
-                          use_port=str(settings.port))
+                          use_port=str(settings.port), master_addr=settings.main_process_ip,
+                          node_rank=settings.machine_rank, num_nodes=settings.num_machines)
+        return
+    if settings.num_machines > 1:
+        _launch_machines(body, settings, per_process)
         return
     with tempfile.NamedTemporaryFile() as rendezvous, patch_environment(
             world_size=size, master_addr="127.0.0.1", master_port=str(settings.port),
@@ -176,3 +204,20 @@ def launch(function: Callable[[], None], settings: DistributedSettings, threads:
             accelerate_use_cpu="yes", gloo_socket_ifname=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
             omp_num_threads=str(per_process)):  # else Accelerate sets its own count, and a forked OpenMP hangs
         start_processes(PrepareForLaunch(body, debug=True), args=(), nprocs=size, start_method="fork")
+
+
+def _launch_machines(body: Callable[[], None], settings: DistributedSettings, threads: int) -> None:
+    """This machine's share of a CPU run over several machines: its `num_processes` forked workers, each told
+    its global rank, joining the process group over TCP (gloo) at `main_process_ip:port` (env://, as
+    `torchrun` would tell them)."""
+    from torch.multiprocessing import start_processes
+
+    def worker(index: int) -> None:
+        os.environ.update(RANK=str(settings.machine_rank * settings.num_processes + index), LOCAL_RANK=str(index),
+                          LOCAL_WORLD_SIZE=str(settings.num_processes), WORLD_SIZE=str(settings.world_size),
+                          MASTER_ADDR=settings.main_process_ip, MASTER_PORT=str(settings.port),
+                          ACCELERATE_USE_CPU="yes", ACCELERATE_MIXED_PRECISION=settings.mixed_precision,
+                          OMP_NUM_THREADS=str(threads))
+        body()
+
+    start_processes(worker, args=(), nprocs=settings.num_processes, start_method="fork")

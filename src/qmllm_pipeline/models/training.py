@@ -162,14 +162,14 @@ def train_loop(modules: dict[str, torch.nn.Module], step_fn: Callable[[torch.Gen
     trainers), plain PyTorch. `carry`: modules the step reads but does not train (the frozen LLM, a
     teacher), moved to the process's device with the trained ones.
     """
-    if distributed is None or distributed.num_processes == 1:
+    if distributed is None or distributed.world_size == 1:
         accelerator = None if distributed is None else make_accelerator(distributed, config.batch_size,
                                                                        config.grad_clip)
         _run(modules, step_fn, config, seed, step_logger, checkpoint, desc, accelerator, carry)
         return
-    if config.batch_size % distributed.num_processes:
+    if config.batch_size % distributed.world_size:
         raise ValueError(f"{desc}: the global batch of {config.batch_size} does not split evenly over "
-                         f"{distributed.num_processes} processes")
+                         f"{distributed.world_size} processes")
     if checkpoint is not None and config.checkpoint_every and distributed.strategy in SHARDED:
         raise ValueError(f"{desc}: resumable checkpoints are written for one process or DDP; with "
                          f"{distributed.strategy} set checkpoint_every: 0")
@@ -178,7 +178,7 @@ def train_loop(modules: dict[str, torch.nn.Module], step_fn: Callable[[torch.Gen
             accelerator = make_accelerator(distributed, config.batch_size, config.grad_clip)
             history = StepLogger(step_logger.prefix, send=False) if step_logger is not None else None
             states = _run(modules, step_fn, config, seed, history, checkpoint, desc, accelerator, carry)
-            if accelerator.is_main_process:
+            if accelerator.is_local_main_process:  # each machine's first worker hands back to its own node
                 for name, state in states.items():
                     save_file(state, Path(handoff) / f"{name}.safetensors")
                 history_out = dict(history.history) if history is not None else {}
@@ -191,7 +191,8 @@ def train_loop(modules: dict[str, torch.nn.Module], step_fn: Callable[[torch.Gen
             module.eval()
         if step_logger is not None:
             step_logger.replay(json.loads((Path(handoff) / "history.json").read_text()))
-    logger.info("%s: trained in %d processes (%s)", desc, distributed.num_processes, distributed.strategy)
+    logger.info("%s: trained in %d processes on %d machine(s) (%s)", desc, distributed.world_size,
+                distributed.num_machines, distributed.strategy)
 
 
 class _Step(torch.nn.Module):
@@ -214,6 +215,7 @@ def _run(modules, step_fn, config, seed, step_logger, checkpoint, desc, accelera
     trainable = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
     optimizer, schedule = optimizer_and_schedule(trainable, config)
     main = accelerator is None or accelerator.is_main_process
+    local_main = accelerator is None or accelerator.is_local_main_process  # checkpoints: one per machine
     start = _resume(modules, optimizer, schedule, generator, step_logger, checkpoint, desc, config, main)
     for module in modules.values():
         module.train()
@@ -244,12 +246,12 @@ def _run(modules, step_fn, config, seed, step_logger, checkpoint, desc, accelera
         if at % 50 == 0:
             progress.set_postfix(loss=f"{losses['loss'].item():.3f}")
         if checkpoint is not None and every and at % every == 0 and at < config.steps:
-            if main:
+            if local_main:
                 history = dict(step_logger.history) if step_logger is not None else {}
                 checkpoint.save(at, modules, optimizer, schedule, generator, history)
             if accelerator is not None:
                 accelerator.wait_for_everyone()
-    return _finish(modules, step, step_logger, checkpoint, accelerator, main)
+    return _finish(modules, step, step_logger, checkpoint, accelerator, local_main)
 
 
 def _resume(modules, optimizer, schedule, generator, step_logger, checkpoint, desc, config, main) -> int:
@@ -270,9 +272,10 @@ def _resume(modules, optimizer, schedule, generator, step_logger, checkpoint, de
     return state["step"] + 1
 
 
-def _finish(modules, step, step_logger, checkpoint, accelerator, main) -> dict[str, dict]:
+def _finish(modules, step, step_logger, checkpoint, accelerator, local_main) -> dict[str, dict]:
     """After the last step: the history flushed, the checkpoint cleared, the modules in eval mode; each
-    module's state gathered from the processes on rank 0 (several processes only)."""
+    module's state gathered from the processes on rank 0 (several processes only), and under DDP as each
+    machine's first process holds it (whole on every process)."""
     if step_logger is not None:
         step_logger.flush()
     states = {}
@@ -280,8 +283,8 @@ def _finish(modules, step, step_logger, checkpoint, accelerator, main) -> dict[s
         full = accelerator.get_state_dict(step)  # gathered from the shards on rank 0
         states = {name: {key[len(f"trained.{name}."):]: value.detach().contiguous().clone()
                          for key, value in full.items() if key.startswith(f"trained.{name}.")}
-                  for name in modules} if main else {}
-    if checkpoint is not None and main:
+                  for name in modules} if local_main else {}
+    if checkpoint is not None and local_main:
         checkpoint.clear()
     for module in modules.values():
         module.eval()
