@@ -235,3 +235,16 @@ def test_stage2_on_patch_codes_reads_what_the_features_give_and_trains_alike():
     trained = [train_stage2(small_qmllm(small_llama()), data, dataclasses.replace(settings, image_input=kind), 0)[0]
                for kind in ("codes", "features")]
     assert largest_difference(*trained) < 1e-4
+
+
+def test_gpu_check_says_it_needs_cuda_or_runs(tmp_path):
+    from click.testing import CliRunner
+
+    from qmllm_pipeline.commands import main
+
+    result = CliRunner().invoke(main, ["gpu-check", "--help"])
+    assert result.exit_code == 0 and "peak GPU memory" in result.output
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run `qmllm gpu-check` itself (about 15 minutes)")
+    result = CliRunner().invoke(main, ["gpu-check"])
+    assert result.exit_code == 1 and "no CUDA device here" in result.output

@@ -328,6 +328,43 @@ def data_scale(sizes, side, workers, loader_images, out, project) -> None:
     click.echo(f"wrote {out} ({len(table['images'])} sizes)")
 
 
+@main.command("gpu-check")
+@click.option("--processes", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Training processes (one per GPU) to compare one with; the fixtures' batches of 4 and 8 must "
+                   "divide by it.")
+@click.option("--project", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="The project whose conf/ the runs use (each runs in a temporary copy).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the table as JSON to this file.")
+def gpu_check(processes, project, out) -> None:
+    """On a machine with CUDA: run the smoke chain (`kedro run --env smoke`) and the real fixture's chain
+    (`kedro run --env real --pipelines real` on `qmllm real-fixture`'s inputs) with 1 and PROCESSES training
+    processes, each in a temporary copy of the project, and print their wall time and peak GPU memory (from
+    nvidia-smi). Without CUDA it says so and exits 1. About 15 minutes."""
+    import json
+
+    import torch
+
+    from qmllm_pipeline import gpu_check as gpu
+
+    if not torch.cuda.is_available():
+        click.echo("qmllm: error: no CUDA device here; run `qmllm gpu-check` on a machine with a GPU", err=True)
+        sys.exit(1)
+    if not (project / "pyproject.toml").is_file():
+        _fail(f"{project}: not a Kedro project (no pyproject.toml); pass --project")
+    if processes > torch.cuda.device_count():
+        _fail(f"--processes {processes}: this machine has {torch.cuda.device_count()} GPU(s)")
+    try:
+        rows = gpu.check(project.resolve(), processes)
+    except RuntimeError as error:
+        click.echo(f"qmllm: error: {error}", err=True)
+        sys.exit(1)
+    click.echo(f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}, torch {torch.__version__}")
+    click.echo(gpu.table(rows))
+    if out is not None:
+        out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "rows": rows}, indent=2) + "\n")
+
+
 @main.command("scale-check")
 @click.option("--processes", type=click.IntRange(2, 64), default=2, show_default=True,
               help="Processes to compare one process with (CPU processes over gloo; one per GPU on a GPU machine).")
