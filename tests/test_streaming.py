@@ -199,15 +199,17 @@ def test_data_scale_runs_the_chain_at_each_size_and_writes_its_table(tmp_path):
 
     out = tmp_path / "data_scale.json"
     result = CliRunner().invoke(main, ["data-scale", "--images", "8", "--images", "24", "--side", "64", "--workers",
-                                       "0", "--loader-images", "8", "--out", str(out),
+                                       "0", "--loader-images", "8", "--steps", "1", "--out", str(out),
                                        "--project", str(Path(__file__).resolve().parents[1])])
     assert result.exit_code == 0, result.output
     table = json.loads(out.read_text())
     assert table["images"] == [8, 24] and all(mb > 100 for mb in table["peak_rss_mb"])
     inputs = [disk["input_images"] for disk in table["disk_mb"]]
     assert 2.5 < inputs[1] / inputs[0] < 3.5                 # the images are written, of one size, at each size
-    assert all(disk["04_feature"] > 0 for disk in table["disk_mb"])
-    assert [(row["step"], row["workers"]) for row in table["loader"]] == [("loader alone", 0), ("loader + tower", 0)]
+    assert all(disk["04_feature"] < 0.1 for disk in table["disk_mb"])  # no features cached (L_semantic targets only)
+    assert [(row["step"], row["workers"]) for row in table["loader"]] == [
+        ("loader alone", 0), ("loader + tower", 0), ("stage-1 step, features on the fly", 0),
+        ("stage-1 step, features in memory", 0)]
     assert "peak RSS growth 8 -> 24 images" in result.output and table["command"].startswith("qmllm data-scale")
 
 

@@ -287,15 +287,18 @@ def real_fixture(directory, force, print_params, images, image_side) -> None:
               help="DataLoader processes decoding images (features.num_workers).")
 @click.option("--loader-images", type=click.IntRange(0, 1_000_000), default=1000, show_default=True,
               help="Images the loader-throughput table reads (0: no table).")
+@click.option("--steps", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Stage-1 steps (batches of 16) the step-throughput rows time.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("metrics/data_scale.json"),
               show_default=True, help="Where to write the table (JSON).")
 @click.option("--project", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
               help="The project whose conf/ the runs use (each runs in a temporary copy).")
-def data_scale(sizes, side, workers, loader_images, out, project) -> None:
+def data_scale(sizes, side, workers, loader_images, steps, out, project) -> None:
     """Measure how the real path's memory, time and disk grow with the data: for each size, the miniature real
     inputs with that many SIDE x SIDE incompressible images, and `kedro run --env real --pipelines
-    ingest,features,pretrain` in a temporary copy of the project (peak RSS of its process); then the data
-    loader's images/s alone and under the feature step, with 0 and --workers processes. Takes about 10 minutes
+    ingest,features,pretrain` in a temporary copy of the project (peak RSS of its process); then images/s of
+    the data loader alone, under the feature step, and of a stage-1 step with features computed on the fly or
+    already in memory, with 0 and --workers processes (threads for the on-the-fly step). Takes about 10 minutes
     for the defaults on 2 cores and needs about 3.5 GB of temporary disk for 10,000 images."""
     from qmllm_pipeline import data_scale as scale
 
@@ -310,9 +313,11 @@ def data_scale(sizes, side, workers, loader_images, out, project) -> None:
             _fail(str(error))
         row = results[-1]
         click.echo(f"  peak RSS {row['peak_rss_mb']:.0f} MB, {row['seconds']:.0f} s, disk {row['disk_mb']}", err=True)
-    loader = scale.loader_rates(loader_images, side, tuple(dict.fromkeys((0, workers)))) if loader_images else []
+    loader = (scale.loader_rates(loader_images, side, tuple(dict.fromkeys((0, workers))), steps=steps)
+              if loader_images else [])
     command = "qmllm data-scale " + " ".join([*(f"--images {n}" for n in sizes), f"--side {side}",
-                                               f"--workers {workers}", f"--loader-images {loader_images}"])
+                                               f"--workers {workers}", f"--loader-images {loader_images}",
+                                               f"--steps {steps}"])
     table = scale.write(results, loader, out, command)
     click.echo("| images | peak RSS (MB) | seconds | input images (MB) | 03_primary (MB) | 04_feature (MB) |")
     click.echo("|---|---|---|---|---|---|")

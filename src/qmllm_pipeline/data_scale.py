@@ -80,25 +80,46 @@ def measure_size(project: Path, images: int, side: int, workers: int, keep: Path
                 "disk_mb": {name: round(mb, 2) for name, mb in disk.items()}}
 
 
-def loader_rates(images: int, side: int, workers: tuple[int, ...], batch_size: int = 8) -> list[dict]:
-    """Images per second of the data loader alone (decode, hash check, resize, normalise) and of the feature
-    step it feeds (loader plus the fixture's CLIP tower), over a manifest of `images` fresh fixture images."""
-    import torch
-    from transformers import CLIPImageProcessor, CLIPModel
+def loader_rates(images: int, side: int, workers: tuple[int, ...], batch_size: int = 16, steps: int = 10) -> list[dict]:
+    """Images per second over `images` fresh fixture images of `side` x `side`, read through a manifest:
 
-    from qmllm_pipeline.fixtures import CLIP_DIR, write_real_fixture
+    - `loader alone`: the DataLoader (`workers` processes) decoding, hash-checking, resizing, normalising;
+    - `loader + tower`: what `features.cache: true` runs, the DataLoader feeding the fixture's CLIP tower;
+    - `stage-1 step, features on the fly`: what `features.cache: false` runs, a training step (forward and
+      backward of the fixture's Q-MLLM on random rows) whose features `TowerFeatures` computes from the
+      images (`workers` decoding threads);
+    - `stage-1 step, features in memory`: the same step on features already computed, what the step costs
+      without any image work."""
+    import torch
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, LlamaForCausalLM
+
+    from qmllm_pipeline.constants import IMAGE_TOKEN
+    from qmllm_pipeline.fixtures import CLIP_DIR, LLM_DIR, write_real_fixture
     from qmllm_pipeline.loaders import load_llava_json
-    from qmllm_pipeline.models.image_data import SceneImages, image_loader
+    from qmllm_pipeline.models.conversation import prepare_for_images
+    from qmllm_pipeline.models.feature_shards import gather
+    from qmllm_pipeline.models.image_data import SceneImages, TowerFeatures, image_loader
+    from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
+    from qmllm_pipeline.models.stage1 import Stage1Data, caption_examples, stage1_losses
     from qmllm_pipeline.models.vision import VisionTower
 
     rows = []
+
+    def rate(step: str, count: int, seconds: float, done: int) -> None:
+        rows.append({"step": step, "workers": count, "images_per_s": round(done / seconds, 1)})
+
     with tempfile.TemporaryDirectory(prefix="data-scale-loader-") as folder:
         raw = write_real_fixture(Path(folder), images=images, image_side=side)
         table, _ = load_llava_json(raw / "blip_laion_cc_sbu_558k.json", raw / "images", image_size=side,
                                    embed_images=False)
         processor = CLIPImageProcessor.from_pretrained(raw / CLIP_DIR)
-        tower = VisionTower.from_clip(CLIPModel.from_pretrained(raw / CLIP_DIR)).eval()
+        clip = CLIPModel.from_pretrained(raw / CLIP_DIR)
+        tower = VisionTower.from_clip(clip).eval()
         dataset = SceneImages(table, processor)
+        tokenizer = AutoTokenizer.from_pretrained(raw / LLM_DIR)
+        llm = LlamaForCausalLM.from_pretrained(raw / LLM_DIR)
+        prepare_for_images(tokenizer, llm, "vicuna_v1")
+        examples = caption_examples(list(table["caption"]), tokenizer, "Describe the image.", 512)
         for count in workers:
             for step in ("loader alone", "loader + tower"):
                 started = time.perf_counter()
@@ -106,8 +127,27 @@ def loader_rates(images: int, side: int, workers: tuple[int, ...], batch_size: i
                     for pixels in image_loader(dataset, range(len(dataset)), batch_size, count):
                         if step == "loader + tower":
                             tower.features(pixels, ("layer",))
-                rows.append({"step": step, "workers": count,
-                             "images_per_s": round(len(dataset) / (time.perf_counter() - started), 1)})
+                rate(step, count, time.perf_counter() - started, len(dataset))
+        live = TowerFeatures(dataset, tower, "layer", "layer", batch_size=batch_size)
+        config = QMLLMConfig(vision_width=tower.hidden_size, llm_width=llm.config.hidden_size,
+                             image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), cls_codes=8, patch_codes=16)
+        model = QMLLM(config, llm)
+        model.llm.requires_grad_(False)
+        draws = [torch.randint(len(dataset), (batch_size,), generator=torch.Generator().manual_seed(k))
+                 for k in range(steps)]
+        cached = {key: value[:] for key, value in live.items()}
+        sources = [("stage-1 step, features on the fly", count, live) for count in workers]
+        sources.append(("stage-1 step, features in memory", 0, gather(cached)))
+        for step, count, features in sources:
+            if isinstance(features, TowerFeatures):
+                features.threads = count
+            data = Stage1Data(features["cls"], features["patches"], examples)
+            warm = torch.randint(len(dataset), (batch_size,), generator=torch.Generator().manual_seed(-1 % 2**31))
+            stage1_losses(model, data, [examples[i] for i in warm.tolist()])["loss"].backward()  # not timed
+            started = time.perf_counter()
+            for draw in draws:
+                stage1_losses(model, data, [examples[i] for i in draw.tolist()])["loss"].backward()
+            rate(step, count, time.perf_counter() - started, steps * batch_size)
     return rows
 
 
