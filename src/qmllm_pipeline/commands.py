@@ -260,17 +260,10 @@ def real_fixture(directory, force, print_params, images, image_side) -> None:
       kedro run --env real --pipelines real --params "$(qmllm real-fixture --print-params)"
 
     It refuses a directory that is not empty (real weights may be there) unless --force."""
-    from qmllm_pipeline.fixtures import FIXTURE_PARAMETERS, write_real_fixture
+    from qmllm_pipeline.fixtures import FIXTURE_PARAMETERS, params_line, write_real_fixture
 
     if print_params:
-        def leaves(node, path=""):
-            for key, value in node.items():
-                if isinstance(value, dict):
-                    yield from leaves(value, f"{path}{key}.")
-                else:
-                    yield f"{path}{key}={str(value).lower() if isinstance(value, bool) else value}"
-
-        click.echo(",".join(leaves(FIXTURE_PARAMETERS)))
+        click.echo(params_line(FIXTURE_PARAMETERS))
         return
     if directory.exists() and any(directory.iterdir()) and not force:
         _fail(f"{directory}: not empty (real weights or data may be there); pass --force to write anyway")

@@ -38,18 +38,10 @@ def project_copy(project: Path, root: Path) -> Path:
 def fixture_params(side: int, workers: int) -> str:
     """`--params` of the fixture's settings with the images read at `side` and `workers` decoding processes."""
     from qmllm_pipeline.dotted import with_overrides
-    from qmllm_pipeline.fixtures import FIXTURE_PARAMETERS
+    from qmllm_pipeline.fixtures import FIXTURE_PARAMETERS, params_line
 
-    params = with_overrides(FIXTURE_PARAMETERS, **{"ingest.image_size": side, "features.num_workers": workers})
-
-    def leaves(node, path=""):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                yield from leaves(value, f"{path}{key}.")
-            else:
-                yield f"{path}{key}={str(value).lower() if isinstance(value, bool) else value}"
-
-    return ",".join(leaves(params))
+    return params_line(with_overrides(FIXTURE_PARAMETERS, **{"ingest.image_size": side,
+                                                             "features.num_workers": workers}))
 
 
 def folder_mb(path: Path) -> float:

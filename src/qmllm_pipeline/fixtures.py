@@ -157,3 +157,15 @@ FIXTURE_PARAMETERS = {
                  "code_search": {"instructions": 2, "candidates": 2}, "code_stability": {"images": 4},
                  "utility": {"max_new_tokens": 4}, "overhead": {"queries": 2, "max_new_tokens": 4}},
 }
+
+
+def params_line(tree: dict) -> str:
+    """A nested parameter dict as `kedro run --params`'s value: `a.b=1,a.c=true,...` (booleans as YAML's)."""
+    def leaves(node: dict, path: str = ""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{path}{key}.")
+            else:
+                yield f"{path}{key}={str(value).lower() if isinstance(value, bool) else value}"
+
+    return ",".join(leaves(tree))
