@@ -59,7 +59,8 @@ def peak_rss_mb() -> float:
 
 
 class RunProfileHook:
-    """Wall time per pipeline stage (summed over its nodes) and peak RSS of the run: logged as
+    """Wall time per pipeline stage (summed over its nodes, each with the saving of its outputs: lazy outputs
+    such as the features' shards are computed as they are saved) and peak RSS of the run: logged as
     `profile/<stage>/seconds` and `profile/peak_rss_mb` before kedro-mlflow closes the run (tryfirst)."""
 
     def __init__(self):
@@ -82,6 +83,16 @@ class RunProfileHook:
     @hook_impl
     def after_node_run(self, node) -> None:
         started = self._started.pop(node.name, None)
+        if started is not None:
+            self._seconds[self._stage_of.get(node.name, "other")] += time.perf_counter() - started
+
+    @hook_impl
+    def before_dataset_saved(self, dataset_name: str, node) -> None:
+        self._started[f"save:{dataset_name}"] = time.perf_counter()
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, node) -> None:
+        started = self._started.pop(f"save:{dataset_name}", None)
         if started is not None:
             self._seconds[self._stage_of.get(node.name, "other")] += time.perf_counter() - started
 
