@@ -107,7 +107,7 @@ def write_data(root: Path, images: int = 16, image_side: int | None = None) -> N
     utility = [{"id": f"u{i}", "image": f"{i:03d}.png", "conversations": [
         {"from": "human", "value": "<image>\nDescribe the image."},
         {"from": "gpt", "value": f"a {names[i % len(names)]} square"}]}
-        for i in range(0, images, 4)]
+        for i in range(0, min(images, 16), 4)]  # an evaluation set: its size does not grow with the corpus
     (root / "utility.json").write_text(json.dumps(utility))
     (root / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(captions))
     (root / "llava_v1_5_mix665k.json").write_text(json.dumps(dialogs))
