@@ -115,6 +115,8 @@ def test_manifest_and_embedded_tables_give_the_same_features_in_shards_and_with_
         assert all(torch.equal(other[key], one[key]) for key in one), name
     with pytest.raises(ValueError, match="rows_per_shard .* multiple of features.batch_size"):
         extract_caption_features(embedded, clip, processor, _features_params(smoke_params, rows_per_shard=6))
+    with pytest.raises(ValueError, match=r"rows_per_shard \(0\) must be at least 1"):
+        extract_caption_features(embedded, clip, processor, _features_params(smoke_params, rows_per_shard=0))
 
 
 def test_features_on_the_fly_match_the_cache_and_share_one_pass_per_batch(fixture_data, smoke_params):

@@ -60,6 +60,11 @@ class FeatureSettings:
     num_workers: int = 0
     cache: bool = True
 
+    def __post_init__(self):
+        if self.batch_size < 1 or self.rows_per_shard < 1 or self.num_workers < 0:
+            raise ValueError(f"features: batch_size ({self.batch_size}) and rows_per_shard ({self.rows_per_shard}) "
+                             f"must be at least 1 and num_workers ({self.num_workers}) at least 0")
+
 
 def _extract(table: pd.DataFrame, clip_model, clip_image_processor, params: dict,
              name: str) -> Shards | TowerFeatures:
