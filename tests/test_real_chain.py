@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from safetensors.torch import load_file
 
 from qmllm_pipeline.fixtures import CLIP_DIR, FIXTURE_PARAMETERS, LLM_DIR, write_real_fixture
 from qmllm_pipeline.loaders import BadInputError, load_instructions
@@ -136,3 +137,34 @@ def test_harmful_instructions_load_from_text_or_csv_and_bad_files_are_named(tmp_
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(BadInputError, match="empty.txt: no instructions in it"):
         load_instructions(tmp_path / "empty.txt")
+
+
+def test_with_the_feature_cache_on_the_real_path_writes_shards_and_trains_on_them(tmp_path):
+    """`features.cache: true`: the features written in shards of `rows_per_shard` images, stage 1 reading them
+    a batch at a time."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    from qmllm_pipeline.dotted import with_overrides
+
+    root = tmp_path / "project"
+    shutil.copytree(PROJECT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf" / "local").mkdir()
+    for name in ("pyproject.toml", ".telemetry"):
+        shutil.copy(PROJECT / name, root / name)
+    (root / "src").mkdir()
+    write_real_fixture(root / "data/01_raw/real")
+    params = with_overrides(FIXTURE_PARAMETERS, **{"features.cache": True, "features.rows_per_shard": 8})
+    bootstrap_project(root)
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        with KedroSession.create(project_path=root, env="real", runtime_params=params) as session:
+            session.run(pipeline_names=["ingest", "features", "pretrain"])
+    finally:
+        os.chdir(here)
+        bootstrap_project(PROJECT)
+    shards = sorted(p.name for p in (root / "data/real/04_feature/caption_features").iterdir())
+    assert shards == ["shard-00000.safetensors", "shard-00001.safetensors"]  # 16 images, 8 a shard
+    assert load_file(root / "data/real/04_feature/caption_features/shard-00001.safetensors")["cls"].shape[0] == 8
+    assert (root / "data/real/06_models/qmllm/stage1.safetensors").is_file()
