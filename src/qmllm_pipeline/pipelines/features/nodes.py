@@ -1,5 +1,8 @@
-"""Nodes of the `features` pipeline: run the frozen vision tower once and cache its outputs, and the
-L_semantic targets of the captions, so stage 1 never touches pixels.
+"""Nodes of the `features` pipeline: the frozen vision tower's outputs for the caption and dialog images, and
+the L_semantic targets of the captions. With `features.cache: true` (the default world) the tower runs once
+over every image and its outputs are saved (in shards, computed as they are saved), so stage 1 never touches
+pixels; with `cache: false` (the real environment) nothing is computed here and stages 1 and 2 run the tower
+on each batch's images (`models/image_data.py: TowerFeatures`).
 
 Two CLS features and two targets are cached: `cls` / `targets` are the paper's (stage 1's CLS terms on the
 shared projector), `head_cls` / `head_targets` what a decoupled CLS head reads and is trained towards
