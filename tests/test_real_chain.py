@@ -141,29 +141,21 @@ def test_harmful_instructions_load_from_text_or_csv_and_bad_files_are_named(tmp_
 
 def test_with_the_feature_cache_on_the_real_path_writes_shards_and_trains_on_them(tmp_path):
     """`features.cache: true`: the features written in shards of `rows_per_shard` images, stage 1 reading them
-    a batch at a time."""
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
+    a batch at a time (`kedro run` in its own process: its own MLflow run)."""
+    import subprocess
+    import sys
 
+    from qmllm_pipeline.data_scale import project_copy
     from qmllm_pipeline.dotted import with_overrides
+    from qmllm_pipeline.fixtures import params_line
 
-    root = tmp_path / "project"
-    shutil.copytree(PROJECT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(PROJECT / name, root / name)
-    (root / "src").mkdir()
+    root = project_copy(PROJECT, tmp_path / "project")
     write_real_fixture(root / "data/01_raw/real")
     params = with_overrides(FIXTURE_PARAMETERS, **{"features.cache": True, "features.rows_per_shard": 8})
-    bootstrap_project(root)
-    here = os.getcwd()
-    os.chdir(root)
-    try:
-        with KedroSession.create(project_path=root, env="real", runtime_params=params) as session:
-            session.run(pipeline_names=["ingest", "features", "pretrain"])
-    finally:
-        os.chdir(here)
-        bootstrap_project(PROJECT)
+    done = subprocess.run([sys.executable, "-m", "kedro", "run", "--env", "real", "--pipelines",
+                           "ingest,features,pretrain", "--params", params_line(params)], cwd=root,
+                          capture_output=True, text=True, env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"})
+    assert done.returncode == 0, done.stderr[-3000:]
     shards = sorted(p.name for p in (root / "data/real/04_feature/caption_features").iterdir())
     assert shards == ["shard-00000.safetensors", "shard-00001.safetensors"]  # 16 images, 8 a shard
     assert load_file(root / "data/real/04_feature/caption_features/shard-00001.safetensors")["cls"].shape[0] == 8
