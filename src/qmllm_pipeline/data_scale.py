@@ -89,7 +89,6 @@ def loader_rates(images: int, side: int, workers: tuple[int, ...], batch_size: i
     from qmllm_pipeline.fixtures import CLIP_DIR, LLM_DIR, write_real_fixture
     from qmllm_pipeline.loaders import load_llava_json
     from qmllm_pipeline.models.conversation import prepare_for_images
-    from qmllm_pipeline.models.feature_shards import gather
     from qmllm_pipeline.models.image_data import SceneImages, TowerFeatures, image_loader
     from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
     from qmllm_pipeline.models.stage1 import Stage1Data, caption_examples, stage1_losses
@@ -129,7 +128,7 @@ def loader_rates(images: int, side: int, workers: tuple[int, ...], batch_size: i
                  for k in range(steps)]
         cached = {key: value[:] for key, value in live.items()}
         sources = [("stage-1 step, features on the fly", count, live) for count in workers]
-        sources.append(("stage-1 step, features in memory", 0, gather(cached)))
+        sources.append(("stage-1 step, features in memory", 0, cached))
         for step, count, features in sources:
             if isinstance(features, TowerFeatures):
                 features.threads = count
