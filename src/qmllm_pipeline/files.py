@@ -37,17 +37,24 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging
-        mode = ~_umask()  # mkdtemp and mkstemp make private entries; give the result normal permissions
-        for path in (staging, *staging.rglob("*")):
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & mode)
-        previous = target.with_name(f".{target.name}.previous")
-        if target.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            target.rename(previous)
-        staging.rename(target)
-        shutil.rmtree(previous, ignore_errors=True)
+        publish_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_directory(staging: str | Path, target: str | Path) -> None:
+    """Swap a complete `staging` folder in for `target` (the old one renamed aside first and deleted last), with
+    normal permissions: a reader sees the old folder or the new one, never a mixture."""
+    staging, target = Path(staging), Path(target)
+    mode = ~_umask()  # mkdtemp and mkstemp make private entries; give the result normal permissions
+    for path in (staging, *staging.rglob("*")):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & mode)
+    previous = target.with_name(f".{target.name}.previous")
+    if target.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        target.rename(previous)
+    staging.rename(target)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -5,6 +5,11 @@ A run stopped in the middle (Ctrl-C, a kill) continues from its last checkpoint 
 the same configuration; a checkpoint written under another configuration is ignored. Under several
 training processes rank 0 alone writes it (`state.json` records the rank and process that did) and every
 process reads it.
+
+Under a sharded strategy (FSDP, DeepSpeed ZeRO) no process holds the whole weights or optimiser state, so the
+checkpoint is Accelerate's own (`Accelerator.save_state` / `load_state`, written by every process into
+`accelerate/`: the shards, the optimiser and schedule, each process's random states) beside the same
+`state.json` and the loop's generator. Accelerate reads it back with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from qmllm_pipeline.files import atomic_directory
+from qmllm_pipeline.files import atomic_directory, publish_directory
 from qmllm_pipeline.models.distributed import world
 
 logger = logging.getLogger(__name__)
+ACCELERATE = "accelerate"  # state.json's format of a checkpoint written by Accelerate (sharded strategies)
 
 
 def fingerprint(config) -> str:
@@ -42,6 +48,9 @@ class TrainingCheckpoint:
         if state.get("fingerprint") != self.fingerprint:
             logger.warning("ignoring checkpoint %s: written under another configuration", self.directory)
             return None
+        if state.get("format") == ACCELERATE:
+            generator = load_file(self.directory / "generator.safetensors")["state"]
+            return {**state, "accelerate_dir": self.directory / ACCELERATE, "generator": generator}
         modules = {}
         for name in state["modules"]:
             modules[name] = load_file(self.directory / f"{name}.safetensors")
@@ -58,6 +67,24 @@ class TrainingCheckpoint:
             (staging / "state.json").write_text(json.dumps(
                 {"step": step, "fingerprint": self.fingerprint, "modules": list(modules), "history": history,
                  "written_by": {"rank": world()[0], "pid": os.getpid()}}))
+
+    def save_sharded(self, step: int, accelerator, generator: torch.Generator, history: dict) -> None:
+        """Every process calls this at the same step: Accelerate writes the prepared model's shards, optimiser,
+        schedule and random states into a staging folder (each process its part), then the main process adds
+        the generator and `state.json` and swaps the folder in for the last checkpoint, whole."""
+        staging = self.directory.with_name(f".{self.directory.name}.staging")
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging / ACCELERATE))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_file({"state": generator.get_state()}, staging / "generator.safetensors")
+            (staging / "state.json").write_text(json.dumps(
+                {"step": step, "fingerprint": self.fingerprint, "format": ACCELERATE, "modules": [],
+                 "history": history, "written_by": {"rank": world()[0], "pid": os.getpid()}}))
+            publish_directory(staging, self.directory)
+        accelerator.wait_for_everyone()
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

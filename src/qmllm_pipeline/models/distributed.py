@@ -25,6 +25,7 @@ order, as plain PyTorch (mixed precision and the device aside).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -33,9 +34,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+logger = logging.getLogger(__name__)
 STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
 MIXED_PRECISION = ("no", "bf16", "fp16")
-SHARDED = ("fsdp", "deepspeed_zero2", "deepspeed_zero3")  # optimiser state split over the processes
+SHARDED = ("fsdp", "deepspeed_zero2", "deepspeed_zero3")  # weights or optimiser state split over the processes
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,12 @@ class DistributedSettings:
     def world_size(self) -> int:
         """Processes over every machine."""
         return self.num_processes * self.num_machines
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the strategy splits the weights or the optimiser state over several processes, so that only
+        Accelerate can save and restore them (`Accelerator.save_state` / `load_state`)."""
+        return self.strategy in SHARDED and self.world_size > 1
 
     def __post_init__(self):
         if self.num_processes < 1:
@@ -111,6 +119,10 @@ def make_accelerator(settings: DistributedSettings, batch_size: int = 1, grad_cl
                                                       gradient_clipping=grad_clip)
         plugins["deepspeed_plugin"].deepspeed_config["train_micro_batch_size_per_gpu"] = max(
             1, batch_size // settings.world_size)
+    if settings.sharded and not torch.cuda.is_available():
+        logger.warning("distributed.strategy %s on CPUs: Accelerate engages FSDP and DeepSpeed on accelerators "
+                       "only, so the %d processes run as DDP (checkpoints still go through save_state)",
+                       settings.strategy, settings.world_size)
     # the schedule steps once per optimiser step: the loop's steps are global batches, not one process's
     # share of a data loader (Accelerate's default steps it once per process)
     return Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available(),

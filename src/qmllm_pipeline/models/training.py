@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 
-from qmllm_pipeline.models.checkpoint import TrainingCheckpoint  # noqa: E402
-from qmllm_pipeline.models.distributed import SHARDED, DistributedSettings, launch, make_accelerator  # noqa: E402
+from qmllm_pipeline.models.checkpoint import ACCELERATE, TrainingCheckpoint  # noqa: E402
+from qmllm_pipeline.models.distributed import DistributedSettings, launch, make_accelerator  # noqa: E402
 from qmllm_pipeline.tracking import StepLogger  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,8 @@ def train_loop(modules: dict[str, torch.nn.Module], step_fn: Callable[[torch.Gen
     With `distributed` the loop runs under Accelerate (`models/distributed.py`): in place for one process,
     else in `num_processes` forked workers, each drawing the same global batch and training on its share of
     it (the step function takes it with `rank_share`), gradients averaged by the strategy; rank 0 alone
-    logs, checkpoints and hands the trained weights back to `modules` here. Without it (the foundation
+    logs, checkpoints and hands the trained weights back to `modules` here (under a sharded strategy every
+    process writes its part of the checkpoint, through Accelerate's `save_state`). Without it (the foundation
     trainers), plain PyTorch. `carry`: modules the step reads but does not train (the frozen LLM, a
     teacher), moved to the process's device with the trained ones.
     """
@@ -170,14 +171,11 @@ def train_loop(modules: dict[str, torch.nn.Module], step_fn: Callable[[torch.Gen
     if config.batch_size % distributed.world_size:
         raise ValueError(f"{desc}: the global batch of {config.batch_size} does not split evenly over "
                          f"{distributed.world_size} processes")
-    if checkpoint is not None and config.checkpoint_every and distributed.strategy in SHARDED:
-        raise ValueError(f"{desc}: resumable checkpoints are written for one process or DDP; with "
-                         f"{distributed.strategy} set checkpoint_every: 0")
     with tempfile.TemporaryDirectory(prefix="qmllm-handoff-") as handoff:
         def worker() -> None:
             accelerator = make_accelerator(distributed, config.batch_size, config.grad_clip)
             history = StepLogger(step_logger.prefix, send=False) if step_logger is not None else None
-            states = _run(modules, step_fn, config, seed, history, checkpoint, desc, accelerator, carry)
+            states = _run(modules, step_fn, config, seed, history, checkpoint, desc, accelerator, carry, distributed)
             if accelerator.is_local_main_process:  # each machine's first worker hands back to its own node
                 for name, state in states.items():
                     save_file(state, Path(handoff) / f"{name}.safetensors")
@@ -208,7 +206,8 @@ class _Step(torch.nn.Module):
         return self.step_fn(generator)
 
 
-def _run(modules, step_fn, config, seed, step_logger, checkpoint, desc, accelerator, carry) -> dict[str, dict]:
+def _run(modules, step_fn, config, seed, step_logger, checkpoint, desc, accelerator, carry,
+         distributed=None) -> dict[str, dict]:
     """The loop itself, in this process; with an `accelerator`, under it. Returns each module's trained
     state (gathered from the shards under FSDP / DeepSpeed) as rank 0 holds it."""
     generator = seed_everything(seed)
@@ -216,7 +215,11 @@ def _run(modules, step_fn, config, seed, step_logger, checkpoint, desc, accelera
     optimizer, schedule = optimizer_and_schedule(trainable, config)
     main = accelerator is None or accelerator.is_main_process
     local_main = accelerator is None or accelerator.is_local_main_process  # checkpoints: one per machine
-    start = _resume(modules, optimizer, schedule, generator, step_logger, checkpoint, desc, config, main)
+    sharded = distributed is not None and distributed.sharded  # then checkpoints are Accelerate's own
+    state = _checkpoint_state(checkpoint, sharded)
+    start = 1
+    if state is not None and not sharded:
+        start = _resume(modules, optimizer, schedule, generator, step_logger, state, desc, config, main)
     for module in modules.values():
         module.train()
     step = _Step(modules, step_fn)
@@ -224,6 +227,9 @@ def _run(modules, step_fn, config, seed, step_logger, checkpoint, desc, accelera
         for module in carry:
             module.to(accelerator.device)
         step, optimizer, schedule = accelerator.prepare(step, optimizer, schedule)
+    if state is not None and sharded:  # the shards, optimiser, schedule and random states, after prepare
+        accelerator.load_state(str(state["accelerate_dir"]))
+        start = _resume_loop(generator, step_logger, state, desc, config, main)
     clip = trainable if accelerator is None else list(step.parameters())
     every = config.checkpoint_every
     progress = tqdm(range(start, config.steps + 1), desc=desc, unit="step", mininterval=2,
@@ -246,24 +252,39 @@ def _run(modules, step_fn, config, seed, step_logger, checkpoint, desc, accelera
         if at % 50 == 0:
             progress.set_postfix(loss=f"{losses['loss'].item():.3f}")
         if checkpoint is not None and every and at % every == 0 and at < config.steps:
-            if local_main:
-                history = dict(step_logger.history) if step_logger is not None else {}
-                checkpoint.save(at, modules, optimizer, schedule, generator, history)
-            if accelerator is not None:
-                accelerator.wait_for_everyone()
+            history = dict(step_logger.history) if step_logger is not None else {}
+            if sharded:  # every process writes its shards
+                checkpoint.save_sharded(at, accelerator, generator, history)
+            else:
+                if local_main:
+                    checkpoint.save(at, modules, optimizer, schedule, generator, history)
+                if accelerator is not None:
+                    accelerator.wait_for_everyone()
     return _finish(modules, step, step_logger, checkpoint, accelerator, local_main)
 
 
-def _resume(modules, optimizer, schedule, generator, step_logger, checkpoint, desc, config, main) -> int:
-    """The first step to run: 1, or the step after the checkpoint's, whose weights, optimiser, schedule, random
-    stream and loss history are restored."""
+def _checkpoint_state(checkpoint: TrainingCheckpoint | None, sharded: bool) -> dict | None:
+    """The checkpoint to resume from, if there is one written the way this run writes them."""
     state = checkpoint.load() if checkpoint is not None else None
-    if state is None:
-        return 1
+    if state is not None and (state.get("format") == ACCELERATE) != sharded:
+        logger.warning("ignoring checkpoint %s: written by a %s run", checkpoint.directory,
+                       "sharded" if not sharded else "one-process or DDP")
+        return None
+    return state
+
+
+def _resume(modules, optimizer, schedule, generator, step_logger, state, desc, config, main) -> int:
+    """The first step to run, the step after the checkpoint's, whose weights, optimiser, schedule, random
+    stream and loss history are restored."""
     for name, module in modules.items():
         module.load_state_dict(state["module_states"][name])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
+    return _resume_loop(generator, step_logger, state, desc, config, main)
+
+
+def _resume_loop(generator, step_logger, state, desc, config, main) -> int:
+    """The loop's own part of a checkpoint (its random stream and the loss history); the step to run next."""
     generator.set_state(state["generator"])
     if step_logger is not None:
         step_logger.history.update({k: [tuple(p) for p in v] for k, v in state["history"].items()})
