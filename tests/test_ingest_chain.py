@@ -64,7 +64,7 @@ def test_ingest_then_features_and_pretrain_run_on_its_output(tmp_path, world, fo
 
     objects = with_overrides(params, **{"features.semantic_target_text": "objects"})
     with pytest.raises(ValueError, match="names no objects"):
-        run_in_memory(features.create_pipeline().only_nodes("caption_semantic_targets"),
+        run_in_memory(features.create_pipeline().to_outputs("caption_targets"),
                       {**models, "caption_corpus": ingested["caption_corpus"]}, objects)
 
 

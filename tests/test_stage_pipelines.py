@@ -163,14 +163,17 @@ def test_made_up_requests_ask_about_words_the_training_text_never_uses(world, fo
     """Made-up requests use the training phrasings, a training topic's verb and unknown words; stage 2 replays
     each behind a dialog image with the foundation LLM's own answer to it as text."""
     from qmllm_pipeline.models.llm import answer_prompts
+    from qmllm_pipeline.models.training import RunSettings
     from qmllm_pipeline.pipelines.finetune.nodes import synthetic_replay
     from qmllm_pipeline.world.language import PHRASINGS
 
     corpus, dialogs, tokenizer, llm = world["text_corpus"], world["dialogs"], foundation["tokenizer"], foundation["llm"]
     params = {**smoke_params["finetune"]["data"], "synthetic_requests": 12, "synthetic_max_new_tokens": 12}
-    replay = synthetic_replay(corpus, corpus.iloc[:0], llm, tokenizer, params, 0)
-    assert len(replay) == 12 and replay.equals(synthetic_replay(corpus, corpus.iloc[:0], llm, tokenizer, params, 0))
-    assert not replay["instruction"].equals(synthetic_replay(corpus, corpus.iloc[:0], llm, tokenizer, params, 1)
+    seed_0, seed_1 = RunSettings(0, "unused"), RunSettings(1, "unused")
+    replay = synthetic_replay(corpus, corpus.iloc[:0], llm, tokenizer, params, seed_0)
+    again = synthetic_replay(corpus, corpus.iloc[:0], llm, tokenizer, params, seed_0)
+    assert len(replay) == 12 and replay.equals(again)
+    assert not replay["instruction"].equals(synthetic_replay(corpus, corpus.iloc[:0], llm, tokenizer, params, seed_1)
                                             ["instruction"])
     train = corpus[corpus["split"] == "train"]
     texts = pd.concat([train["instruction"], train["response"]])
@@ -183,7 +186,7 @@ def test_made_up_requests_ask_about_words_the_training_text_never_uses(world, fo
         assert verb in verbs and rest[-1] not in known and rest[0] not in known
     assert list(replay["response"]) == [a.strip() for a in answer_prompts(llm, tokenizer, list(replay["instruction"]),
                                                                           12)]
-    assert synthetic_replay(corpus, corpus.iloc[:0], llm, tokenizer, {**params, "synthetic_requests": 0}, 0).empty
+    assert synthetic_replay(corpus, corpus.iloc[:0], llm, tokenizer, {**params, "synthetic_requests": 0}, seed_0).empty
 
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     without = dialog_examples(dialogs, corpus, corpus.iloc[:0], NO_SYNTHETIC, tokenizer, params, 0)

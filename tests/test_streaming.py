@@ -105,27 +105,28 @@ def test_manifest_and_embedded_tables_give_the_same_features_in_shards_and_with_
     embedded, _ = load_llava_json(json_path, root / "images", image_size=56)
     manifest, _ = load_llava_json(json_path, root / "images", image_size=56, embed_images=False)
     assert "image" not in manifest and manifest["image_bytes"].gt(0).all() and set(manifest["image_size"]) == {56}
-    one = gather(extract_caption_features(embedded, clip, processor, _features_params(smoke_params, rows_per_shard=12)))
+    one = gather(extract_caption_features(embedded, clip, processor, _features_params(smoke_params, rows_per_shard=12),
+                                          "cpu"))
     runs = {"manifest, 3 shards, 2 workers": (manifest, {"rows_per_shard": 4, "num_workers": 2}),
             "embedded, 2 shards": (embedded, {"rows_per_shard": 8})}
     for name, (table, changes) in runs.items():
-        shards = extract_caption_features(table, clip, processor, _features_params(smoke_params, **changes))
+        shards = extract_caption_features(table, clip, processor, _features_params(smoke_params, **changes), "cpu")
         assert len(shards) == -(-12 // changes["rows_per_shard"]), name
         other = gather(shards)
         assert all(torch.equal(other[key], one[key]) for key in one), name
     with pytest.raises(ValueError, match="rows_per_shard .* multiple of features.batch_size"):
-        extract_caption_features(embedded, clip, processor, _features_params(smoke_params, rows_per_shard=6))
+        extract_caption_features(embedded, clip, processor, _features_params(smoke_params, rows_per_shard=6), "cpu")
     with pytest.raises(ValueError, match=r"rows_per_shard \(0\) must be at least 1"):
-        extract_caption_features(embedded, clip, processor, _features_params(smoke_params, rows_per_shard=0))
+        extract_caption_features(embedded, clip, processor, _features_params(smoke_params, rows_per_shard=0), "cpu")
 
 
 def test_features_on_the_fly_match_the_cache_and_share_one_pass_per_batch(fixture_data, smoke_params):
     root, clip, processor = fixture_data
     manifest, _ = load_llava_json(root / "blip_laion_cc_sbu_558k.json", root / "images", image_size=56,
                                   embed_images=False)
-    cached = gather(extract_caption_features(manifest, clip, processor, _features_params(smoke_params)))
+    cached = gather(extract_caption_features(manifest, clip, processor, _features_params(smoke_params), "cpu"))
     live = extract_caption_features(manifest, clip, processor, _features_params(smoke_params, cache=False,
-                                                                                   num_workers=2))
+                                                                                   num_workers=2), "cpu")
     assert isinstance(live, TowerFeatures) and set(live) == set(cached)
     rows = torch.tensor([11, 3, 3, 0, 7])
     for key, whole in cached.items():

@@ -86,7 +86,7 @@ DEFAULT_MODEL = Path("data/06_models/qmllm/guarded.json")
 MAX_PROMPT_CHARS = 500
 
 
-def _load_guarded(model: Path):
+def _load_guarded(model: Path, device: str = "auto"):
     import transformers
 
     transformers.logging.set_verbosity_error()  # keep the output to the verdicts and answers
@@ -94,7 +94,7 @@ def _load_guarded(model: Path):
     from qmllm_pipeline.models.guarded import GuardedQMLLM, ModelNotReadyError
 
     try:
-        return GuardedQMLLM.from_manifest(model)
+        return GuardedQMLLM.from_manifest(model, device)
     except ModelNotReadyError as error:
         _fail(str(error))
     except (OSError, ValueError) as error:
@@ -116,6 +116,8 @@ def _open_images(paths: tuple[Path, ...], max_pixels: int):
 model_option = click.option(
     "--model", type=click.Path(path_type=Path), default=DEFAULT_MODEL, show_default=True,
     help="Manifest of a trained model (written by `kedro run --pipelines safety_map`).")
+device_option = click.option("--device", default="auto", show_default=True,
+                             help="Where the model runs: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N.")
 pixels_option = click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True,
                              help="Refuse larger images (decompression-bomb guard).")
 
@@ -123,9 +125,10 @@ pixels_option = click.option("--max-pixels", type=click.IntRange(1), default=89_
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @model_option
+@device_option
 @pixels_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image instead of a table.")
-def check(images, model, max_pixels, as_json) -> None:
+def check(images, model, device, max_pixels, as_json) -> None:
     """Safety verdict per IMAGE: refused or not, the toxic category, the CLS code and p(category | code).
 
     Runs the vision tower, projector and CLS codebook only; the LLM is never loaded into a conversation.
@@ -133,7 +136,7 @@ def check(images, model, max_pixels, as_json) -> None:
     import json as json_module
 
     opened = _open_images(images, max_pixels)  # bad input fails before the model is loaded
-    verdicts = _load_guarded(model).check(opened)
+    verdicts = _load_guarded(model, device).check(opened)
     for path, verdict in zip(images, verdicts, strict=True):
         if as_json:
             click.echo(json_module.dumps({"image": str(path), "refused": verdict.refused, "category": verdict.category,
@@ -148,15 +151,16 @@ def check(images, model, max_pixels, as_json) -> None:
 @click.option("--prompt", required=True, help=f"The question or instruction (at most {MAX_PROMPT_CHARS} characters).")
 @click.option("--max-new-tokens", type=click.IntRange(1, 256), default=32, show_default=True)
 @model_option
+@device_option
 @pixels_option
-def chat(image, prompt, max_new_tokens, model, max_pixels) -> None:
+def chat(image, prompt, max_new_tokens, model, device, max_pixels) -> None:
     """Answer PROMPT about IMAGE, or refuse (naming the category) when the image's CLS code is toxic."""
     if not prompt.strip():
         _fail("--prompt is empty")
     if len(prompt) > MAX_PROMPT_CHARS:
         _fail(f"--prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
     opened = _open_images((image,), max_pixels)
-    (result,) = _load_guarded(model).answer(opened, [prompt], max_new_tokens)
+    (result,) = _load_guarded(model, device).answer(opened, [prompt], max_new_tokens)
     click.echo(result.text or "(the model produced no text)")
 
 

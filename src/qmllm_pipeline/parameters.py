@@ -55,7 +55,7 @@ def budgets(params: dict) -> tuple[str, ...]:
 
 
 def run_settings_node() -> Node:
-    """The run-wide settings every training node reads (`RunSettings`: seed, checkpoints, distributed), as a
+    """The run-wide settings every training node reads (`RunSettings`: seed, checkpoints, distributed, device), as a
     node each training pipeline holds (Kedro keeps one when pipelines are added)."""
-    return Node(RunSettings.from_params, ["params:seed", "params:checkpoint_dir", "params:distributed"],
-                "run_settings", name="run_settings")
+    return Node(RunSettings.from_params, ["params:seed", "params:checkpoint_dir", "params:distributed",
+                                          "params:device"], "run_settings", name="run_settings")

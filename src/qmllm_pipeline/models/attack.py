@@ -70,7 +70,8 @@ def neutral_cls_anchor(model: QMLLM, processor, neutral_codes: list[int], clean:
     keeps its image so the safety map lets it in. `clean` is one image (3, H, W) in [0, 1]."""
     uint8 = (clean[None] * 255).round().to(torch.uint8)
     h_cls = model.encode_images(pixel_values(uint8, processor)).h_cls
-    codebook = model.cls_quantizer.codebook.detach()[torch.tensor(neutral_codes)]
+    codebook = model.cls_quantizer.codebook.detach()
+    codebook = codebook[torch.tensor(neutral_codes, device=codebook.device)]
     return codebook[(codebook - h_cls).pow(2).sum(1).argmin()].clone()
 
 
@@ -256,7 +257,7 @@ class PerInstructionObjective:
         loss = nll
         if self.cls_anchor is not None and self.cls_weight > 0:
             loss = loss + self.cls_weight * (encoding.h_cls - self.cls_anchor).pow(2).mean(-1)
-        return loss, nll
+        return loss.cpu(), nll.cpu()  # the attack's bookkeeping is on the CPU (the gradient flows back through)
 
 
 def step_sizes(steps: int, step_size: int, schedule: str) -> list[int]:

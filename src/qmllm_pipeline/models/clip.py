@@ -148,15 +148,19 @@ def _sample_batch(n: int, size: int, generator: torch.Generator, members: list[t
 
 @torch.no_grad()
 def image_embeddings(model: CLIPModel, processor, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    chunks = [model.get_image_features(pixel_values=pixel_values(images[i:i + batch_size], processor)).pooler_output
-              for i in range(0, len(images), batch_size)]
+    """CLIP's normalised image embedding of each uint8 image (N, 3, H, W), on the model's device."""
+    device = model.logit_scale.device
+    chunks = [model.get_image_features(pixel_values=pixel_values(images[i:i + batch_size], processor).to(device)
+                                       ).pooler_output for i in range(0, len(images), batch_size)]
     return F.normalize(torch.cat(chunks), dim=-1)
 
 
 @torch.no_grad()
 def text_embeddings(model: CLIPModel, tokenizer, texts: list[str], max_tokens: int) -> torch.Tensor:
     ids, mask = tokenize_captions(tokenizer, texts, max_tokens)
-    return F.normalize(model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, dim=-1)
+    device = model.logit_scale.device
+    return F.normalize(model.get_text_features(input_ids=ids.to(device), attention_mask=mask.to(device)
+                                               ).pooler_output, dim=-1)
 
 
 @torch.no_grad()

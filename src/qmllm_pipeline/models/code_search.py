@@ -69,7 +69,7 @@ class CodeObjective:
         """The objective around one encoded (clean) image, and that image's code sequence: where the search
         starts (its N patch codes, then with a name head and `search_names` its S name picks; without
         `search_names` the name tokens are taken from the image and held fixed)."""
-        codes = encoding.patches.indices[0]
+        codes = encoding.patches.indices[0].cpu()  # code sequences live on the CPU; the objective moves them
         names = model.name_tokens_of(encoding.image_tokens[:1], len(codes))
         terms = {"refusal_ids": refusal_ids, "kappa": kappa, "num_patches": len(codes)}
         if names is None:
@@ -77,7 +77,7 @@ class CodeObjective:
         if not search_names:
             return cls(model, sequences, name_tokens=names[0], **terms), codes
         return (cls.over_codes(model, sequences, len(codes), refusal_ids, kappa, names.dtype),
-                torch.cat([codes, encoding.name_picks[0].to(codes)]))
+                torch.cat([codes, encoding.name_picks[0].to(codes)]))  # .to(codes): onto the CPU too
 
     @classmethod
     def over_codes(cls, model: QMLLM, sequences: list[tuple[list[int], list[int]]], num_patches: int,
@@ -101,6 +101,7 @@ class CodeObjective:
 
     def token_parts(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(patch tokens (B, N, d_h), the name tokens (B, S W, d_h) or None) that code sequences (B, L) give."""
+        codes = codes.to(self.model.device)
         if self.name_table is None:
             names = None if self.name_tokens is None else self.name_tokens.expand(len(codes), -1, -1)
             return self.model.patch_quantizer.lookup(codes), names
@@ -121,7 +122,7 @@ class CodeObjective:
         """(B,) each code sequence's own loss; `tokens` replaces the lookup (the gradient's leaf)."""
         ids, labels = map(list, zip(*(self.sequences[i] for i in rows), strict=True))
         tokens = self.image_tokens(codes) if tokens is None else tokens
-        return attack_term(self.model, ids, labels, tokens, self.refusal_ids, self.kappa)
+        return attack_term(self.model, ids, labels, tokens, self.refusal_ids, self.kappa).cpu()
 
 
 def _scores(objective: CodeObjective, codes: torch.Tensor, row: int, batch_size: int) -> torch.Tensor:
@@ -147,12 +148,12 @@ def _ranked_candidates(objective: CodeObjective, beam: torch.Tensor, row: int, p
         width = table.shape[1]
         slot = position - objective.num_patches
         grad = grad[:, slot * width:(slot + 1) * width]                              # (B, W, d_h)
-        current = table[beam[:, position]]                                            # (B, W, d_h)
+        current = table[beam[:, position].to(table.device)]                           # (B, W, d_h)
         gain = torch.einsum("bwd,ewd->be", grad, table) - (grad * current).sum((1, 2))[:, None]
     else:
         grad = grad[:, position]                                                      # (B, d_h)
         gain = grad @ table.T - (grad * patch_tokens.detach()[:, position]).sum(-1, keepdim=True)
-    return gain.topk(candidates, dim=-1, largest=False).indices
+    return gain.topk(candidates, dim=-1, largest=False).indices.cpu()
 
 
 def code_space_search(objective: CodeObjective, start: torch.Tensor, sweeps: int = 1, beam_width: int = 1,
@@ -166,6 +167,8 @@ def code_space_search(objective: CodeObjective, start: torch.Tensor, sweeps: int
     history: each sequence's clean-code loss (`start_loss`), the loss of the start it began from
     (`beam_start_loss`; `started_from`: 0 for the clean codes, j for `starts[i][j - 1]`), its best loss, the
     positions changed from the clean codes and the sweeps run."""
+    start = start.cpu()  # the search's bookkeeping is on the CPU; the objective moves what it scores
+    starts = None if starts is None else [s.cpu() for s in starts]
     n, positions = len(objective.sequences), len(start)
     if starts is not None and len(starts) != n:
         raise ValueError(f"code-space search: {len(starts)} start sets for {n} sequences")

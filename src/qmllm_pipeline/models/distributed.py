@@ -29,10 +29,12 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
+
+from qmllm_pipeline.models.device import resolve_device
 
 logger = logging.getLogger(__name__)
 STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
@@ -44,8 +46,9 @@ SHARDED = ("fsdp", "deepspeed_zero2", "deepspeed_zero3")  # weights or optimiser
 class DistributedSettings:
     """`num_processes` workers on this machine (1 on one machine: in place, as plain PyTorch), the `strategy`
     that splits the work between them, `mixed_precision` for the forward pass (Accelerate's autocast), the
-    rendezvous `port`, and for a run over `num_machines` machines this one's `machine_rank` and the first
-    machine's address `main_process_ip` (where the rendezvous is)."""
+    rendezvous `port`, for a run over `num_machines` machines this one's `machine_rank` and the first
+    machine's address `main_process_ip` (where the rendezvous is), and the `device` the workers train on
+    (the run-wide `device` setting, `models/device.py`: auto, cpu or cuda)."""
     num_processes: int = 1
     strategy: str = "ddp"
     mixed_precision: str = "no"
@@ -53,6 +56,7 @@ class DistributedSettings:
     num_machines: int = 1
     machine_rank: int = 0
     main_process_ip: str = "127.0.0.1"
+    device: str = "auto"
 
     @property
     def world_size(self) -> int:
@@ -94,8 +98,16 @@ class DistributedSettings:
 
     def checkpoint_fields(self) -> dict:
         """What a training checkpoint's fingerprint adds for these settings: nothing for one process in full
-        precision (so the checkpoints of earlier runs stay valid), else the settings."""
-        return {} if self == DistributedSettings() else {"distributed": self.as_dict()}
+        precision (so the checkpoints of earlier runs stay valid), else the settings. The device is left out:
+        a run stopped on one resumes on another."""
+        if replace(self, device="auto") == DistributedSettings():
+            return {}
+        return {"distributed": {k: v for k, v in self.as_dict().items() if k != "device"}}
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the workers train on CUDA (the `device` setting resolved on this machine)."""
+        return resolve_device(self.device).type == "cuda"
 
 
 def make_accelerator(settings: DistributedSettings, batch_size: int = 1, grad_clip: float = 1.0):
@@ -119,13 +131,13 @@ def make_accelerator(settings: DistributedSettings, batch_size: int = 1, grad_cl
                                                       gradient_clipping=grad_clip)
         plugins["deepspeed_plugin"].deepspeed_config["train_micro_batch_size_per_gpu"] = max(
             1, batch_size // settings.world_size)
-    if settings.sharded and not torch.cuda.is_available():
+    if settings.sharded and not settings.on_gpu:
         logger.warning("distributed.strategy %s on CPUs: Accelerate engages FSDP and DeepSpeed on accelerators "
                        "only, so the %d processes run as DDP (checkpoints still go through save_state)",
                        settings.strategy, settings.world_size)
     # the schedule steps once per optimiser step: the loop's steps are global batches, not one process's
     # share of a data loader (Accelerate's default steps it once per process)
-    return Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available(),
+    return Accelerator(mixed_precision=settings.mixed_precision, cpu=not settings.on_gpu,
                        step_scheduler_with_optimizer=False, **plugins)
 
 
@@ -200,7 +212,13 @@ def launch(function: Callable[[], None], settings: DistributedSettings, threads:
             os.environ.setdefault("LOCAL_RANK", str(dist.get_rank()))
         function()
 
-    if torch.cuda.is_available():
+    if settings.on_gpu:
+        if torch.cuda.is_initialized():
+            raise RuntimeError(
+                f"distributed.num_processes {size} on GPUs forks its workers, and CUDA is already in use in this "
+                "process (a node before this one ran on the GPU); CUDA cannot be used in a forked child. Run the "
+                "training pipeline in a `kedro run` of its own (`kedro run --pipelines pretrain`, as each DVC "
+                "stage does), or set device: cpu for the nodes before it")
         from accelerate import notebook_launcher
 
         notebook_launcher(body, num_processes=size, mixed_precision=settings.mixed_precision,

@@ -44,6 +44,13 @@ def is_computed_on_read(features) -> bool:
     return bool(getattr(features, "computed_on_read", False))
 
 
+def modules_of(*columns) -> tuple[torch.nn.Module, ...]:
+    """The modules that reading `columns` runs (a column computed on read names them in `modules`; stored ones
+    have none), each once: what a training loop moves to its device beside the model."""
+    found = {id(module): module for column in columns for module in getattr(column, "modules", ())}
+    return tuple(found.values())
+
+
 def iterate(shards: Shards) -> Iterator[dict[str, torch.Tensor]]:
     """Each shard's tensors in shard-name order, computed one at a time."""
     for name in sorted(shards):

@@ -26,6 +26,7 @@ from transformers import AutoTokenizer, CLIPImageProcessor
 from qmllm_pipeline.constants import IMAGE_TOKEN
 from qmllm_pipeline.models.clip import pixel_values
 from qmllm_pipeline.models.conversation import prepare_for_images
+from qmllm_pipeline.models.device import synchronize
 from qmllm_pipeline.models.qmllm import QMLLM, ImageEncoding
 from qmllm_pipeline.models.safeclip import SafeCLIPFilter
 from qmllm_pipeline.models.safety_map import NEUTRAL
@@ -191,7 +192,8 @@ class GuardedQMLLM(GuardedMLLM):
         return {"model": model_directory, "safety_map": safety_map_file, "toxic_codes": toxic_codes}
 
     @classmethod
-    def from_manifest(cls, path: str | Path) -> GuardedQMLLM:
+    def from_manifest(cls, path: str | Path, device: str | torch.device | None = None) -> GuardedQMLLM:
+        """The guarded model a manifest names, on `device` (`auto`, `cpu`, `cuda`; None: the CPU)."""
         path = Path(path)
         if not path.is_file():
             raise ModelNotReadyError(f"{path}: no trained model here (run `kedro run` first, or pass --model)")
@@ -203,7 +205,7 @@ class GuardedQMLLM(GuardedMLLM):
         if not map_file.is_file():
             raise ModelNotReadyError(f"{path}: its safety map {map_file} is missing")
         try:
-            model = QMLLM.from_pretrained(model_directory)
+            model = QMLLM.from_pretrained(model_directory, device=device)
             config = model.config
             tokenizer = AutoTokenizer.from_pretrained(config.reference("tokenizer", model_directory),
                                                       local_files_only=True)
@@ -230,7 +232,11 @@ def evaluation_systems(baseline: QMLLM, qmllm: QMLLM, tokenizer, processor, safe
 
 def query_seconds(system: GuardedMLLM, image: torch.Tensor, prompt: str, max_new_tokens: int) -> float:
     """Wall time of one whole query at batch 1 on a uint8 image (3, H, W): pixels -> verdict -> refusal or
-    answer (the `evaluate` pipeline's overhead measurement, and `qmllm bench`'s)."""
+    answer (the `evaluate` pipeline's overhead measurement, and `qmllm bench`'s), on the model's device (waited
+    for before and after: CUDA runs asynchronously)."""
+    device = system.model.device
+    synchronize(device)
     started = time.perf_counter()
     system.respond(image[None], [prompt], max_new_tokens, 1)
+    synchronize(device)
     return time.perf_counter() - started

@@ -60,8 +60,8 @@ def cls_head_losses(model: QMLLM, cls_features: torch.Tensor, semantic_targets: 
                     lambda_vq: float = 1.0, lambda_semantic: float = 1.0) -> dict[str, torch.Tensor]:
     """One batch of the decoupled CLS head: L_vq_cls and L_semantic (MSE from the code to the target, on the
     unit sphere for the cosine distance); `loss` is the total."""
-    encoding = model.cls_quantizer(model.cls_head(cls_features.float()))
-    targets = semantic_targets.float()
+    encoding = model.cls_quantizer(model.cls_head(cls_features.float().to(model.device)))
+    targets = semantic_targets.float().to(model.device)
     if model.config.cls_distance == "cosine":
         targets = F.normalize(targets, dim=-1)
     semantic = F.mse_loss(encoding.quantized, targets)
@@ -86,7 +86,7 @@ def train_cls_head(model: QMLLM, cls_features: torch.Tensor, targets: torch.Tens
                                  settings.lambda_semantic)
         seen.append(losses.pop("cls_indices"))
         if len(seen) == settings.usage_every:
-            stats = model.cls_quantizer.usage_stats(torch.cat(seen))
+            stats = model.cls_quantizer.usage_stats(torch.cat(seen).cpu())
             losses["cls_codes_used"] = torch.tensor(float(stats["codes_used"]))
             losses["cls_perplexity"] = torch.tensor(stats["perplexity"])
             seen.clear()

@@ -78,6 +78,7 @@ class TowerColumn:
 
     def __init__(self, source: TowerFeatures, key: str):
         self.source, self.key = source, key
+        self.modules = (source.tower,)  # what reading it runs (`feature_shards.modules_of`)
         self.shape = torch.Size((len(source.images), *source.row_shapes[key]))
         self.dtype = source.dtype
 

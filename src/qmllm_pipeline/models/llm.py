@@ -64,6 +64,7 @@ def answer_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
         for row, ids in enumerate(encoded):
             input_ids[row, longest - len(ids):] = torch.tensor(ids)
             attention_mask[row, longest - len(ids):] = 1
+        input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                 do_sample=False, pad_token_id=tokenizer.pad_token_id,
                                 eos_token_id=tokenizer.eos_token_id)

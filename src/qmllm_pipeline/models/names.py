@@ -155,7 +155,8 @@ class NameHead(nn.Module):
     def lookup(self, picks: torch.Tensor, embedding: nn.Embedding) -> torch.Tensor:
         """The name tokens (B, slots * slot_width, d_h) of given picks (B, slots), entries 0..names (the empty
         one included): each slot is its entry's token embeddings, as Q-MLLM reads an argmax pick."""
-        return embedding(self.token_ids)[picks].reshape(len(picks), self.slots * self.slot_width, -1)
+        rows = embedding(self.token_ids)[picks.to(self.token_ids.device)]
+        return rows.reshape(len(picks), self.slots * self.slot_width, -1)
 
 
 def slot_targets(item_ids: list[list[int]], vocabulary: list[int], slots: int, backgrounds: list[str] | None = None,
@@ -181,6 +182,8 @@ def name_head_losses(head: NameHead, cls_features: torch.Tensor, patch_features:
                      targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """Cross-entropy per slot, averaged, and the share of scenes whose every slot is right; a counted head also
     pays the cross-entropy of its count (`count_loss`, added to `loss`)."""
+    device = next(head.parameters()).device  # rows come in on the CPU
+    cls_features, patch_features, targets = (t.to(device) for t in (cls_features, patch_features, targets))
     logits = head(cls_features.float(), patch_features.float())
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     losses = {}

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qmllm_pipeline.constants import IGNORE_INDEX
+from qmllm_pipeline.models.device import resolve_device
 from qmllm_pipeline.models.names import NameHead
 from qmllm_pipeline.models.projector import build_mm_projector
 from qmllm_pipeline.models.quantizer import QuantizerOutput, VectorQuantizer
@@ -178,9 +179,10 @@ class QMLLM(nn.Module):
     # -- building, saving, loading ----------------------------------------------------------------
     @classmethod
     def assemble(cls, config: QMLLMConfig | dict, stage1_state: dict[str, torch.Tensor], llm=None,
-                 clip_model=None) -> QMLLM:
+                 clip_model=None, device: str | torch.device | None = None) -> QMLLM:
         """A trained model, frozen in eval mode, from its parts: the config, the stage-1 weights, the LLM and
-        the CLIP model whose vision tower it reads (`None`: cached features only)."""
+        the CLIP model whose vision tower it reads (`None`: cached features only), moved to `device` (the
+        `device` setting: `auto`, `cpu`, `cuda`; None: left where the parts are). A Kedro node as it is."""
         if isinstance(config, dict):
             config = QMLLMConfig.from_dict(config)
         tower = None
@@ -188,6 +190,8 @@ class QMLLM(nn.Module):
             tower = VisionTower.from_clip(clip_model, select_layer=config.mm_vision_select_layer,
                                           cls_source=config.cls_source, patch_pool=config.mm_patch_pool).eval()
         model = cls(config, llm, tower).load_stage1_state(stage1_state)
+        if device is not None:
+            model.to(resolve_device(device))
         return model.requires_grad_(False).eval()
 
     def stage1_state(self) -> dict[str, torch.Tensor]:
@@ -219,9 +223,10 @@ class QMLLM(nn.Module):
                   directory / WEIGHTS_FILE)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, llm=None, clip_model=None) -> QMLLM:
+    def from_pretrained(cls, directory: str | Path, llm=None, clip_model=None,
+                        device: str | torch.device | None = None) -> QMLLM:
         """Load a saved model, reading the LLM and the CLIP model from the config's references unless given
-        (local files only, safetensors only)."""
+        (local files only, safetensors only), onto `device` (None: where they load, the CPU)."""
         from transformers import AutoModelForCausalLM, CLIPModel
 
         from qmllm_pipeline.models.lora import ADAPTED_FILE, load_adapted_llm
@@ -239,7 +244,12 @@ class QMLLM(nn.Module):
         weights = directory / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: no stage-1 weights (run `kedro run --pipelines pretrain`)")
-        return cls.assemble(config, load_file(weights), llm.eval(), clip_model.eval())
+        return cls.assemble(config, load_file(weights), llm.eval(), clip_model.eval(), device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (its projector's device): inputs are moved here, results stay here."""
+        return next(self.mm_projector.parameters()).device
 
     @property
     def quantized(self) -> bool:
@@ -259,6 +269,9 @@ class QMLLM(nn.Module):
         with `with_cls=False`. `name_features` is the CLS feature the name head reads (`name_cls_source`);
         the name tokens need the LLM (its input embeddings) and are left out without one, or with
         `with_names=False` (the codes alone)."""
+        device = self.device  # features come in on the CPU (cached, or a batch's rows)
+        cls_features, patch_features = cls_features.to(device), patch_features.to(device)
+        name_features = None if name_features is None else name_features.to(device)
         h_cls = cls = None
         if with_cls and self.cls_quantizer is not None:
             h_cls = self.cls_head(cls_features)

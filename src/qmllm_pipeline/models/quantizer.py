@@ -68,7 +68,8 @@ class VectorQuantizer(nn.Module):
         return torch.addmm(codebook.pow(2).sum(1), flat, codebook.T, beta=1, alpha=-2).argmin(dim=1)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        return F.embedding(indices, self.codebook)
+        """The codebook rows of `indices` (any shape), on the codebook's device whatever the indices'."""
+        return F.embedding(indices.to(self.codebook.device), self.codebook)
 
     def flip_distance(self, x: torch.Tensor, relative: bool = False) -> torch.Tensor:
         """The smallest L2 move of each vector of `x` (..., d) that changes its code: the distance to the

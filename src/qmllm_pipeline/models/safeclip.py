@@ -8,15 +8,19 @@ import torch
 import torch.nn.functional as F
 
 from qmllm_pipeline.models.clip import class_embeddings, image_embeddings
+from qmllm_pipeline.models.device import resolve_device
 
 NEUTRAL = "neutral"
 
 
 class SafeCLIPFilter:
     def __init__(self, clip_model, tokenizer, processor, descriptions: dict[str, list[list[str]]],
-                 threshold: float = 0.6, max_tokens: int = 32):
+                 threshold: float = 0.6, device: str | torch.device | None = None, max_tokens: int = 32):
         """`descriptions[category]` is a list of classes, each a list of prompts averaged into one text
-        embedding (prompt ensembling); a category's confidence is the softmax mass of its classes."""
+        embedding (prompt ensembling); a category's confidence is the softmax mass of its classes. `device`:
+        where CLIP runs (the `device` setting; None: where `clip_model` is)."""
+        if device is not None:
+            clip_model.to(resolve_device(device))
         self.clip_model, self.processor, self.threshold = clip_model, processor, threshold
         self.class_category = np.asarray([c for c, classes in descriptions.items() for _ in classes])
         prompts = [prompts for classes in descriptions.values() for prompts in classes]
@@ -31,11 +35,12 @@ class SafeCLIPFilter:
     @torch.no_grad()
     def pixel_scores(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """`scores` on normalised pixel values."""
+        pixels = pixels.to(self.class_embeds.device)
         return self._scores(F.normalize(self.clip_model.get_image_features(pixel_values=pixels).pooler_output, dim=-1))
 
     def _scores(self, embeddings: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         logits = self.clip_model.logit_scale.exp() * embeddings @ self.class_embeds.T
-        probabilities = logits.softmax(dim=1).numpy()
+        probabilities = logits.softmax(dim=1).cpu().numpy()
         per_category = np.stack([probabilities[:, self.class_category == c].sum(1) for c in self.toxic_categories], 1)
         best = per_category.argmax(1)
         return np.asarray(self.toxic_categories)[best], per_category[np.arange(len(best)), best]

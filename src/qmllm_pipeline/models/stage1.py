@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.distributed import DistributedSettings, rank_share
-from qmllm_pipeline.models.feature_shards import gather
+from qmllm_pipeline.models.feature_shards import gather, modules_of
 from qmllm_pipeline.models.qmllm import QMLLM, QMLLMConfig
 from qmllm_pipeline.models.tokenizer import encode_chat
 from qmllm_pipeline.models.training import TrainingConfig, activation_checkpointing, train_loop
@@ -210,7 +210,8 @@ def train_stage1(model: QMLLM, data: Stage1Data, settings: Stage1Settings, seed:
         activation_checkpointing(model.llm, True)
         model.llm.train()
     train_loop(trainable, step, settings.training, seed, step_logger, checkpoint,
-               desc=f"pretrain {model.config.variant}", distributed=distributed, carry=(model,))
+               desc=f"pretrain {model.config.variant}", distributed=distributed,
+               carry=(model, *modules_of(data.cls, data.head_cls, data.patches)))
     if settings.gradient_checkpointing:
         activation_checkpointing(model.llm, False)
         model.llm.eval()

@@ -29,6 +29,7 @@ from qmllm_pipeline.constants import IGNORE_INDEX
 from qmllm_pipeline.models.checkpoint import TrainingCheckpoint
 from qmllm_pipeline.models.code_search import CodeObjective, search_each
 from qmllm_pipeline.models.distributed import DistributedSettings, rank_share
+from qmllm_pipeline.models.feature_shards import modules_of
 from qmllm_pipeline.models.lora import LoraSettings, adapter_files, mark_adapted, merged, with_lora
 from qmllm_pipeline.models.qmllm import QMLLM
 from qmllm_pipeline.models.stage1 import Example
@@ -215,6 +216,7 @@ class SearchAugmentation:
             starts, patch_count = encoding.patches.indices, encoding.patches.indices.shape[1]
             if encoding.name_picks is not None:
                 starts = torch.cat([starts, encoding.name_picks.to(starts)], 1)
+        starts = starts.cpu()  # code sequences live on the CPU (the objective moves what it scores)
         objective = CodeObjective.over_codes(model, [data.search_sequences[i] for i in which], patch_count)
         found, history = search_each(objective, starts, settings.sweeps, 1, settings.candidates,
                                      settings.batch_size, seed=self.seed + at, desc=f"stage-2 code search, step {at}")
@@ -305,6 +307,8 @@ def train_stage2(model: QMLLM, data: Stage2Data, settings: Stage2Settings, seed:
         if model.name_head is not None:
             raise ValueError("finetune.stage2.image_input: codes reads patch codes alone; a model with a name head "
                              "needs its features (image_input: features)")
+        for module in modules_of(data.cls, data.patches):  # a tower computing features on read: beside the model
+            module.to(model.device)
         data = dataclasses.replace(data, codes=patch_codes(model, data))
     distill = Distillation(teacher, settings.distill_weight, data.image_prefix) \
         if teacher is not None and settings.distill_weight > 0 else None
@@ -331,7 +335,8 @@ def train_stage2(model: QMLLM, data: Stage2Data, settings: Stage2Settings, seed:
         activation_checkpointing(model.llm, True)
     train_loop(modules, step, settings.training, seed, step_logger, checkpoint,
                desc=f"finetune {model.config.variant}", distributed=distributed,
-               carry=(model,) if teacher is None else (model, teacher))
+               carry=(model, *modules_of(data.cls, data.head_cls, data.patches),
+                      *((teacher,) if teacher is not None else ())))
     if settings.gradient_checkpointing:
         activation_checkpointing(model.llm, False)
     adapters = adapter_files(model.llm)

@@ -10,7 +10,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 
 from qmllm_pipeline.models.checkpoint import ACCELERATE, TrainingCheckpoint  # noqa: E402
+from qmllm_pipeline.models.device import resolve_device  # noqa: E402
 from qmllm_pipeline.models.distributed import DistributedSettings, launch, make_accelerator  # noqa: E402
 from qmllm_pipeline.tracking import StepLogger  # noqa: E402
 
@@ -49,16 +50,29 @@ class TrainingConfig:
 @dataclass(frozen=True)
 class RunSettings:
     """What every training node of a run shares (conf/*/parameters.yml): the `seed`, the folder of resumable
-    checkpoints, and the processes, strategy and precision training runs under."""
+    checkpoints, and the processes, strategy, precision and device training runs under."""
     seed: int
     checkpoint_dir: str
     distributed: DistributedSettings = DistributedSettings()
 
     @classmethod
-    def from_params(cls, seed: int, checkpoint_dir: str, distributed: dict | None = None) -> RunSettings:
-        """The run's settings, from `seed`, `checkpoint_dir` and `distributed` (a Kedro node of every training
-        pipeline: parsed once, read by every trainer)."""
-        return cls(int(seed), str(checkpoint_dir), DistributedSettings.from_params(distributed))
+    def from_params(cls, seed: int, checkpoint_dir: str, distributed: dict | None = None,
+                    device: str = "auto") -> RunSettings:
+        """The run's settings, from `seed`, `checkpoint_dir`, `distributed` and `device` (a Kedro node of every
+        training pipeline: parsed once, read by every trainer)."""
+        resolve_device(device)  # a device this machine lacks fails here, before anything runs
+        settings = replace(DistributedSettings.from_params(distributed), device=str(device))
+        return cls(int(seed), str(checkpoint_dir), settings)
+
+    @property
+    def node_device(self) -> torch.device:
+        """Where a training pipeline's own model work runs outside the training loop (the small heads, the
+        variant checks, the replayed answers): the `device` setting, except when training forks several GPU
+        workers, where it stays on the CPU: a forked child cannot use CUDA once its parent has, and the next
+        variant's training forks again."""
+        if self.distributed.on_gpu and self.distributed.num_processes > 1:
+            return torch.device("cpu")
+        return resolve_device(self.distributed.device)
 
 
 class TrainingRun:

@@ -68,6 +68,7 @@ class VisionTower(nn.Module):
         if unknown or ("projected" in cls_sources and self.visual_projection is None):
             raise ValueError(f"cls sources {sorted(cls_sources)}: each must be 'layer', 'pooled' or 'projected' "
                              "('projected' needs CLIP's visual_projection)")
+        pixel_values = pixel_values.to(next(self.vision_model.parameters()).device)  # CPU in, the tower's device
         outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True)
         hidden = outputs.hidden_states[self.select_layer]
         cls_features = {}

@@ -15,4 +15,5 @@ def safeclip_nodes() -> list[Node]:
     return [Node(category_prompts, ["emoji_catalogue", "params:data.layout.backgrounds",
                                     "params:foundation.clip.text_side"], "safeclip_prompts", name="safeclip_prompts"),
             Node(SafeCLIPFilter, ["clip_model", "clip_tokenizer", "clip_image_processor", "safeclip_prompts",
-                                  "params:safety_map.safeclip_threshold"], "safeclip_filter", name="safeclip_filter")]
+                                  "params:safety_map.safeclip_threshold", "params:device"], "safeclip_filter",
+                 name="safeclip_filter")]

@@ -20,9 +20,11 @@ def _jailbreak(budget: str) -> Pipeline:
 
 def _models(names: tuple[str, ...]) -> Pipeline:
     """Each trained variant, frozen (outputs `<variant>.evaluated_model`)."""
-    template = Pipeline([Node(systems.frozen_model, ["qmllm_config", "stage1_weights", "finetuned_llm", "clip_model"],
+    template = Pipeline([Node(systems.frozen_model, ["qmllm_config", "stage1_weights", "finetuned_llm", "clip_model",
+                                                     "params:device"],
                               "evaluated_model", name="frozen_model")])
-    return sum((pipeline(template, namespace=name, inputs={"clip_model"}) for name in names), Pipeline([]))
+    return sum((pipeline(template, namespace=name, inputs={"clip_model"}, parameters={"params:device"})
+                for name in names), Pipeline([]))
 
 
 def create_pipeline(parameters: dict | None = None, **kwargs) -> Pipeline:

@@ -11,9 +11,9 @@ from qmllm_pipeline.models.qmllm import QMLLM
 from qmllm_pipeline.models.safeclip import SafeCLIPFilter
 
 
-def frozen_model(qmllm_config: dict, stage1_weights: dict, finetuned_llm, clip_model) -> QMLLM:
-    """One trained variant, frozen, reading images through CLIP's vision tower."""
-    return QMLLM.assemble(qmllm_config, stage1_weights, finetuned_llm, clip_model)
+def frozen_model(qmllm_config: dict, stage1_weights: dict, finetuned_llm, clip_model, device: str) -> QMLLM:
+    """One trained variant, frozen, reading images through CLIP's vision tower, on `device`."""
+    return QMLLM.assemble(qmllm_config, stage1_weights, finetuned_llm, clip_model, device)
 
 
 def assemble_systems(baseline: QMLLM, qmllm: QMLLM, tokenizer, clip_image_processor, safety_map: pd.DataFrame,

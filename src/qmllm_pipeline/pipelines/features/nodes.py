@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qmllm_pipeline.models.clip import text_embeddings
+from qmllm_pipeline.models.device import resolve_device
 from qmllm_pipeline.models.feature_shards import Shards, shard_name
 from qmllm_pipeline.models.image_data import SceneImages, TowerFeatures, image_loader
 from qmllm_pipeline.models.params import parse
@@ -69,11 +70,13 @@ class FeatureSettings:
                              f"must be at least 1 and num_workers ({self.num_workers}) at least 0")
 
 
-def _extract(table: pd.DataFrame, clip_model, clip_image_processor, params: dict,
+def _extract(table: pd.DataFrame, clip_model, clip_image_processor, params: dict, device: str,
              name: str) -> Shards | TowerFeatures:
     """The table's features as lazy shards of `rows_per_shard` rows: each, when called, decodes its images
-    through a DataLoader (`num_workers` processes) and runs the tower over them `batch_size` at a time. With
-    `cache: false`, none are computed here: `TowerFeatures` runs the tower for the rows each batch asks for."""
+    through a DataLoader (`num_workers` processes) and runs the tower over them `batch_size` at a time on
+    `device`, the features coming back to the CPU. With `cache: false`, none are computed here:
+    `TowerFeatures` runs the tower for the rows each batch asks for, on the device the training step puts it
+    on (the tower stays on the CPU until then: a training node that forks GPU workers needs CUDA untouched)."""
     settings = parse(FeatureSettings, params, "features")
     if not settings.cache:
         tower = VisionTower.from_clip(clip_model, **dataclasses.asdict(settings.vision_tower))
@@ -85,6 +88,7 @@ def _extract(table: pd.DataFrame, clip_model, clip_image_processor, params: dict
         raise ValueError(f"features.rows_per_shard ({settings.rows_per_shard}) must be a multiple of "
                          f"features.batch_size ({settings.batch_size}), so that every batch lies in one shard")
     tower = VisionTower.from_clip(clip_model, **dataclasses.asdict(settings.vision_tower)).eval()
+    tower.to(resolve_device(device))
     sources = tuple(dict.fromkeys((settings.vision_tower.cls_source, settings.cls_head.cls_source)))
     dtype = getattr(torch, settings.dtype)
     images = SceneImages(table, clip_image_processor)
@@ -99,9 +103,9 @@ def _extract(table: pd.DataFrame, clip_model, clip_image_processor, params: dict
         loader = image_loader(images, rows, settings.batch_size, settings.num_workers)
         for pixels in tqdm(loader, desc=f"features {name} {index + 1}/{shards}", unit="batch", mininterval=2):
             cls_features, patch_features = tower.features(pixels, sources)
-            chunks["cls"].append(cls_features[settings.vision_tower.cls_source].to(dtype))
-            chunks["head_cls"].append(cls_features[settings.cls_head.cls_source].to(dtype))
-            chunks["patches"].append(patch_features.to(dtype))
+            chunks["cls"].append(cls_features[settings.vision_tower.cls_source].to(dtype).cpu())
+            chunks["head_cls"].append(cls_features[settings.cls_head.cls_source].to(dtype).cpu())
+            chunks["patches"].append(patch_features.to(dtype).cpu())
         features = {key: torch.cat(parts) for key, parts in chunks.items()}
         logger.info("%s features, shard %d/%d (rows %d-%d): cls %s, head_cls %s, patches %s in %.1f s", name,
                     index + 1, shards, rows.start, rows.stop - 1, tuple(features["cls"].shape),
@@ -112,36 +116,62 @@ def _extract(table: pd.DataFrame, clip_model, clip_image_processor, params: dict
     return {shard_name(index): functools.partial(shard, index) for index in range(shards)}
 
 
-def extract_caption_features(caption_corpus: pd.DataFrame, clip_model, clip_image_processor,
-                             params: dict) -> Shards | TowerFeatures:
+def extract_caption_features(caption_corpus: pd.DataFrame, clip_model, clip_image_processor, params: dict,
+                             device: str) -> Shards | TowerFeatures:
     """CLS (the paper's and the CLS head's) and patch features of every caption-corpus image, in corpus order,
     as lazy shards (`models/feature_shards.py`: the catalogue's dataset computes and writes one at a time), or
     with `cache: false` as `TowerFeatures` (computed per batch by whoever reads them)."""
-    return _extract(caption_corpus, clip_model, clip_image_processor, params, "caption_corpus")
+    return _extract(caption_corpus, clip_model, clip_image_processor, params, device, "caption_corpus")
 
 
-def extract_dialog_features(dialogs: pd.DataFrame, clip_model, clip_image_processor,
-                            params: dict) -> Shards | TowerFeatures:
+def extract_dialog_features(dialogs: pd.DataFrame, clip_model, clip_image_processor, params: dict,
+                            device: str) -> Shards | TowerFeatures:
     """CLS (the paper's and the CLS head's) and patch features of every dialog image, in dialog order, as lazy
     shards or `TowerFeatures`."""
-    return _extract(dialogs, clip_model, clip_image_processor, params, "dialogs")
+    return _extract(dialogs, clip_model, clip_image_processor, params, device, "dialogs")
 
 
-def caption_semantic_targets(caption_corpus: pd.DataFrame, tokenizer, llm, clip_model, clip_tokenizer,
-                             params: dict) -> dict[str, torch.Tensor]:
+def _target_texts(settings: FeatureSettings, source: str) -> list[str]:
+    """The text sides (caption, objects) whose L_semantic target `source` (llm or clip_text) gives: stage 1's
+    and the CLS head's, each once."""
+    wanted = [(settings.semantic_target_source, settings.semantic_target_text),
+              (settings.cls_head.semantic_target_source, settings.cls_head.semantic_target_text)]
+    return list(dict.fromkeys(text for of, text in wanted if of == source))
+
+
+def llm_text_targets(caption_corpus: pd.DataFrame, tokenizer, llm, params: dict, device: str) -> dict:
+    """The frozen LLM's target for each caption-corpus row, per text side that a target is taken from with
+    `semantic_target_source: llm` ({} when none is), computed on `device`. `params`: features."""
+    settings = parse(FeatureSettings, params, "features")
+    texts = _target_texts(settings, "llm")
+    if texts:
+        llm.to(resolve_device(device))
+    return {text: semantic_target_vectors(caption_corpus, tokenizer, llm, None, "llm", text, settings.batch_size)
+            for text in texts}
+
+
+def clip_text_targets(caption_corpus: pd.DataFrame, clip_model, clip_tokenizer, params: dict, device: str) -> dict:
+    """CLIP's text embedding for each caption-corpus row, per text side that a target is taken from with
+    `semantic_target_source: clip_text` ({} when none is), computed on `device`. `params`: features."""
+    settings = parse(FeatureSettings, params, "features")
+    texts = _target_texts(settings, "clip_text")
+    if texts:
+        clip_model.to(resolve_device(device))
+    return {text: semantic_target_vectors(caption_corpus, clip_tokenizer, None, clip_model, "clip_text", text,
+                                          settings.batch_size, clip_tokenizer)
+            for text in texts}
+
+
+def caption_semantic_targets(llm_targets: dict, clip_targets: dict, params: dict) -> dict[str, torch.Tensor]:
     """The L_semantic targets of the caption corpus, one row per image: `targets` from `semantic_target_source`
     / `semantic_target_text` (stage 1's, the paper's H_caption by default), `head_targets` from `cls_head`'s
     (a decoupled CLS head's). Stored raw; whether to standardise them is a training parameter. `params`:
     features."""
     settings = parse(FeatureSettings, params, "features")
-    paper = (settings.semantic_target_source, settings.semantic_target_text)
-    targets = {"targets": semantic_target_vectors(caption_corpus, tokenizer, llm, clip_model, *paper,
-                                                  settings.batch_size, clip_tokenizer)}
-    head = (settings.cls_head.semantic_target_source, settings.cls_head.semantic_target_text)
-    targets["head_targets"] = (targets["targets"] if head == paper else
-                               semantic_target_vectors(caption_corpus, tokenizer, llm, clip_model, *head,
-                                                       settings.batch_size, clip_tokenizer))
-    return targets
+    by_source = {"llm": llm_targets, "clip_text": clip_targets}
+    return {"targets": by_source[settings.semantic_target_source][settings.semantic_target_text],
+            "head_targets": by_source[settings.cls_head.semantic_target_source][
+                settings.cls_head.semantic_target_text]}
 
 
 @torch.no_grad()
@@ -161,11 +191,11 @@ def semantic_target_vectors(caption_corpus: pd.DataFrame, tokenizer, llm, clip_m
         chunk = unique[start:start + batch_size]
         if source == "clip_text":
             vectors.append(text_embeddings(clip_model, clip_tokenizer or tokenizer, chunk,
-                                           clip_model.config.text_config.max_position_embeddings))
+                                           clip_model.config.text_config.max_position_embeddings).cpu())
             continue
-        encoded = tokenizer(chunk, add_special_tokens=False, padding=True, return_tensors="pt")
+        encoded = tokenizer(chunk, add_special_tokens=False, padding=True, return_tensors="pt").to(llm.device)
         hidden = llm(**encoded, output_hidden_states=True).hidden_states[-1]
         mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        vectors.append((hidden * mask).sum(1) / mask.sum(1))
+        vectors.append(((hidden * mask).sum(1) / mask.sum(1)).cpu())
     by_caption = dict(zip(unique, torch.cat(vectors), strict=True))
     return torch.stack([by_caption[c] for c in captions]).float()

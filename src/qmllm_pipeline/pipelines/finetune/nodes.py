@@ -69,13 +69,13 @@ def stage2_validation(text_corpus: pd.DataFrame, params: dict) -> pd.DataFrame:
 
 
 def synthetic_replay(text_corpus: pd.DataFrame, stage2_validation: pd.DataFrame, llm, tokenizer, params: dict,
-                     seed: int) -> pd.DataFrame:
+                     run: RunSettings) -> pd.DataFrame:
     """`synthetic_requests` requests about made-up topics (`world.language.made_up_requests`: the training
     phrasings, a training topic's verb, words the training text never uses), each with the foundation LLM's
     greedy answer to it as text (`synthetic_max_new_tokens` at most). Replayed behind a dialog image, they teach
     stage 2 to answer an unfamiliar request as the LLM reading it alone would, whatever the image: a request
     the world's words do not cover is not an image question. No held-out text is read. Columns `instruction`,
-    `response`; empty at 0 (the default). `params`: finetune.data."""
+    `response`; empty at 0 (the default). `params`: finetune.data; the LLM answers on `run.node_device`."""
     n = params["synthetic_requests"]
     if n == 0:
         return pd.DataFrame({"instruction": pd.Series(dtype=str), "response": pd.Series(dtype=str)})
@@ -85,7 +85,8 @@ def synthetic_replay(text_corpus: pd.DataFrame, stage2_validation: pd.DataFrame,
              for word in re.findall(r"[a-z]+", text.lower())}
     instructions = _training_instructions(text_corpus)
     topics = sorted(instructions.loc[~instructions["instruction"].isin(held), "topic"].unique())
-    requests = made_up_requests(topics, known, n, seed)
+    requests = made_up_requests(topics, known, n, run.seed)
+    llm.to(run.node_device)
     answers = [a.strip() for a in answer_prompts(llm, tokenizer, requests, params["synthetic_max_new_tokens"])]
     replay = pd.DataFrame({"instruction": requests, "response": answers})
     judge = RefusalPhraseJudge()
@@ -208,7 +209,7 @@ def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, stage2_data:
     settings = parse(Stage2Settings, params, "finetune.stage2")
     config = QMLLMConfig.from_dict(qmllm_config)
     seed_everything(run.seed)
-    model = QMLLM.assemble(config, stage1_weights, copy.deepcopy(llm))
+    model = QMLLM.assemble(config, stage1_weights, copy.deepcopy(llm), device=run.node_device)
     data = stage2_data if model.name_head is not None else _without_names(stage2_data)
     trainer = TrainingRun(f"{config.variant}/finetune", run,
                           {"config": qmllm_config, "params": params, "seed": run.seed,
@@ -229,12 +230,14 @@ def _without_names(data: Stage2Data) -> Stage2Data:
     return dataclasses.replace(data, head_cls=None)
 
 
-def finetuned_model(qmllm_config: dict, stage1_weights: dict, finetuned_llm, clip_model, tokenizer,
-                    clip_image_processor) -> GuardedMLLM:
-    """The variant after stage 2, reading images through CLIP's vision tower, with no guard (the safety map
-    comes later)."""
-    return GuardedMLLM(QMLLM.assemble(qmllm_config, stage1_weights, finetuned_llm, clip_model), tokenizer,
-                       clip_image_processor)
+def variant_model(qmllm_config: dict, stage1_weights: dict, finetuned_llm, clip_model, run: RunSettings) -> QMLLM:
+    """The variant after stage 2, frozen, reading images through CLIP's vision tower, on `run.node_device`."""
+    return QMLLM.assemble(qmllm_config, stage1_weights, finetuned_llm, clip_model, run.node_device)
+
+
+def finetuned_model(model: QMLLM, tokenizer, clip_image_processor) -> GuardedMLLM:
+    """The variant after stage 2 behind no guard (the safety map comes later): what its checks ask."""
+    return GuardedMLLM(model, tokenizer, clip_image_processor)
 
 
 def _ask(model: GuardedMLLM, prompts: list[str], images: pd.Series, params: dict) -> list[str]:

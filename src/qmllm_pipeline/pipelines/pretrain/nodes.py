@@ -130,7 +130,7 @@ def name_head_weights(model_inputs: dict, stage1_data: Stage1Data, caption_corpu
                          "(as conf/real/parameters_pretrain.yml does)")
     seed_everything(run.seed)
     head = NameHead.from_config(_name_head_config(model_inputs, settings), settings.dropout)
-    head.set_vocabulary(name_vocabulary["token_ids"], name_vocabulary["pad_id"])
+    head.set_vocabulary(name_vocabulary["token_ids"], name_vocabulary["pad_id"]).to(run.node_device)
     targets = slot_targets(list(caption_corpus["item_ids"]), name_vocabulary["item_ids"], settings.slots,
                            list(caption_corpus["background"]) if settings.background else None,
                            name_vocabulary["backgrounds"])
@@ -142,7 +142,7 @@ def name_head_weights(model_inputs: dict, stage1_data: Stage1Data, caption_corpu
                "inputs": settings.inputs, "names": len(name_vocabulary["names"]),
                "slot_width": name_vocabulary["slot_width"], **trainer.summary(settings.training)}
     logger.info("name head: %.0f s, final %s", summary["seconds"], summary["final"])
-    return {k: v.detach().clone() for k, v in head.state_dict().items()}, summary
+    return {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}, summary
 
 
 def pretrain_variant(qmllm_config: dict, llm, name_head_weights: dict, stage1_data: Stage1Data, params: dict,
@@ -170,12 +170,13 @@ def pretrain_variant(qmllm_config: dict, llm, name_head_weights: dict, stage1_da
     if paper_stage1:  # the deployed model: the stage-1 projector and patch codebook, a CLS head of its own
         model = with_stage1_patch_path(_with_name_head(QMLLM(config, llm), name_head_weights), model)
     if config.quantized:
-        summary.update(_cls_head_and_codebooks(model, stage1_data, settings.cls_head, run))
+        summary.update(_cls_head_and_codebooks(model.to(run.node_device), stage1_data, settings.cls_head, run))
     logger.info("pretrain %s: %.0f s, %s", config.variant, summary["seconds"],
                 summary.get("codebooks", summary["final"]))
     curves = {k: v for k, v in trainer.step_logger.history.items()
               if k in ("generative", "vq_patch", "vq_cls", "semantic")}
-    return model.stage1_state(), summary, loss_curve_figure(curves, f"stage 1 ({config.variant})")
+    weights = {k: v.detach().cpu() for k, v in model.stage1_state().items()}
+    return weights, summary, loss_curve_figure(curves, f"stage 1 ({config.variant})")
 
 
 def _cls_head_and_codebooks(model: QMLLM, data: Stage1Data, settings: ClsHeadSettings, run: RunSettings) -> dict:

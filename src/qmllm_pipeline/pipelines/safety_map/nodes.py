@@ -33,9 +33,9 @@ logger = logging.getLogger(__name__)
 EVALUATION_SPLITS = ("eval_toxic", "eval_neutral", "eval_hard_negative")   # the order detection_rates reads
 
 
-def cls_path(qmllm_config: dict, stage1_weights: dict, clip_model) -> QMLLM:
-    """qmllm's safety check only: vision tower, projector and CLS codebook (no LLM)."""
-    return QMLLM.assemble(qmllm_config, stage1_weights, llm=None, clip_model=clip_model)
+def cls_path(qmllm_config: dict, stage1_weights: dict, clip_model, device: str) -> QMLLM:
+    """qmllm's safety check only: vision tower, projector and CLS codebook (no LLM), on `device`."""
+    return QMLLM.assemble(qmllm_config, stage1_weights, llm=None, clip_model=clip_model, device=device)
 
 
 @torch.no_grad()
@@ -43,14 +43,14 @@ def _codes(model: QMLLM, clip_image_processor, frame: pd.DataFrame) -> np.ndarra
     """cls_index of every image of a scene table (an empty one, real data's hard negatives, has none)."""
     if not len(frame):
         return np.zeros(0, dtype=np.int64)
-    return model.cls_index(png_pixel_values(frame["image"], clip_image_processor)).numpy()
+    return model.cls_index(png_pixel_values(frame["image"], clip_image_processor)).cpu().numpy()
 
 
 def dmap_codes(model: QMLLM, clip_image_processor, dmap: pd.DataFrame, dmap_validation: pd.DataFrame) -> dict:
     """cls_index of every D_map image and of its validation part, and the CLS codebook they index."""
     return {"dmap": _codes(model, clip_image_processor, dmap),
             "dmap_validation": _codes(model, clip_image_processor, dmap_validation),
-            "codebook": model.cls_quantizer.codebook.detach().clone()}
+            "codebook": model.cls_quantizer.codebook.detach().cpu().clone()}
 
 
 def evaluation_codes(model: QMLLM, clip_image_processor, eval_toxic: pd.DataFrame, eval_neutral: pd.DataFrame,

@@ -8,7 +8,8 @@ def create_pipeline(**kwargs) -> Pipeline:
     """Algorithm 1 over D_map on qmllm's CLS codes, tau and the unseen-code policy chosen on D_map's validation
     part, and the toxic-image DSR / FPR of the map against the SafeCLIP-style filter."""
     return Pipeline([
-        Node(nodes.cls_path, ["qmllm.qmllm_config", "qmllm.stage1_weights", "clip_model"], "safety_cls_path",
+        Node(nodes.cls_path, ["qmllm.qmllm_config", "qmllm.stage1_weights", "clip_model", "params:device"],
+             "safety_cls_path",
              name="cls_path"),
         Node(nodes.dmap_codes, ["safety_cls_path", "clip_image_processor", "dmap", "dmap_validation"], "dmap_codes",
              name="dmap_codes"),
