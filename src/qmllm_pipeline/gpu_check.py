@@ -2,9 +2,11 @@
 each with 1 and N training processes, in temporary copies of the project, with the wall time and the peak GPU
 memory in use (read from `nvidia-smi` while each runs, so the runs themselves are untouched).
 
-What it measures is what the code does today: the training nodes fork one worker per GPU
-(`models/distributed.py`); the other nodes (features, heads, scoring, the safety map, the attacks) run on the
-CPU (docs/real.md, "Known limits").
+What it measures is what the code does today: every node that runs a model follows the `device` setting
+(`auto`: the GPU); the training nodes fork one worker per GPU (`models/distributed.py`). A forked child cannot
+use CUDA once its parent has, so with N processes the chains run as DVC runs them, one `kedro run` per stage
+(training stages first, their own model work on the CPU: `RunSettings.node_device`), never a node on the GPU
+before a training node forks.
 """
 
 from __future__ import annotations
@@ -76,17 +78,28 @@ def check(project: Path, processes: int) -> list[dict]:
             root = project_copy(project, Path(folder))
             shutil.copytree(project / "data/01_raw", root / "data/01_raw", dirs_exist_ok=True)
             _kedro(root, "--env", "smoke", "--pipelines", "data,foundation")
-            seconds, peak = _kedro(root, "--env", "smoke", "--params", distributed)
+            seconds, peak = _chain(root, ["features", "pretrain", "finetune", "safety_map", "evaluate"] if count > 1
+                                   else [""], "--env", "smoke", "--params", distributed)
             rows.append({"chain": "smoke (kedro run --env smoke)", "processes": count, "seconds": seconds,
                          "peak_gpu_mib": peak})
         with tempfile.TemporaryDirectory(prefix="gpu-check-real-") as folder:
             root = project_copy(project, Path(folder))
             write_real_fixture(root / "data/01_raw/real")
             params = f"{fixture_params(56, 2)},{distributed}"
-            seconds, peak = _kedro(root, "--env", "real", "--pipelines", "real", "--params", params)
+            # features computed on read must run in the kedro run that trains on them; no node of these four
+            # puts a model on the GPU outside training
+            seconds, peak = _chain(root, ["ingest,features,pretrain,finetune", "safety_map", "evaluate"]
+                                   if count > 1 else ["real"], "--env", "real", "--params", params)
             rows.append({"chain": "real fixture (kedro run --env real --pipelines real)", "processes": count,
                          "seconds": seconds, "peak_gpu_mib": peak})
     return rows
+
+
+def _chain(root: Path, pipelines: list[str], *args: str) -> tuple[float, int]:
+    """`kedro run --pipelines P ARGS` for each P in turn ("": the default pipeline): total seconds and the largest
+    peak GPU MiB."""
+    runs = [_kedro(root, *(("--pipelines", names) if names else ()), *args) for names in pipelines]
+    return sum(seconds for seconds, _ in runs), max(peak for _, peak in runs)
 
 
 def table(rows: list[dict]) -> str:

@@ -216,9 +216,9 @@ def launch(function: Callable[[], None], settings: DistributedSettings, threads:
         if torch.cuda.is_initialized():
             raise RuntimeError(
                 f"distributed.num_processes {size} on GPUs forks its workers, and CUDA is already in use in this "
-                "process (a node before this one ran on the GPU); CUDA cannot be used in a forked child. Run the "
-                "training pipeline in a `kedro run` of its own (`kedro run --pipelines pretrain`, as each DVC "
-                "stage does), or set device: cpu for the nodes before it")
+                "process (a node before this one put a model on the GPU); CUDA cannot be used in a forked child. "
+                "Run the training pipelines before the others, each stage in a `kedro run` of its own (as `dvc "
+                "repro` does: `kedro run --pipelines pretrain`, then finetune, then safety_map and evaluate)")
         from accelerate import notebook_launcher
 
         notebook_launcher(body, num_processes=size, mixed_precision=settings.mixed_precision,
