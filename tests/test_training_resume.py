@@ -47,3 +47,56 @@ def test_checkpoint_of_another_configuration_is_ignored(tmp_path):
     assert TrainingCheckpoint(tmp_path / "ckpt", {**PARAMS, "lr": 0.1}).load() is None
     _, steps = _run(TrainingCheckpoint(tmp_path / "ckpt", {**PARAMS, "lr": 0.1}))
     assert steps == 12
+
+
+class _Kill(Exception):
+    pass
+
+
+class _KillingLogger:
+    """A step logger that kills the run after logging step `at` (before that step's checkpoint is written)."""
+
+    def __init__(self, at: int | None):
+        from qmllm_pipeline.tracking import StepLogger
+
+        self.inner, self.at = StepLogger("t", every=100), at
+        self.prefix, self.history = self.inner.prefix, self.inner.history
+
+    def log(self, step: int, **values) -> None:
+        self.inner.log(step, **values)
+        if step == self.at:
+            raise _Kill(f"killed after step {step}")
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+
+def _stage1(checkpoint, kill_at=None):
+    """A quantized stage 1 whose dead-code restarts draw from torch's global random state on most steps."""
+    import dataclasses
+
+    from qmllm_pipeline import scaling
+    from qmllm_pipeline.models.qmllm import QMLLM
+    from qmllm_pipeline.models.stage1 import Stage1Data, Stage1Settings, train_stage1
+
+    world = scaling.small_world()
+    model = scaling.small_qmllm(scaling.small_llama())
+    model = QMLLM(dataclasses.replace(model.config, dead_code_threshold=0.9), model.llm)
+    settings = Stage1Settings(TrainingConfig(steps=12, batch_size=8, lr=1e-2, checkpoint_every=5))
+    train_stage1(model, Stage1Data(world.cls, world.patches, world.examples), settings, 0,
+                 step_logger=_KillingLogger(kill_at), checkpoint=checkpoint)
+    return model.stage1_state()
+
+
+def test_a_killed_quantized_stage_1_resumes_bit_for_bit(tmp_path):
+    """k-means and the dead-code restarts draw from torch's global random state, not the loop's generator: the
+    checkpoint keeps it, so a killed run resumes to exactly the weights of a run never stopped."""
+    straight = _stage1(None)
+    checkpoint = TrainingCheckpoint(tmp_path / "ckpt", {"stage": 1})
+    with pytest.raises(_Kill):
+        _stage1(checkpoint, kill_at=8)
+    assert checkpoint.load()["step"] == 5
+    resumed = _stage1(checkpoint)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight), \
+        [key for key in straight if not torch.equal(straight[key], resumed[key])]

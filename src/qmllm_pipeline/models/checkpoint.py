@@ -2,7 +2,7 @@
 random state (`torch.load(weights_only=True)`, never unpickling code), and the loss history so far.
 
 A run stopped in the middle (Ctrl-C, a kill) continues from its last checkpoint when started again with
-the same configuration; a checkpoint written under another configuration is ignored. Under several
+the same configuration, bit for bit (the loop's generator and torch's global random state are both kept); a checkpoint written under another configuration is ignored. Under several
 training processes rank 0 alone writes it (`state.json` records the rank and process that did) and every
 process reads it.
 
@@ -35,6 +35,23 @@ def fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def global_random_state() -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """torch's global random state (and each GPU's, once CUDA is in use): what k-means and the dead-code
+    restarts draw from, beside the loop's own generator. A resume that skips it diverges at the next draw."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_random_state(state: dict) -> None:
+    """Put back what `global_random_state` saved (a checkpoint from before it was saved has none)."""
+    if "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
 class TrainingCheckpoint:
     def __init__(self, directory: str | Path, config):
         self.directory = Path(directory)
@@ -63,7 +80,7 @@ class TrainingCheckpoint:
                 tensors = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
                 save_file(tensors, staging / f"{name}.safetensors")
             torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                        "generator": generator.get_state()}, staging / "trainer.pt")
+                        "generator": generator.get_state(), **global_random_state()}, staging / "trainer.pt")
             (staging / "state.json").write_text(json.dumps(
                 {"step": step, "fingerprint": self.fingerprint, "modules": list(modules), "history": history,
                  "written_by": {"rank": world()[0], "pid": os.getpid()}}))

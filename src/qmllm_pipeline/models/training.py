@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 
-from qmllm_pipeline.models.checkpoint import ACCELERATE, TrainingCheckpoint  # noqa: E402
+from qmllm_pipeline.models.checkpoint import ACCELERATE, TrainingCheckpoint, set_global_random_state  # noqa: E402
 from qmllm_pipeline.models.device import resolve_device  # noqa: E402
 from qmllm_pipeline.models.distributed import DistributedSettings, launch, make_accelerator  # noqa: E402
 from qmllm_pipeline.tracking import StepLogger  # noqa: E402
@@ -289,11 +289,12 @@ def _checkpoint_state(checkpoint: TrainingCheckpoint | None, sharded: bool) -> d
 
 def _resume(modules, optimizer, schedule, generator, step_logger, state, desc, config, main) -> int:
     """The first step to run, the step after the checkpoint's, whose weights, optimiser, schedule, random
-    stream and loss history are restored."""
+    streams (the loop's and torch's global one) and loss history are restored."""
     for name, module in modules.items():
         module.load_state_dict(state["module_states"][name])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
+    set_global_random_state(state)
     return _resume_loop(generator, step_logger, state, desc, config, main)
 
 
