@@ -2,9 +2,9 @@
 random state (`torch.load(weights_only=True)`, never unpickling code), and the loss history so far.
 
 A run stopped in the middle (Ctrl-C, a kill) continues from its last checkpoint when started again with
-the same configuration, bit for bit (the loop's generator and torch's global random state are both kept); a checkpoint written under another configuration is ignored. Under several
-training processes rank 0 alone writes it (`state.json` records the rank and process that did) and every
-process reads it.
+the same configuration, bit for bit (the loop's generator and torch's global random state are both kept); a
+checkpoint written under another configuration is ignored. Under several training processes rank 0 alone
+writes it (`state.json` records the rank and process that did) and every process reads it.
 
 Under a sharded strategy (FSDP, DeepSpeed ZeRO) no process holds the whole weights or optimiser state, so the
 checkpoint is Accelerate's own (`Accelerator.save_state` / `load_state`, written by every process into
