@@ -74,23 +74,35 @@ def test_features_run_on_the_accelerator_and_come_back_identical(world, foundati
 def test_the_safety_map_and_the_evaluation_run_on_the_accelerator_with_the_cpu_figures(
         world, foundation, stages, evaluation, smoke_params, monkeypatch):
     """Every model of the safety map and the evaluation (the CLS path, SafeCLIP, both frozen variants: scoring,
-    generation, every attacker and the code-space search) on the stand-in device: the same verdicts, answers
-    and rates as on the CPU; only the timings differ."""
+    generation, every attacker at the first budget, the code-space search) on the stand-in device: the same
+    verdicts, answers and rates as on the CPU; only the timings differ. (One budget: the others run the same
+    code; the search starts from the CPU run's attacks at every budget.)"""
     splits = ("dmap", "dmap_validation", "eval_toxic", "eval_neutral", "eval_hard_negative", "emoji_catalogue",
               "text_corpus", "eval_utility")
     trained = {f"{v}.{name}": stages[f"{v}.{name}"] for v in ("qmllm", "baseline")
-               for name in ("qmllm_config", "stage1_weights")}
+               for name in ("qmllm_config", "stage1_weights", "lora_adapter")}
     llms = {f"{v}.finetuned_llm": copy.deepcopy(stages[f"{v}.finetuned_llm"]) for v in ("qmllm", "baseline")}
-    inputs = {**{name: world[name] for name in splits}, **_models(foundation), **trained, **llms}
-    chain = safety_map_pipeline.create_pipeline() + evaluate_pipeline.create_pipeline(smoke_params)
+    inputs = {**{name: world[name] for name in splits}, **_models(foundation), **trained, **llms,
+              "jailbreak_results": evaluation["jailbreak_results"]}
+    budget = next(iter(smoke_params["evaluate"]["budgets"]))
+    evaluate = evaluate_pipeline.create_pipeline(smoke_params)
+    other_budgets = tuple(f"jailbreak_{name}." for name in smoke_params["evaluate"]["budgets"] if name != budget)
+    kept = [n.name for n in evaluate.nodes if not n.name.startswith(other_budgets)
+            and n.name not in ("collect_jailbreaks", "jailbreak_summary", "evaluation_report")]
+    chain = safety_map_pipeline.create_pipeline() + evaluate.only_nodes(*kept)
     with fake_cuda(monkeypatch):
         out = run_in_memory(chain, inputs, smoke_params)
     assert out["evaluation_systems"]["qmllm"].model.device.type == "cuda"
     assert out["safeclip_filter"].class_embeds.device.type == "cuda"
     pd.testing.assert_frame_equal(out["safety_map"], stages["safety_map"])
     pd.testing.assert_frame_equal(out["toxic_image_responses"], evaluation["toxic_image_responses"])
-    assert _figures(out["evaluation_metrics"]) == _figures(evaluation["evaluation_metrics"])
-    assert _figures(out["code_space_bound"]) == _figures(evaluation["code_space_bound"])
+    for name in ("toxic_image_metrics", "utility_metrics", "jailbreak_clean", "code_stability_metrics",
+                 "code_space_bound"):
+        assert _figures(out[name]) == _figures(evaluation[name]), name
+    results = f"jailbreak_{budget}.jailbreak_results"
+    on_device, on_cpu = out[results], evaluation[results]
+    assert _figures(on_device["results"]) == _figures(on_cpu["results"])
+    assert all(torch.equal(on_device["images"][k], on_cpu["images"][k]) for k in on_cpu["images"])
 
 
 def test_the_finetune_checks_run_where_the_run_settings_put_them(world, foundation, stages, smoke_params,

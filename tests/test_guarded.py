@@ -2,10 +2,11 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from PIL import Image
 
-from qmllm_pipeline.models.guarded import GuardedQMLLM
+from qmllm_pipeline.models.guarded import GuardedMLLM, GuardedQMLLM
 from qmllm_pipeline.models.qmllm import QMLLM
 
 
@@ -42,3 +43,11 @@ def test_accepted_images_are_answered_in_one_batch(stages, foundation, world):
     assert len(answers) == 3 and all(isinstance(a.text, str) and not a.verdict.refused for a in answers)
     odd = Image.fromarray(np.zeros((50, 70, 3), dtype=np.uint8))  # another size goes through the processor
     assert guarded.check([odd])[0].code in set(pd.Series(range(len(stages["safety_map"]))))
+
+
+def test_a_system_without_a_guard_must_say_so(stages):
+    model = stages["qmllm.finetuned_model"].model
+    tokenizer, processor = stages["qmllm.finetuned_model"].tokenizer, stages["qmllm.finetuned_model"].processor
+    with pytest.raises(ValueError, match="unguarded=True"):
+        GuardedMLLM(model, tokenizer, processor)  # a forgotten guard: refused, not "every image is neutral"
+    assert GuardedMLLM(model, tokenizer, processor, unguarded=True).guard is None

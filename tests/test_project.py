@@ -264,3 +264,84 @@ def test_each_environment_overlays_single_keys_of_base():
     base = load_parameters("base", PROJECT_ROOT / "conf")
     assert base["pretrain"]["name_head"]["slots"] == 3 and base["pretrain"]["name_head"]["training"]["steps"] > 20
     assert load_parameters("full", PROJECT_ROOT / "conf")["pretrain"]["name_head"]["slots"] == 0
+
+
+def test_a_tampered_or_inconsistent_model_is_refused_and_the_restored_one_loads(smoke_run, tmp_path):
+    """The guarded model is sealed: `qmllm check` refuses it, in one line, when a file it was sealed with
+    changed, went missing or gained a neighbour, or (re-sealed by whoever changed it) when its map and weights
+    disagree; restoring the files restores the same verdicts."""
+    import numpy as np
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from qmllm_pipeline.commands import main
+    from qmllm_pipeline.datasets import SealedManifestDataset
+
+    folder = smoke_run / "data" / "smoke" / "06_models" / "qmllm"
+    manifest_file, map_file = folder / "guarded.json", folder / "safety_map.parquet"
+    weights = folder / "stage1.safetensors"
+    scenes = tmp_path / "scenes"
+    CliRunner().invoke(main, ["render", "--kind", "toxic", "--category", "weapon", "--count", "2", "--out",
+                              str(scenes), "--conf-source", str(PROJECT_ROOT / "conf")])
+    images = sorted(str(p) for p in scenes.glob("*.png"))
+
+    def check() -> tuple[int, str]:
+        result = CliRunner().invoke(main, ["check", "--json", "--model", str(manifest_file), *images])
+        return result.exit_code, result.output
+
+    code, before = check()
+    assert code == 0, before
+    originals = {path: path.read_bytes() for path in (manifest_file, map_file, weights)}
+    manifest = json.loads(originals[manifest_file])
+
+    def reseal(toxic_codes: int) -> None:  # what someone who changed the files and knew the format would do
+        unsealed = {k: v for k, v in manifest.items() if k != "files"}
+        SealedManifestDataset(filepath=str(manifest_file)).save({**unsealed, "toxic_codes": toxic_codes})
+
+    safety_map = pd.read_parquet(map_file)
+    state = load_file(weights)
+    poisoned = {k: v.clone() for k, v in state.items()}
+    first = next(iter(poisoned))
+    poisoned[first].view(-1)[0] = float("nan")
+    faults = {
+        "map relabelled all neutral": (lambda: safety_map.assign(label="neutral").to_parquet(map_file),
+                                       "safety_map.parquet: changed since the model was sealed"),
+        "weights truncated": (lambda: weights.write_bytes(originals[weights][:100]),
+                              "stage1.safetensors: changed since the model was sealed"),
+        "file added to the LLM": (lambda: (folder / "llm" / "extra.bin").write_bytes(b"x"),
+                                  "extra.bin: not part of the sealed model"),
+        "seal removed": (lambda: manifest_file.write_text(json.dumps({k: v for k, v in manifest.items()
+                                                                       if k != "files"})), "not sealed"),
+        "all-neutral map, re-sealed": (lambda: (safety_map.assign(label="neutral").to_parquet(map_file), reseal(0)),
+                                       "every code is labelled neutral"),
+        "map cut to half, re-sealed": (lambda: (safety_map.head(len(safety_map) // 2).to_parquet(map_file),
+                                                reseal(int((safety_map.head(len(safety_map) // 2)["label"]
+                                                            != "neutral").sum()))),
+                                       "codes do not match the model's CLS codebook"),
+        "NaN weight, re-sealed": (lambda: (save_file(poisoned, weights), reseal(manifest["toxic_codes"])),
+                                  "NaN or infinite"),
+    }
+    for name, (tamper, message) in faults.items():
+        try:
+            tamper()
+            code, output = check()
+            assert code == 2 and message in output and "Traceback" not in output, (name, output)
+            assert len(output.strip().splitlines()) == 1, (name, output)
+        finally:
+            for path, content in originals.items():
+                path.write_bytes(content)
+            (folder / "llm" / "extra.bin").unlink(missing_ok=True)
+        assert check() == (0, before), name   # the restored model loads and says the same
+    assert np.isfinite(load_file(weights)[first]).all()
+
+    neutral = tmp_path / "neutral"
+    CliRunner().invoke(main, ["render", "--kind", "neutral", "--count", "4", "--out", str(neutral), "--conf-source",
+                              str(PROJECT_ROOT / "conf")])
+    candidates = sorted(str(p) for p in neutral.glob("*.png"))
+    verdicts = CliRunner().invoke(main, ["check", "--json", "--model", str(manifest_file), *candidates]).output
+    image = next(json.loads(line)["image"] for line in verdicts.splitlines() if not json.loads(line)["refused"])
+    prompts = {"<image> describe": "contains <image>", "猫" * 490: "too long"}
+    for prompt, message in prompts.items():
+        result = CliRunner().invoke(main, ["chat", "--model", str(manifest_file), "--image", image, "--prompt",
+                                           prompt])
+        assert result.exit_code == 2 and message in result.output, (prompt[:20], result.output)

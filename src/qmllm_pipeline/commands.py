@@ -91,13 +91,17 @@ def _load_guarded(model: Path, device: str = "auto"):
 
     transformers.logging.set_verbosity_error()  # keep the output to the verdicts and answers
     transformers.utils.logging.disable_progress_bar()
-    from qmllm_pipeline.models.guarded import GuardedQMLLM, ModelNotReadyError
+    from safetensors import SafetensorError
+
+    from qmllm_pipeline.models.guarded import GuardedQMLLM, ModelNotReadyError, UntrustedModelError
 
     try:
         return GuardedQMLLM.from_manifest(model, device)
     except ModelNotReadyError as error:
         _fail(str(error))
-    except (OSError, ValueError) as error:
+    except UntrustedModelError as error:
+        _fail(f"refused to load the model: {error}")
+    except (OSError, ValueError, SafetensorError) as error:
         _fail(f"{model}: cannot load the trained model ({error})")
 
 
@@ -160,7 +164,10 @@ def chat(image, prompt, max_new_tokens, model, device, max_pixels) -> None:
     if len(prompt) > MAX_PROMPT_CHARS:
         _fail(f"--prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
     opened = _open_images((image,), max_pixels)
-    (result,) = _load_guarded(model, device).answer(opened, [prompt], max_new_tokens)
+    try:
+        (result,) = _load_guarded(model, device).answer(opened, [prompt], max_new_tokens)
+    except ValueError as error:  # a prompt the model cannot read (the placeholder, too long)
+        _fail(f"--prompt: {error}")
     click.echo(result.text or "(the model produced no text)")
 
 

@@ -5,6 +5,7 @@ the Kedro datasets (`datasets/atomic.py`) and the training checkpoints (`models/
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -61,3 +62,29 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def sha256_file(path: str | Path) -> str:
+    """The file's SHA-256, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_digests(root: str | Path, paths: list[str], exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """The SHA-256 of every file under each of `paths` (files or folders, relative to `root`), keyed by its path
+    relative to `root` (posix, `..` where it lies outside), in sorted order; hidden files (leftovers of atomic
+    writes) and the names in `exclude` (relative to `root`) left out."""
+    root = Path(root)
+    found: dict[str, Path] = {}
+    for entry in paths:
+        target = root / entry
+        files = [target] if target.is_file() else sorted(p for p in target.rglob("*") if p.is_file())
+        for file in files:
+            relative = Path(os.path.normpath(os.path.relpath(file, root))).as_posix()
+            if not any(part.startswith(".") and part not in (".", "..") for part in Path(relative).parts) \
+                    and relative not in exclude:
+                found[relative] = file
+    return {relative: sha256_file(found[relative]) for relative in sorted(found)}

@@ -1,5 +1,5 @@
 """Project hooks: set torch's thread count for the whole run (`threads` in conf/base/parameters.yml), tag
-every MLflow run so runs compare cleanly in the UI (`pipeline`, `env`, `variants`, `systems`), and profile
+every MLflow run so runs compare cleanly in the UI (`pipeline`, `env`, `variants`, `systems`, `device`), and profile
 it (seconds per pipeline stage and the process's peak resident memory, as MLflow metrics)."""
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ class MlflowRunTagsHook:
 
     def __init__(self):
         self._variants: tuple[str, ...] = ()
+        self._device = "auto"
 
     @hook_impl
     def after_context_created(self, context) -> None:
         self._variants = tuple(context.params.get("variants") or ())
+        self._device = str(context.params.get("device", "auto"))
 
     @hook_impl(trylast=True)
     def before_pipeline_run(self, run_params: dict, pipeline) -> None:
@@ -50,7 +52,19 @@ class MlflowRunTagsHook:
                 "variants": ",".join(v for v in self._variants if v in namespaces)}  # trained or evaluated here
         if any(node.name == "assemble_systems" for node in pipeline.nodes):
             tags["systems"] = ",".join(SYSTEMS)
+        tags["device"] = _device_tag(self._device)
+        logger.info("models run on %s (device: %s)", tags["device"], self._device)
         mlflow.set_tags(tags)
+
+
+def _device_tag(setting: str) -> str:
+    """What `device` resolves to here, named for the run's tags (`cuda:0 (NVIDIA H100 ...)`, `cpu`), without
+    touching CUDA (a training node may still fork GPU workers)."""
+    import torch
+
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    return setting if not setting.startswith("cuda") else f"{setting} ({torch.cuda.device_count()} GPU(s))"
 
 
 def peak_rss_mb() -> float:

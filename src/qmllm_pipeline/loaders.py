@@ -8,7 +8,6 @@ Pillow's own exceptions never escape; the caller builds the whole table before a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from qmllm_pipeline.files import sha256_file
 from qmllm_pipeline.world.catalogue import CATEGORIES, NEUTRAL
 from qmllm_pipeline.world.render import png_bytes
 
@@ -187,12 +187,7 @@ def inside(folder: Path, relative: str, where: str) -> Path:
     return path
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+sha256_of = sha256_file  # the ingest manifests' checksums
 
 
 def _check_record(record, where: str) -> list[dict]:

@@ -11,6 +11,7 @@ from qmllm_pipeline.datasets.atomic import (
     AtomicParquetDataset,
     AtomicTextDataset,
     FileFolderDataset,
+    SealedManifestDataset,
     atomic_directory,
     atomic_path,
 )
@@ -18,5 +19,5 @@ from qmllm_pipeline.datasets.hf_model import HFModelDirectoryDataset
 from qmllm_pipeline.datasets.tensors import SafetensorsDataset, ShardedSafetensorsDataset
 
 __all__ = ["AtomicImageDataset", "AtomicJSONDataset", "AtomicParquetDataset", "AtomicTextDataset",
-           "FileFolderDataset", "HFModelDirectoryDataset",
+           "FileFolderDataset", "HFModelDirectoryDataset", "SealedManifestDataset",
            "SafetensorsDataset", "ShardedSafetensorsDataset", "atomic_directory", "atomic_path"]

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from kedro.io import AbstractDataset, DatasetError
 from PIL import Image
 
-from qmllm_pipeline.files import atomic_directory, atomic_path
+from qmllm_pipeline.files import atomic_directory, atomic_path, tree_digests
 
 
 class _LocalFileDataset(AbstractDataset):
@@ -65,6 +65,22 @@ class AtomicJSONDataset(_LocalFileDataset):
     def save(self, data: Any) -> None:
         with atomic_path(self._filepath) as temporary:
             temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class SealedManifestDataset(AtomicJSONDataset):
+    """A guarded model's manifest (`guarded.json`), sealed as it is saved: the SHA-256 of every file under each
+    path of its `depends_on` (relative to the manifest's folder: the model directory and the foundation models
+    it references) is recorded under `files`, so that loading it (`GuardedQMLLM.from_manifest`) can refuse a
+    model whose files changed since, or were never written together. Written last, after the files it seals."""
+
+    def save(self, data: dict) -> None:
+        if not isinstance(data, dict) or not isinstance(data.get("depends_on"), list):
+            raise DatasetError(f"{self._filepath}: a sealed manifest needs a `depends_on` list of paths")
+        missing = [p for p in data["depends_on"] if not (self._filepath.parent / p).exists()]
+        if missing:
+            raise DatasetError(f"{self._filepath}: cannot seal, {missing} not found beside it")
+        files = tree_digests(self._filepath.parent, data["depends_on"], exclude=(self._filepath.name,))
+        super().save({**data, "files": files})
 
 
 class AtomicImageDataset(_LocalFileDataset):

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPImageProcessor
 
 from qmllm_pipeline.constants import IMAGE_TOKEN
+from qmllm_pipeline.files import tree_digests
 from qmllm_pipeline.models.clip import pixel_values
 from qmllm_pipeline.models.conversation import prepare_for_images
 from qmllm_pipeline.models.device import synchronize
@@ -37,6 +38,10 @@ REFUSAL_MESSAGE = "I'm sorry, but I can't help with this image: it appears to sh
 
 class ModelNotReadyError(FileNotFoundError):
     """The manifest or one of the artifacts it names is missing: the model is not trained (yet)."""
+
+
+class UntrustedModelError(ValueError):
+    """A guarded model whose files disagree with its seal or with each other: refused, never run."""
 
 
 @dataclass
@@ -93,9 +98,14 @@ def _verdict(refused: bool, category: str, code: int, probability: float, messag
 class GuardedMLLM:
     """An MLLM behind an optional image guard. The three evaluated systems are instances: `baseline` (the
     continuous model, no guard), `safeclip` (baseline + SafeCLIPGuard), `qmllm` (quantized + SafetyMapGuard).
-    The LLM is never run for a refused image."""
+    The LLM is never run for a refused image. A system without a guard must say so (`unguarded=True`): a
+    forgotten guard never answers as if every image were neutral."""
 
-    def __init__(self, model: QMLLM, tokenizer, processor, guard: Callable | None = None):
+    def __init__(self, model: QMLLM, tokenizer, processor, guard: Callable | None = None, *, unguarded: bool = False):
+        if guard is None and not unguarded:
+            raise ValueError("GuardedMLLM without a guard: pass one, or unguarded=True to run the model unguarded")
+        if guard is not None and unguarded:
+            raise ValueError("GuardedMLLM: a guard and unguarded=True contradict each other")
         self.model, self.tokenizer, self.processor, self.guard = model.eval(), tokenizer, processor, guard
 
     def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
@@ -159,6 +169,7 @@ class GuardedMLLM:
     def answer_pixels(self, pixels: torch.Tensor, prompts: list[str], max_new_tokens: int = 32,
                       min_new_tokens: int = 0) -> list[Answer]:
         """`answer` on normalised pixel values (B, 3, H, W); one image per prompt."""
+        _no_placeholder(prompts)
         encoding, verdicts = self._encode_and_judge(pixels)
         accepted = [i for i, v in enumerate(verdicts) if not v.refused]
         texts = {i: verdicts[i].message for i in range(len(pixels)) if verdicts[i].refused}
@@ -173,10 +184,21 @@ class GuardedMLLM:
                       min_new_tokens: int = 0) -> list[str]:
         """The LLM's answer to each prompt with its image tokens (B, N, d_h), past any guard: what an image
         the guard accepted gets, or a code sequence chosen directly (the code-space attack)."""
+        _no_placeholder(prompts)
         ids = [encode_prompt(self.tokenizer, f"{IMAGE_TOKEN}\n{prompt}") for prompt in prompts]
+        limit = getattr(self.model.llm.config, "max_position_embeddings", None)
+        longest = max(len(i) for i in ids) - 1 + image_tokens.shape[1] + max_new_tokens
+        if limit is not None and longest > limit:
+            raise ValueError(f"the prompt is too long: with the image's {image_tokens.shape[1]} tokens and "
+                             f"{max_new_tokens} new ones it needs {longest} positions; the LLM reads {limit}")
         new = self.model.generate(ids, image_tokens, max_new_tokens, self.tokenizer.pad_token_id,
                                   self.tokenizer.eos_token_id, min_new_tokens)
         return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def _no_placeholder(prompts: list[str]) -> None:
+    if any(IMAGE_TOKEN in prompt for prompt in prompts):
+        raise ValueError(f"a prompt contains {IMAGE_TOKEN}, the image's placeholder; the image is added for you")
 
 
 class GuardedQMLLM(GuardedMLLM):
@@ -187,9 +209,14 @@ class GuardedQMLLM(GuardedMLLM):
         super().__init__(model, tokenizer, processor, SafetyMapGuard(safety_map, refusal_message))
 
     @staticmethod
-    def manifest(safety_map_file: str, toxic_codes: int, model_directory: str = ".") -> dict:
-        """What `guarded.json` holds: the model directory and the safety map, relative to the manifest."""
-        return {"model": model_directory, "safety_map": safety_map_file, "toxic_codes": toxic_codes}
+    def manifest(safety_map_file: str, toxic_codes: int, model_directory: str = ".",
+                 references: list[str] = ()) -> dict:
+        """What `guarded.json` holds: the model directory and the safety map, relative to the manifest, the
+        number of toxic codes, and the paths whose files it is sealed over (`depends_on`: the model directory
+        and the folders its config references; the saving dataset adds each file's hash under `files`)."""
+        depends_on = sorted({model_directory, *references})
+        return {"model": model_directory, "safety_map": safety_map_file, "toxic_codes": toxic_codes,
+                "depends_on": depends_on}
 
     @classmethod
     def from_manifest(cls, path: str | Path, device: str | torch.device | None = None) -> GuardedQMLLM:
@@ -204,6 +231,7 @@ class GuardedQMLLM(GuardedMLLM):
             raise ModelNotReadyError(f"{path}: not a guarded-model manifest") from None
         if not map_file.is_file():
             raise ModelNotReadyError(f"{path}: its safety map {map_file} is missing")
+        verify_seal(path, manifest)
         try:
             model = QMLLM.from_pretrained(model_directory, device=device)
             config = model.config
@@ -218,14 +246,54 @@ class GuardedQMLLM(GuardedMLLM):
                                                            local_files_only=True)
         except FileNotFoundError as error:
             raise ModelNotReadyError(f"{path}: missing trained artifacts ({error})") from None
-        return cls(model, tokenizer, processor, pd.read_parquet(map_file))
+        safety_map = pd.read_parquet(map_file)
+        check_consistent(model, safety_map, manifest, map_file)
+        return cls(model, tokenizer, processor, safety_map)
+
+
+def verify_seal(path: Path, manifest: dict) -> None:
+    """The files a manifest was sealed over are there and unchanged, and no file was added among them; else
+    `UntrustedModelError` naming the first file that differs."""
+    sealed = manifest.get("files")
+    if not isinstance(sealed, dict) or not isinstance(manifest.get("depends_on"), list):
+        raise UntrustedModelError(f"{path}: not sealed (no file hashes); run `kedro run --pipelines safety_map` to "
+                                  "seal the model")
+    missing = [name for name in sealed if not (path.parent / name).is_file()]
+    if missing:
+        raise UntrustedModelError(f"{path.parent / missing[0]}: missing (the model was sealed with it)")
+    found = tree_digests(path.parent, manifest["depends_on"], exclude=(path.name,))
+    for name, digest in found.items():
+        if name not in sealed:
+            raise UntrustedModelError(f"{path.parent / name}: not part of the sealed model (added since)")
+        if digest != sealed[name]:
+            raise UntrustedModelError(f"{path.parent / name}: changed since the model was sealed (its SHA-256 "
+                                      f"differs); retrain or run `kedro run --pipelines safety_map` to re-seal")
+
+
+def check_consistent(model: QMLLM, safety_map: pd.DataFrame, manifest: dict, map_file: Path) -> None:
+    """What a seal cannot see: finite weights, and a safety map made for this model's CLS codebook (one row per
+    code, the manifest's count of toxic codes, at least one toxic code)."""
+    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise UntrustedModelError(f"{map_file.parent}: weight {bad} holds NaN or infinite values")
+    if not {"code", "label", "probability"} <= set(safety_map.columns):
+        raise UntrustedModelError(f"{map_file}: not a safety map (needs columns code, label, probability)")
+    codes = model.cls_quantizer.num_codes if model.cls_quantizer is not None else 0
+    if sorted(safety_map["code"].tolist()) != list(range(codes)):
+        raise UntrustedModelError(f"{map_file}: its codes do not match the model's CLS codebook of {codes} codes "
+                                  f"({len(safety_map)} rows)")
+    toxic = int((safety_map["label"] != NEUTRAL).sum())
+    if toxic == 0:
+        raise UntrustedModelError(f"{map_file}: every code is labelled neutral; such a guard refuses nothing")
+    if toxic != manifest.get("toxic_codes"):
+        raise UntrustedModelError(f"{map_file}: {toxic} toxic codes, the manifest says {manifest.get('toxic_codes')}")
 
 
 def evaluation_systems(baseline: QMLLM, qmllm: QMLLM, tokenizer, processor, safety_map: pd.DataFrame,
                        safeclip: SafeCLIPFilter) -> dict[str, GuardedMLLM]:
     """The three systems of the evaluation (docs/method.md): `baseline` (continuous, no guard), `safeclip` (the same
     model behind the CLIP filter) and `qmllm` (quantized, behind its safety map)."""
-    return {"baseline": GuardedMLLM(baseline, tokenizer, processor),
+    return {"baseline": GuardedMLLM(baseline, tokenizer, processor, unguarded=True),
             "safeclip": GuardedMLLM(baseline, tokenizer, processor, SafeCLIPGuard(safeclip)),
             "qmllm": GuardedQMLLM(qmllm, tokenizer, processor, safety_map)}
 

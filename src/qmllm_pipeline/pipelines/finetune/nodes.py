@@ -237,7 +237,7 @@ def variant_model(qmllm_config: dict, stage1_weights: dict, finetuned_llm, clip_
 
 def finetuned_model(model: QMLLM, tokenizer, clip_image_processor) -> GuardedMLLM:
     """The variant after stage 2 behind no guard (the safety map comes later): what its checks ask."""
-    return GuardedMLLM(model, tokenizer, clip_image_processor)
+    return GuardedMLLM(model, tokenizer, clip_image_processor, unguarded=True)
 
 
 def _ask(model: GuardedMLLM, prompts: list[str], images: pd.Series, params: dict) -> list[str]:

@@ -155,10 +155,15 @@ def equal_fpr_threshold(neutral_confidence: np.ndarray, fpr: float) -> float:
     return float(ordered[allowed])   # refuse strictly above the (allowed + 1)-th highest neutral score
 
 
-def guarded_manifest(safety_map: pd.DataFrame) -> dict:
+def guarded_manifest(safety_map: pd.DataFrame, qmllm_config: dict, lora_adapter: dict) -> dict:
     """The manifest `qmllm check` / `qmllm chat` and `GuardedQMLLM.from_manifest` load: the Q-MLLM model
-    directory it lies in and the safety map beside it."""
-    return GuardedQMLLM.manifest("safety_map.parquet", int((safety_map["label"] != NEUTRAL).sum()))
+    directory it lies in, the safety map beside it, how stage 2 trained (LoRA adapters or the whole LLM), and
+    what it depends on (that directory and the foundation models its config references), which the
+    catalogue's `SealedManifestDataset` seals with their hashes. Reading the adapters orders this node after
+    stage 2 has written the LLM, so that the seal covers it."""
+    manifest = GuardedQMLLM.manifest("safety_map.parquet", int((safety_map["label"] != NEUTRAL).sum()),
+                                     references=list(qmllm_config.get("references", {}).values()))
+    return {**manifest, "stage2": "lora" if lora_adapter else "full"}
 
 
 def safety_map_heatmap(safety_map: pd.DataFrame):

@@ -23,5 +23,6 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(nodes.evaluate_detectors, ["dmap_codes", "evaluation_codes", "safety_map", "safety_map_choice",
                                         "safeclip_scores"], "safety_metrics", name="evaluate_detectors"),
         Node(nodes.safety_map_heatmap, "safety_map", "safety_map_heatmap", name="safety_map_heatmap"),
-        Node(nodes.guarded_manifest, "safety_map", "guarded_manifest", name="guarded_manifest"),
+        Node(nodes.guarded_manifest, ["safety_map", "qmllm.qmllm_config", "qmllm.lora_adapter"], "guarded_manifest",
+             name="guarded_manifest"),
     ])
