@@ -166,7 +166,8 @@ def test_the_decoupled_path_runs_through_the_pipelines(world, foundation, smoke_
     assert {"vq_cls", "semantic"} <= set(summary["cls_head"]["final"]) and "semantic" in summary["final"]
     report = out["safety_metrics"]
     assert set(report["qmllm_rules"]) == {"majority", "toxic_share"}
-    assert report["qmllm_rules"]["majority"] == report["qmllm"]   # the deployed rule is the majority vote
+    deployed = params["safety_map"]["decision_rule"]
+    assert report["qmllm_rules"][deployed] == report["qmllm"]   # the deployed rule's figures are qmllm's
 
     stage1 = pretrain_pipeline.create_pipeline(params).only_nodes("run_settings", "stage1_data", "model_inputs",
                                                                   "qmllm.model_config", "qmllm.pretrain_variant")
