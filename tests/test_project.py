@@ -336,7 +336,7 @@ def test_a_tampered_or_inconsistent_model_is_refused_and_the_restored_one_loads(
             for path, content in originals.items():
                 path.write_bytes(content)
             (folder / "llm" / "extra.bin").unlink(missing_ok=True)
-        assert check() == (0, before), name   # the restored model loads and says the same
+    assert check() == (0, before)   # the restored model loads and says the same
     assert np.isfinite(load_file(weights)[first]).all()
 
     neutral = tmp_path / "neutral"
