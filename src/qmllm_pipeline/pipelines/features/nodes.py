@@ -142,23 +142,25 @@ def _target_texts(settings: FeatureSettings, source: str) -> list[str]:
 def llm_text_targets(caption_corpus: pd.DataFrame, tokenizer, llm, params: dict, device: str) -> dict:
     """The frozen LLM's target for each caption-corpus row, per text side that a target is taken from with
     `semantic_target_source: llm` ({} when none is), computed on `device`. `params`: features."""
-    settings = parse(FeatureSettings, params, "features")
-    texts = _target_texts(settings, "llm")
-    if texts:
-        llm.to(resolve_device(device))
-    return {text: semantic_target_vectors(caption_corpus, tokenizer, llm, None, "llm", text, settings.batch_size)
-            for text in texts}
+    return _targets_of("llm", caption_corpus, tokenizer, llm, params, device)
 
 
 def clip_text_targets(caption_corpus: pd.DataFrame, clip_model, clip_tokenizer, params: dict, device: str) -> dict:
     """CLIP's text embedding for each caption-corpus row, per text side that a target is taken from with
     `semantic_target_source: clip_text` ({} when none is), computed on `device`. `params`: features."""
+    return _targets_of("clip_text", caption_corpus, clip_tokenizer, clip_model, params, device)
+
+
+def _targets_of(source: str, caption_corpus: pd.DataFrame, tokenizer, model, params: dict, device: str) -> dict:
+    """`semantic_target_vectors` of `source` (its `model` read through `tokenizer`) for each text side that
+    asks for it; the model is moved to `device` only when one does."""
     settings = parse(FeatureSettings, params, "features")
-    texts = _target_texts(settings, "clip_text")
+    texts = _target_texts(settings, source)
     if texts:
-        clip_model.to(resolve_device(device))
-    return {text: semantic_target_vectors(caption_corpus, clip_tokenizer, None, clip_model, "clip_text", text,
-                                          settings.batch_size, clip_tokenizer)
+        model.to(resolve_device(device))
+    llm, clip_model = (model, None) if source == "llm" else (None, model)
+    return {text: semantic_target_vectors(caption_corpus, tokenizer, llm, clip_model, source, text,
+                                          settings.batch_size, tokenizer)
             for text in texts}
 
 
