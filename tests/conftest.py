@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +26,7 @@ from qmllm_pipeline.world.render import default_font_path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CATALOGUE_CSV = PROJECT_ROOT / "data" / "01_raw" / "emoji_catalogue.csv"
 # fixtures that train models or run pipelines: a test that uses one is `slow` (pytest -m "not slow" skips it)
+KEDRO = [sys.executable, "-m", "kedro"]
 SLOW_FIXTURES = {"world", "foundation", "stages", "evaluation", "smoke_run"}
 
 
@@ -110,3 +114,22 @@ def copy_project(destination: Path) -> Path:
     (destination / "data" / "01_raw").mkdir(parents=True)
     shutil.copy(CATALOGUE_CSV, destination / "data" / "01_raw" / CATALOGUE_CSV.name)
     return destination
+
+
+def run_checked(command: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`command` in `cwd` (telemetry off), which must succeed; its output in the failure message."""
+    env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", COLUMNS="200")
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """In a copy of the project: the smoke world and its own tiny foundation set (`--pipelines
+    data,foundation`), then `kedro run --env smoke`, the whole default chain reading that set (shared by every
+    test file; a test that changes its files puts them back)."""
+    root = copy_project(tmp_path_factory.mktemp("project"))
+    run_checked([*KEDRO, "run", "--env", "smoke", "--pipelines", "data,foundation"], cwd=root)
+    run_checked([*KEDRO, "run", "--env", "smoke"], cwd=root)
+    return root

@@ -4,34 +4,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import mlflow
 import pandas as pd
-import pytest
 
-from conftest import PROJECT_ROOT, copy_project
+from conftest import KEDRO, PROJECT_ROOT
+from conftest import run_checked as _run
 from qmllm_pipeline.pipeline_registry import register_pipelines
-
-KEDRO = [sys.executable, "-m", "kedro"]
-
-
-def _run(command: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", COLUMNS="200")
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    """In a copy of the project: the smoke world and its own tiny foundation set (`--pipelines
-    data,foundation`), then `kedro run --env smoke`, the whole default chain reading that set (shared:
-    MLflow's first connection to a new SQLite store costs seconds)."""
-    root = copy_project(tmp_path_factory.mktemp("project"))
-    _run([*KEDRO, "run", "--env", "smoke", "--pipelines", "data,foundation"], cwd=root)
-    _run([*KEDRO, "run", "--env", "smoke"], cwd=root)
-    return root
 
 
 def test_kedro_run_writes_every_catalogue_entry(smoke_run):
@@ -125,6 +104,12 @@ def test_a_killed_pretrain_run_resumes_from_its_checkpoint(smoke_run):
     # this test retrains stage 1 in the shared project; the sealed model the later tests load is put back after
     trained = {path: path.read_bytes() for variant in ("qmllm", "baseline")
                for path in (smoke_run / "data" / "smoke" / "06_models" / variant).glob("*.*")}
+    qmllm = [sys.executable, "-m", "qmllm_pipeline.commands"]
+    manifest = smoke_run / "data" / "smoke" / "06_models" / "qmllm" / "guarded.json"
+    scenes = smoke_run / "kill_test_scenes"
+    _run([*qmllm, "render", "--kind", "toxic", "--count", "3", "--out", str(scenes)], cwd=smoke_run)
+    check = [*qmllm, "check", "--json", "--model", str(manifest), *sorted(map(str, scenes.glob("*.png")))]
+    before = _run(check, cwd=smoke_run).stdout
     env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="true")
     process = subprocess.Popen(command, cwd=smoke_run, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
@@ -140,8 +125,13 @@ def test_a_killed_pretrain_run_resumes_from_its_checkpoint(smoke_run):
     result = _run(command, cwd=smoke_run)
     assert f"resuming from the checkpoint at step {step} of 100" in result.stdout + result.stderr
     assert not list(checkpoints.glob("*_pretrain/state.json"))
+    # new stage-1 weights beside the old LLM and map, never re-sealed: the sealed copy is served, unchanged
+    after = _run(check, cwd=smoke_run)
+    assert after.stdout == before and "stage1.safetensors: changed since the model was sealed" in after.stderr
+    assert "serving the sealed copy" in after.stderr
     for path, content in trained.items():
         path.write_bytes(content)
+    assert "warning" not in _run(check, cwd=smoke_run).stderr  # put back: the folder is as sealed again
 
 
 def test_qmllm_check_and_chat_on_the_trained_smoke_model(smoke_run, tmp_path):
@@ -171,7 +161,8 @@ def test_qmllm_check_and_chat_on_the_trained_smoke_model(smoke_run, tmp_path):
     ]
     for arguments, message in cases:
         result = subprocess.run([*command, *arguments], cwd=tmp_path, capture_output=True, text=True)
-        assert result.returncode == 2 and message in result.stderr, (arguments, result.stderr)
+        usage = "no trained model" not in message  # a bad argument (2), or nothing to load (a runtime error, 1)
+        assert result.returncode == (2 if usage else 1) and message in result.stderr, (arguments, result.stderr)
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
@@ -198,7 +189,7 @@ def test_qmllm_runs_compares_the_latest_runs(smoke_run, tmp_path):
     assert any(line.startswith("evaluate/summary/qmllm/toxic_dsr_single") for line in lines)
     missing = subprocess.run([sys.executable, "-m", "qmllm_pipeline.commands", "runs", "--project", str(tmp_path)],
                              cwd=tmp_path, capture_output=True, text=True)
-    assert missing.returncode == 2 and "no MLflow store here" in missing.stderr
+    assert missing.returncode == 1 and "no MLflow store here" in missing.stderr
 
 
 def test_the_walkthrough_notebook_runs_against_the_smoke_run(smoke_run, monkeypatch):
@@ -274,13 +265,15 @@ def test_each_environment_overlays_single_keys_of_base():
 def test_a_tampered_or_inconsistent_model_is_refused_and_the_restored_one_loads(smoke_run, tmp_path):
     """The guarded model is sealed: `qmllm check` refuses it, in one line, when a file it was sealed with
     changed, went missing or gained a neighbour, or (re-sealed by whoever changed it) when its map and weights
-    disagree; restoring the files restores the same verdicts."""
+    disagree; restoring the files restores the same verdicts. A file replaced (not changed in place) leaves the
+    sealed copy intact, which is then served."""
     import numpy as np
     from click.testing import CliRunner
     from safetensors.torch import load_file, save_file
 
     from qmllm_pipeline.commands import main
     from qmllm_pipeline.datasets import SealedManifestDataset
+    from qmllm_pipeline.files import atomic_path
 
     folder = smoke_run / "data" / "smoke" / "06_models" / "qmllm"
     manifest_file, map_file = folder / "guarded.json", folder / "safety_map.parquet"
@@ -298,6 +291,7 @@ def test_a_tampered_or_inconsistent_model_is_refused_and_the_restored_one_loads(
     assert code == 0, before
     originals = {path: path.read_bytes() for path in (manifest_file, map_file, weights)}
     manifest = json.loads(originals[manifest_file])
+    copy = (manifest_file.parent / manifest["sealed_copy"]).resolve()  # the model folder as sealed (hard links)
 
     def reseal(toxic_codes: int) -> None:  # what someone who changed the files and knew the format would do
         unsealed = {k: v for k, v in manifest.items() if k != "files"}
@@ -313,8 +307,6 @@ def test_a_tampered_or_inconsistent_model_is_refused_and_the_restored_one_loads(
                                        "safety_map.parquet: changed since the model was sealed"),
         "weights truncated": (lambda: weights.write_bytes(originals[weights][:100]),
                               "stage1.safetensors: changed since the model was sealed"),
-        "file added to the LLM": (lambda: (folder / "llm" / "extra.bin").write_bytes(b"x"),
-                                  "extra.bin: not part of the sealed model"),
         "seal removed": (lambda: manifest_file.write_text(json.dumps({k: v for k, v in manifest.items()
                                                                        if k != "files"})), "not sealed"),
         "all-neutral map, re-sealed": (lambda: (safety_map.assign(label="neutral").to_parquet(map_file), reseal(0)),
@@ -330,13 +322,31 @@ def test_a_tampered_or_inconsistent_model_is_refused_and_the_restored_one_loads(
         try:
             tamper()
             code, output = check()
-            assert code == 2 and message in output and "Traceback" not in output, (name, output)
+            assert code == 1 and message in output and "Traceback" not in output, (name, output)
             assert len(output.strip().splitlines()) == 1, (name, output)
         finally:
             for path, content in originals.items():
                 path.write_bytes(content)
-            (folder / "llm" / "extra.bin").unlink(missing_ok=True)
     assert check() == (0, before)   # the restored model loads and says the same
+
+    # a file replaced as the pipelines write (a new file renamed onto its name): the folder no longer matches,
+    # the sealed copy still does and is served, with a warning; without the copy it is refused
+    with atomic_path(folder / "llm" / "extra.bin") as temporary:
+        temporary.write_bytes(b"x")
+    try:
+        result = CliRunner().invoke(main, ["check", "--json", "--model", str(manifest_file), *images])
+        assert result.exit_code == 0 and "serving the sealed copy" in result.stderr, result.output
+        assert result.stdout == before
+        hidden = copy.with_name(copy.name + "-away")
+        copy.rename(hidden)
+        try:
+            code, output = check()
+            assert code == 1 and "extra.bin: not part of the sealed model" in output, output
+        finally:
+            hidden.rename(copy)
+    finally:
+        (folder / "llm" / "extra.bin").unlink()
+    assert check() == (0, before)
     assert np.isfinite(load_file(weights)[first]).all()
 
     neutral = tmp_path / "neutral"

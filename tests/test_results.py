@@ -42,10 +42,10 @@ def test_qmllm_report_writes_both_and_refuses_bad_input(tmp_path):
 
     (metrics / "evaluate.json").write_text("{broken")
     broken = subprocess.run(command, capture_output=True, text=True)
-    assert broken.returncode == 2 and "evaluate.json: not valid JSON" in broken.stderr
+    assert broken.returncode == 1 and "evaluate.json: not valid JSON" in broken.stderr
     assert "Traceback" not in broken.stderr
     empty = subprocess.run([*command[:5], str(tmp_path / "nothing"), *command[6:]], capture_output=True, text=True)
-    assert empty.returncode == 2 and "no metrics files" in empty.stderr
+    assert empty.returncode == 1 and "no metrics files" in empty.stderr
 
 
 @pytest.mark.parametrize("missing", ["evaluate", "foundation"])

@@ -49,6 +49,36 @@ def test_checkpoint_of_another_configuration_is_ignored(tmp_path):
     assert steps == 12
 
 
+def test_a_checkpoint_written_on_other_data_is_ignored(tmp_path):
+    """The same settings on rebuilt features (a shard file replaced, as the features dataset writes it) or on
+    other token lists: the checkpoint's data fingerprint differs, so training starts over."""
+    from safetensors.torch import save_file
+
+    from qmllm_pipeline.files import atomic_path
+    from qmllm_pipeline.models.checkpoint import data_digest
+    from qmllm_pipeline.models.feature_shards import ShardedFeatures
+
+    folder, rows, examples = tmp_path / "features", torch.randn(6, 3), [([1, 2], [-100, 2], 0)]
+    folder.mkdir()
+    save_file({"cls": rows[:4]}, folder / "shard-00000.safetensors")
+    save_file({"cls": rows[4:]}, folder / "shard-00001.safetensors")
+
+    def fingerprint(tokens=examples) -> dict:
+        return {**PARAMS, "data": data_digest(ShardedFeatures(folder)["cls"], tokens)}
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(TrainingCheckpoint(tmp_path / "ckpt", fingerprint()), stop_at=8)
+    assert TrainingCheckpoint(tmp_path / "ckpt", fingerprint()).load()["step"] == 5  # same data: resumes
+    assert TrainingCheckpoint(tmp_path / "ckpt", fingerprint([([1, 3], [-100, 3], 0)])).load() is None
+    changed = rows.clone()
+    changed[5, 0] += 1e-3
+    with atomic_path(folder / "shard-00001.safetensors") as temporary:  # the features rebuilt
+        save_file({"cls": changed[4:]}, temporary)
+    assert TrainingCheckpoint(tmp_path / "ckpt", fingerprint()).load() is None
+    _, steps = _run(TrainingCheckpoint(tmp_path / "ckpt", fingerprint()))
+    assert steps == 12
+
+
 class _Kill(Exception):
     pass
 

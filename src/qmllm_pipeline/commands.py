@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +15,50 @@ from qmllm_pipeline import __version__
 KINDS = ("mixed", "toxic", "neutral", "hard_negative")
 
 
-def _fail(message: str) -> None:
+USAGE, RUNTIME = 2, 1  # exit codes: a bad argument (as click's own), a failure on the way (a file, a run)
+
+
+def _usage(message: str) -> None:
+    """A bad argument: the command line has to change."""
     click.echo(f"qmllm: error: {message}", err=True)
-    sys.exit(2)
+    sys.exit(USAGE)
+
+
+def _fail(message: str) -> None:
+    """A failure on the way: a file the command read (a model, a table), a run it started."""
+    click.echo(f"qmllm: error: {message}", err=True)
+    sys.exit(RUNTIME)
+
+
+def _file_errors() -> tuple[type[BaseException], ...]:
+    """What a broken file raises on its way through the libraries the commands read with: a corrupt
+    safetensors file, a broken Parquet table or JSON, a Kedro dataset that cannot load, a refused model, a file
+    that is not there or not readable. `QmllmGroup` turns each into one line and exit code 1. Only the
+    libraries already imported are asked (the others cannot have raised), so that a usage error stays quick
+    and quiet."""
+    errors: list[type[BaseException]] = [OSError, json.JSONDecodeError]
+    for module, name in (("safetensors", "SafetensorError"), ("pyarrow", "ArrowException"),
+                         ("kedro.io", "DatasetError"), ("qmllm_pipeline.loaders", "BadInputError"),
+                         ("qmllm_pipeline.models.guarded", "UntrustedModelError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
+class QmllmGroup(click.Group):
+    """The `qmllm` group: a broken file met anywhere in a command is one line on stderr and exit code 1, not
+    a traceback (bugs, anything else, still show theirs)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except _file_errors() as error:
+            _fail(_one_line(error))
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _load_parameters(conf_source: Path, env: str) -> dict:
@@ -24,11 +67,11 @@ def _load_parameters(conf_source: Path, env: str) -> dict:
     from qmllm_pipeline.settings import CONFIG_LOADER_ARGS
 
     if not (conf_source / "base").is_dir():
-        _fail(f"{conf_source}: no Kedro configuration here (run from the project root or pass --conf-source)")
+        _usage(f"{conf_source}: no Kedro configuration here (run from the project root or pass --conf-source)")
     return OmegaConfigLoader(conf_source=str(conf_source), env=env, **CONFIG_LOADER_ARGS)["parameters"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=QmllmGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qmllm")
 def main() -> None:
     """Q-MLLM: a vector-quantized multimodal LLM and its safety map, trained and attacked with Kedro.
@@ -60,7 +103,7 @@ def render(kind, category, difficulty, count, seed, image_size, out, env, conf_s
     from qmllm_pipeline.world.scenes import LayoutParams, SceneRequest, SceneSampler
 
     if category is not None and (kind != "toxic" or category not in TOXIC_CATEGORIES):
-        _fail(f"--category needs --kind toxic and one of {', '.join(TOXIC_CATEGORIES)}")
+        _usage(f"--category needs --kind toxic and one of {', '.join(TOXIC_CATEGORIES)}")
     params = _load_parameters(conf_source, env)["data"]
     layout = dict(params["layout"], **({"image_size": image_size} if image_size else {}))
     catalogue_csv = conf_source.parent / "data" / "01_raw" / "emoji_catalogue.csv"
@@ -95,8 +138,12 @@ def _load_guarded(model: Path, device: str = "auto"):
 
     from qmllm_pipeline.models.guarded import GuardedQMLLM, ModelNotReadyError, UntrustedModelError
 
+    logging.getLogger("qmllm_pipeline.models.guarded").setLevel(logging.ERROR)  # the note is printed below
     try:
-        return GuardedQMLLM.from_manifest(model, device)
+        guarded = GuardedQMLLM.from_manifest(model, device)
+        if guarded.note:
+            click.echo(f"qmllm: warning: {guarded.note}", err=True)
+        return guarded
     except ModelNotReadyError as error:
         _fail(str(error))
     except UntrustedModelError as error:
@@ -113,7 +160,7 @@ def _open_images(paths: tuple[Path, ...], max_pixels: int):
         try:
             images.append(open_image_checked(path, max_pixels))
         except BadInputError as error:
-            _fail(str(error))
+            _usage(str(error))
     return images
 
 
@@ -137,13 +184,11 @@ def check(images, model, device, max_pixels, as_json) -> None:
 
     Runs the vision tower, projector and CLS codebook only; the LLM is never loaded into a conversation.
     """
-    import json as json_module
-
     opened = _open_images(images, max_pixels)  # bad input fails before the model is loaded
     verdicts = _load_guarded(model, device).check(opened)
     for path, verdict in zip(images, verdicts, strict=True):
         if as_json:
-            click.echo(json_module.dumps({"image": str(path), "refused": verdict.refused, "category": verdict.category,
+            click.echo(json.dumps({"image": str(path), "refused": verdict.refused, "category": verdict.category,
                                           "code": verdict.code, "probability": round(verdict.probability, 4)}))
         else:
             state = "REFUSED" if verdict.refused else "ok"
@@ -160,14 +205,14 @@ def check(images, model, device, max_pixels, as_json) -> None:
 def chat(image, prompt, max_new_tokens, model, device, max_pixels) -> None:
     """Answer PROMPT about IMAGE, or refuse (naming the category) when the image's CLS code is toxic."""
     if not prompt.strip():
-        _fail("--prompt is empty")
+        _usage("--prompt is empty")
     if len(prompt) > MAX_PROMPT_CHARS:
-        _fail(f"--prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        _usage(f"--prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
     opened = _open_images((image,), max_pixels)
     try:
         (result,) = _load_guarded(model, device).answer(opened, [prompt], max_new_tokens)
     except ValueError as error:  # a prompt the model cannot read (the placeholder, too long)
-        _fail(f"--prompt: {error}")
+        _usage(f"--prompt: {error}")
     click.echo(result.text or "(the model produced no text)")
 
 
@@ -213,7 +258,7 @@ def bench(env, project, repeats, stage1_steps, out) -> None:
     transformers.utils.logging.disable_progress_bar()
     project = project.resolve()
     if not (project / "pyproject.toml").is_file():
-        _fail(f"{project}: not a Kedro project (no pyproject.toml); pass --project")
+        _usage(f"{project}: not a Kedro project (no pyproject.toml); pass --project")
     bootstrap_project(project)
     with KedroSession.create(project_path=project, env=env) as session:
         context = session.load_context()
@@ -277,7 +322,7 @@ def real_fixture(directory, force, print_params, images, image_side) -> None:
         click.echo(params_line(FIXTURE_PARAMETERS))
         return
     if directory.exists() and any(directory.iterdir()) and not force:
-        _fail(f"{directory}: not empty (real weights or data may be there); pass --force to write anyway")
+        _usage(f"{directory}: not empty (real weights or data may be there); pass --force to write anyway")
     write_real_fixture(directory, images=images, image_side=image_side)
     click.echo(f"wrote the miniature real inputs to {directory}")
 
@@ -307,7 +352,7 @@ def data_scale(sizes, side, workers, loader_images, steps, out, project) -> None
     from qmllm_pipeline import data_scale as scale
 
     if not (project / "pyproject.toml").is_file():
-        _fail(f"{project}: not a Kedro project (no pyproject.toml); pass --project")
+        _usage(f"{project}: not a Kedro project (no pyproject.toml); pass --project")
     results = []
     for size in sizes:
         click.echo(f"{size} images ...", err=True)
@@ -350,8 +395,6 @@ def gpu_check(processes, project, out) -> None:
     (`kedro run --env real --pipelines real` on `qmllm real-fixture`'s inputs) with 1 and PROCESSES training
     processes, each in a temporary copy of the project, and print their wall time and peak GPU memory (from
     nvidia-smi). Without CUDA it says so and exits 1. About 15 minutes."""
-    import json
-
     import torch
 
     from qmllm_pipeline import gpu_check as gpu
@@ -360,9 +403,9 @@ def gpu_check(processes, project, out) -> None:
         click.echo("qmllm: error: no CUDA device here; run `qmllm gpu-check` on a machine with a GPU", err=True)
         sys.exit(1)
     if not (project / "pyproject.toml").is_file():
-        _fail(f"{project}: not a Kedro project (no pyproject.toml); pass --project")
+        _usage(f"{project}: not a Kedro project (no pyproject.toml); pass --project")
     if processes > torch.cuda.device_count():
-        _fail(f"--processes {processes}: this machine has {torch.cuda.device_count()} GPU(s)")
+        _usage(f"--processes {processes}: this machine has {torch.cuda.device_count()} GPU(s)")
     try:
         rows = gpu.check(project.resolve(), processes)
     except RuntimeError as error:
@@ -450,7 +493,7 @@ def seeds_run(seed_text, settings, label) -> None:
     from qmllm_pipeline.seeds import run_seeds
 
     if label is not None and not label.replace("_", "").isalnum():
-        _fail(f"--label {label!r}: letters, digits and underscores only")
+        _usage(f"--label {label!r}: letters, digits and underscores only")
     try:
         run_seeds(_seed_list(seed_text), tuple(settings), label)
     except ValueError as error:
@@ -468,8 +511,6 @@ def seeds_run(seed_text, settings, label) -> None:
               show_default=True)
 def seeds_aggregate(seed_text, label, rev, out) -> None:
     """Write the seed experiments' headline figures, aggregated, to metrics/seeds.json."""
-    import json as json_module
-
     from qmllm_pipeline.seeds import aggregate, collect
 
     try:
@@ -481,7 +522,7 @@ def seeds_aggregate(seed_text, label, rev, out) -> None:
               "(run `qmllm seeds run` first)")
     summary = {"commit": _short_commit(rev), **aggregate(runs)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json_module.dumps(summary, indent=2) + "\n")
+    out.write_text(json.dumps(summary, indent=2) + "\n")
     click.echo(f"wrote {out}: {len(summary['figures'])} figures over seeds {summary['seeds']}")
 
 
@@ -489,12 +530,10 @@ def seeds_aggregate(seed_text, label, rev, out) -> None:
 @click.argument("sweeps", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 def seeds_compare(sweeps) -> None:
     """Print each headline figure's mean [min, max] in every SWEEP (files `qmllm seeds aggregate` wrote)."""
-    import json as json_module
-
     from qmllm_pipeline.seeds import compare_table
 
     try:
-        loaded = {path.stem: json_module.loads(path.read_text()) for path in sweeps}
+        loaded = {path.stem: json.loads(path.read_text()) for path in sweeps}
     except (OSError, ValueError) as error:
         _fail(f"cannot read a sweep: {error}")
     click.echo(compare_table(loaded))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -73,10 +74,10 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def tree_digests(root: str | Path, paths: list[str], exclude: tuple[str, ...] = ()) -> dict[str, str]:
-    """The SHA-256 of every file under each of `paths` (files or folders, relative to `root`), keyed by its path
-    relative to `root` (posix, `..` where it lies outside), in sorted order; hidden files (leftovers of atomic
-    writes) and the names in `exclude` (relative to `root`) left out."""
+def tree_files(root: str | Path, paths: list[str], exclude: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Every file under each of `paths` (files or folders, relative to `root`), keyed by its path relative to
+    `root` (posix, `..` where it lies outside), sorted; hidden entries (leftovers of atomic writes, sealed
+    copies) and the names in `exclude` (relative to `root`) left out."""
     root = Path(root)
     found: dict[str, Path] = {}
     for entry in paths:
@@ -87,4 +88,44 @@ def tree_digests(root: str | Path, paths: list[str], exclude: tuple[str, ...] = 
             if not any(part.startswith(".") and part not in (".", "..") for part in Path(relative).parts) \
                     and relative not in exclude:
                 found[relative] = file
-    return {relative: sha256_file(found[relative]) for relative in sorted(found)}
+    return dict(sorted(found.items()))
+
+
+def tree_digests(root: str | Path, paths: list[str], exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """The SHA-256 of every file `tree_files` finds, by the same keys."""
+    return {relative: sha256_file(path) for relative, path in tree_files(root, paths, exclude).items()}
+
+
+_TEMPORARY_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # atomic_path's mkstemp names
+_STAGING_FOLDER = re.compile(r"^\..+\.([a-z0-9_]{8}|staging)$")  # atomic_directory's mkdtemp, save_sharded's
+
+
+def clean_leftovers(root: str | Path) -> list[str]:
+    """Remove what killed writes left under `root`: temporary files and staging folders of `atomic_path`,
+    `atomic_directory` and sharded checkpoints. A folder renamed aside by `publish_directory` (`.<name>.previous`)
+    is put back when the kill came before its replacement took its place, else removed. Only for a caller that
+    knows no other writer is at work (`hooks.RunLockHook`, under the run lock). Returns what it did, one line
+    per entry."""
+    done = []
+    for folder, folders, files in os.walk(root):
+        folder = Path(folder)
+        for name in files:
+            if _TEMPORARY_FILE.match(name):
+                (folder / name).unlink(missing_ok=True)
+                done.append(f"removed {folder / name}")
+        for name in list(folders):
+            path = folder / name
+            if name.startswith(".") and name.endswith(".previous"):
+                original = folder / name[1:-len(".previous")]
+                if original.exists():
+                    shutil.rmtree(path, ignore_errors=True)
+                    done.append(f"removed {path}")
+                else:
+                    path.rename(original)
+                    done.append(f"restored {original} (its replacement was never put in place)")
+                folders.remove(name)
+            elif _STAGING_FOLDER.match(name):
+                shutil.rmtree(path, ignore_errors=True)
+                done.append(f"removed {path}")
+                folders.remove(name)
+    return done

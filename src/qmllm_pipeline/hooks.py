@@ -1,6 +1,7 @@
-"""Project hooks: set torch's thread count for the whole run (`threads` in conf/base/parameters.yml), tag
-every MLflow run so runs compare cleanly in the UI (`pipeline`, `env`, `variants`, `systems`, `device`), and profile
-it (seconds per pipeline stage and the process's peak resident memory, as MLflow metrics)."""
+"""Project hooks: one run at a time per project (a lock, then the leftovers of killed writes cleaned), set
+torch's thread count for the whole run (`threads` in conf/base/parameters.yml), tag every MLflow run so runs
+compare cleanly in the UI (`pipeline`, `env`, `variants`, `systems`, `device`), and profile it (seconds per
+pipeline stage and the process's peak resident memory, as MLflow metrics)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,72 @@ import logging
 import resource
 import time
 from collections import defaultdict
+from pathlib import Path
 
+import click
 import mlflow
 from kedro.framework.hooks import hook_impl
 
 from qmllm_pipeline.constants import STAGES, SYSTEMS
+from qmllm_pipeline.files import clean_leftovers
+from qmllm_pipeline.run_lock import RunLock, RunLockedError
 
 logger = logging.getLogger(__name__)
+
+
+class RunLockHook:
+    """The project's run lock (`run_lock.RunLock`), taken before any other hook of the run starts (tryfirst:
+    before kedro-mlflow opens its MLflow run) and let go after the last one ends (trylast), whether the run
+    succeeded or failed. Under the lock, what killed writes left in `data/` and the checkpoint folder is cleaned
+    (`files.clean_leftovers`), each removal logged."""
+
+    def __init__(self):
+        self._lock: RunLock | None = None
+        self._folders: tuple[Path, ...] = ()
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        project = Path(context.project_path)
+        self._lock = RunLock(project)
+        checkpoints = project / str(context.params.get("checkpoint_dir") or "data")
+        self._folders = (project / "data", checkpoints)
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict) -> None:
+        if self._lock is None:
+            return
+        self._lock.release()  # held only if this process's previous run stopped before its pipeline ran
+        try:
+            self._lock.acquire(_command(run_params))
+        except RunLockedError as error:
+            raise ProjectBusyError(str(error)) from None
+        for folder in dict.fromkeys(self._folders):
+            if folder.is_dir():
+                for line in clean_leftovers(folder):
+                    logger.warning("leftover of an interrupted write: %s", line)
+
+    @hook_impl(trylast=True)
+    def after_pipeline_run(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    @hook_impl(trylast=True)
+    def on_pipeline_error(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+
+class ProjectBusyError(RunLockedError, click.ClickException):
+    """`RunLockedError` as `kedro run` shows it: `Error: <the holder>`, exit code 1, not a traceback."""
+
+    def __init__(self, message: str):
+        click.ClickException.__init__(self, message)
+
+
+def _command(run_params: dict) -> str:
+    pipelines = run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]
+    env = run_params.get("env")
+    return f"kedro run --pipelines {','.join(pipelines)}" + (f" --env {env}" if env else "")
 
 
 class TorchThreadsHook:

@@ -2,9 +2,9 @@
 
 from kedro.config import OmegaConfigLoader
 
-from qmllm_pipeline.hooks import MlflowRunTagsHook, RunProfileHook, TorchThreadsHook
+from qmllm_pipeline.hooks import MlflowRunTagsHook, RunLockHook, RunProfileHook, TorchThreadsHook
 from qmllm_pipeline.parameters import CONFIG_LOADER_ARGS  # noqa: F401 (Kedro reads it here)
 
-HOOKS = (TorchThreadsHook(), MlflowRunTagsHook(), RunProfileHook())
+HOOKS = (RunLockHook(), TorchThreadsHook(), MlflowRunTagsHook(), RunProfileHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader

@@ -40,6 +40,7 @@ def promote(source: str | Path = TRAINED, target: str | Path = SHIPPED, force: b
     missing = [part for part in PARTS if not (source / part).is_dir()]
     if missing:
         raise FileNotFoundError(f"{source}: the trained set lacks {missing}")
+    check_weights(source)
     unmet = unmet_goals(provenance)
     if unmet and not force:
         raise ValueError(f"{source}: the trained set misses shipping goals {unmet} (promote with --force to ship "
@@ -51,6 +52,23 @@ def promote(source: str | Path = TRAINED, target: str | Path = SHIPPED, force: b
             shutil.copytree(source / part, staging / part)
         (staging / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     return provenance
+
+
+def check_weights(directory: str | Path) -> None:
+    """Every safetensors file under `directory` reads, and holds finite numbers only; else `ValueError` naming
+    the file. A set is checked before it ships: the default run would otherwise meet the broken file first."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for path in sorted(Path(directory).rglob("*.safetensors")):
+        try:
+            tensors = load_file(path)
+        except SafetensorError as error:
+            raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{path}: tensor {name} holds NaN or infinite values")
 
 
 def size_bytes(directory: str | Path) -> int:

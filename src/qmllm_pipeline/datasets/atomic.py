@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 from kedro.io import AbstractDataset, DatasetError
 from PIL import Image
 
-from qmllm_pipeline.files import atomic_directory, atomic_path, tree_digests
+from qmllm_pipeline.files import atomic_directory, atomic_path
+from qmllm_pipeline.sealing import prune_copies, seal
 
 
 class _LocalFileDataset(AbstractDataset):
@@ -68,10 +69,13 @@ class AtomicJSONDataset(_LocalFileDataset):
 
 
 class SealedManifestDataset(AtomicJSONDataset):
-    """A guarded model's manifest (`guarded.json`), sealed as it is saved: the SHA-256 of every file under each
+    """A guarded model's manifest (`guarded.json`), sealed as it is saved (`sealing.seal`): the model folder's
+    files hard-linked into a sealed copy beside it (`sealed_copy`), and the SHA-256 of every file under each
     path of its `depends_on` (relative to the manifest's folder: the model directory and the foundation models
-    it references) is recorded under `files`, so that loading it (`GuardedQMLLM.from_manifest`) can refuse a
-    model whose files changed since, or were never written together. Written last, after the files it seals."""
+    it references) recorded under `files`. Loading it (`GuardedQMLLM.from_manifest`) refuses a model whose
+    files changed since, or were never written together, and serves the sealed copy while a rerun rewrites
+    the folder. Written last, after the files it seals; the copies of older seals are removed after it, all
+    but the one it replaced."""
 
     def save(self, data: dict) -> None:
         if not isinstance(data, dict) or not isinstance(data.get("depends_on"), list):
@@ -79,8 +83,19 @@ class SealedManifestDataset(AtomicJSONDataset):
         missing = [p for p in data["depends_on"] if not (self._filepath.parent / p).exists()]
         if missing:
             raise DatasetError(f"{self._filepath}: cannot seal, {missing} not found beside it")
-        files = tree_digests(self._filepath.parent, data["depends_on"], exclude=(self._filepath.name,))
-        super().save({**data, "files": files})
+        model = str(data.get("model", "."))
+        previous = self._sealed_copy()
+        files, copy = seal(self._filepath, data["depends_on"], model)
+        super().save({**data, "files": files, "sealed_copy": copy})
+        prune_copies(self._filepath, model, keep={copy, previous} - {None})
+
+    def _sealed_copy(self) -> str | None:
+        """The copy the manifest in place names (None without one, or when it does not read)."""
+        try:
+            copy = json.loads(self._filepath.read_text()).get("sealed_copy")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return copy if isinstance(copy, str) else None
 
 
 class AtomicImageDataset(_LocalFileDataset):

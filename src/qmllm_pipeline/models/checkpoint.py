@@ -2,8 +2,9 @@
 random state (`torch.load(weights_only=True)`, never unpickling code), and the loss history so far.
 
 A run stopped in the middle (Ctrl-C, a kill) continues from its last checkpoint when started again with
-the same configuration, bit for bit (the loop's generator and torch's global random state are both kept); a
-checkpoint written under another configuration is ignored. Under several training processes rank 0 alone
+the same configuration and the same data, bit for bit (the loop's generator and torch's global random state
+are both kept); a checkpoint written under another configuration, or on other data (`data_digest`: rebuilt
+features, a changed corpus), is ignored. Under several training processes rank 0 alone
 writes it (`state.json` records the rank and process that did) and every process reads it.
 
 Under a sharded strategy (FSDP, DeepSpeed ZeRO) no process holds the whole weights or optimiser state, so the
@@ -14,18 +15,21 @@ checkpoint is Accelerate's own (`Accelerator.save_state` / `load_state`, written
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from qmllm_pipeline.files import atomic_directory, publish_directory
+from qmllm_pipeline.files import atomic_directory, publish_directory, sha256_file
 from qmllm_pipeline.models.distributed import world
+from qmllm_pipeline.models.feature_shards import FeatureColumn
 
 logger = logging.getLogger(__name__)
 ACCELERATE = "accelerate"  # state.json's format of a checkpoint written by Accelerate (sharded strategies)
@@ -33,6 +37,52 @@ ACCELERATE = "accelerate"  # state.json's format of a checkpoint written by Acce
 
 def fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_digest(*parts) -> str:
+    """A SHA-256 over training data itself, for a checkpoint's fingerprint: tensors' bytes (with dtype and
+    shape), the shard files behind a `FeatureColumn` (each file hashed once per process), token lists, and
+    dataclasses and mappings of these. The settings alone cannot tell that the features were rebuilt or a
+    corpus changed; resuming a checkpoint trained on other data would mix the two silently."""
+    digest = hashlib.sha256()
+    _update(digest, parts)
+    return digest.hexdigest()[:16]
+
+
+_FILE_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def _update(digest, item) -> None:
+    if isinstance(item, torch.Tensor):
+        tensor = item.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(item, FeatureColumn):
+        digest.update(f"C{item.key}{tuple(item.shape)}{item.dtype}".encode())
+        for file in item.files:
+            stat = os.stat(file)
+            key = (str(file), stat.st_ino, stat.st_size, stat.st_mtime_ns)  # features are written by renaming
+            if key not in _FILE_DIGESTS:
+                _FILE_DIGESTS[key] = sha256_file(file)
+            digest.update(_FILE_DIGESTS[key].encode())
+    elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+        digest.update(type(item).__name__.encode())
+        for field in dataclasses.fields(item):
+            digest.update(field.name.encode())
+            _update(digest, getattr(item, field.name))
+    elif isinstance(item, Mapping):
+        for key in sorted(item, key=str):
+            digest.update(f"K{key}".encode())
+            _update(digest, item[key])
+    elif isinstance(item, list | tuple):
+        try:  # token lists and examples: one C call
+            digest.update(b"J" + json.dumps(item).encode())
+        except TypeError:
+            digest.update(f"L{len(item)}".encode())
+            for element in item:
+                _update(digest, element)
+    else:
+        digest.update(f"V{item!r}".encode())
 
 
 def global_random_state() -> dict[str, torch.Tensor | list[torch.Tensor]]:
@@ -63,7 +113,8 @@ class TrainingCheckpoint:
             return None
         state = json.loads(state_file.read_text())
         if state.get("fingerprint") != self.fingerprint:
-            logger.warning("ignoring checkpoint %s: written under another configuration", self.directory)
+            logger.warning("ignoring checkpoint %s: written under another configuration or on other data",
+                           self.directory)
             return None
         if state.get("format") == ACCELERATE:
             generator = load_file(self.directory / "generator.safetensors")["state"]

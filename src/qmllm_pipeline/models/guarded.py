@@ -11,6 +11,8 @@ references to CLIP, tokenizer and LLM) plus the safety map beside it; `guarded.j
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,13 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPImageProcessor
 
 from qmllm_pipeline.constants import IMAGE_TOKEN
-from qmllm_pipeline.files import tree_digests
+from qmllm_pipeline.files import sha256_file
 from qmllm_pipeline.models.clip import pixel_values
 from qmllm_pipeline.models.conversation import prepare_for_images
 from qmllm_pipeline.models.device import synchronize
@@ -32,6 +36,9 @@ from qmllm_pipeline.models.qmllm import QMLLM, ImageEncoding
 from qmllm_pipeline.models.safeclip import SafeCLIPFilter
 from qmllm_pipeline.models.safety_map import NEUTRAL
 from qmllm_pipeline.models.tokenizer import encode_prompt
+from qmllm_pipeline.sealing import sealed_files
+
+logger = logging.getLogger(__name__)
 
 REFUSAL_MESSAGE = "I'm sorry, but I can't help with this image: it appears to show {category} content."
 
@@ -202,11 +209,14 @@ def _no_placeholder(prompts: list[str]) -> None:
 
 
 class GuardedQMLLM(GuardedMLLM):
-    """The full method, loadable from the manifest the `safety_map` pipeline writes."""
+    """The full method, loadable from the manifest the `safety_map` pipeline writes. Loaded so, `served_from`
+    is the folder it was read from and `note` says why when that is the sealed copy, not the model folder."""
 
     def __init__(self, model: QMLLM, tokenizer, processor, safety_map: pd.DataFrame,
                  refusal_message: str = REFUSAL_MESSAGE):
         super().__init__(model, tokenizer, processor, SafetyMapGuard(safety_map, refusal_message))
+        self.served_from: Path | None = None
+        self.note: str | None = None
 
     @staticmethod
     def manifest(safety_map_file: str, toxic_codes: int, model_directory: str = ".",
@@ -226,12 +236,15 @@ class GuardedQMLLM(GuardedMLLM):
             raise ModelNotReadyError(f"{path}: no trained model here (run `kedro run` first, or pass --model)")
         try:
             manifest = json.loads(path.read_text())
-            model_directory, map_file = path.parent / manifest["model"], path.parent / manifest["safety_map"]
+            map_file = path.parent / manifest["safety_map"]
+            manifest["model"]  # noqa: B018 (a manifest names both)
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ModelNotReadyError(f"{path}: not a guarded-model manifest") from None
-        if not map_file.is_file():
+        if not map_file.is_file() and not manifest.get("sealed_copy"):
             raise ModelNotReadyError(f"{path}: its safety map {map_file} is missing")
-        verify_seal(path, manifest)
+        model_directory, map_file, note = sealed_model(path, manifest)
+        if note:
+            logger.warning(note)
         try:
             model = QMLLM.from_pretrained(model_directory, device=device)
             config = model.config
@@ -246,28 +259,59 @@ class GuardedQMLLM(GuardedMLLM):
                                                            local_files_only=True)
         except FileNotFoundError as error:
             raise ModelNotReadyError(f"{path}: missing trained artifacts ({error})") from None
-        safety_map = pd.read_parquet(map_file)
+        except (OSError, ValueError, SafetensorError) as error:  # sealed as it is, but not loadable
+            raise UntrustedModelError(f"{path}: the sealed model does not load: {' '.join(str(error).split())}"
+                                      ) from None
+        try:
+            safety_map = pd.read_parquet(map_file)
+        except (OSError, ValueError, pyarrow.ArrowException) as error:
+            raise UntrustedModelError(f"{map_file}: not a readable Parquet table ({error})") from None
         check_consistent(model, safety_map, manifest, map_file)
-        return cls(model, tokenizer, processor, safety_map)
+        guarded = cls(model, tokenizer, processor, safety_map)
+        guarded.served_from, guarded.note = model_directory, note
+        return guarded
 
 
-def verify_seal(path: Path, manifest: dict) -> None:
-    """The files a manifest was sealed over are there and unchanged, and no file was added among them; else
-    `UntrustedModelError` naming the first file that differs."""
+def verify_seal(path: Path, manifest: dict, copy: Path | None = None) -> None:
+    """The files a manifest was sealed over are there and unchanged, and no file was added among them (the
+    model folder's own files read from its sealed `copy` when given); else `UntrustedModelError` naming the
+    first file that differs."""
     sealed = manifest.get("files")
     if not isinstance(sealed, dict) or not isinstance(manifest.get("depends_on"), list):
         raise UntrustedModelError(f"{path}: not sealed (no file hashes); run `kedro run --pipelines safety_map` to "
                                   "seal the model")
-    missing = [name for name in sealed if not (path.parent / name).is_file()]
+    found = sealed_files(path, manifest["depends_on"], str(manifest.get("model", ".")), copy)
+    missing = [name for name in sealed if name not in found]
     if missing:
         raise UntrustedModelError(f"{path.parent / missing[0]}: missing (the model was sealed with it)")
-    found = tree_digests(path.parent, manifest["depends_on"], exclude=(path.name,))
-    for name, digest in found.items():
+    for name, file in found.items():
         if name not in sealed:
-            raise UntrustedModelError(f"{path.parent / name}: not part of the sealed model (added since)")
-        if digest != sealed[name]:
-            raise UntrustedModelError(f"{path.parent / name}: changed since the model was sealed (its SHA-256 "
-                                      f"differs); retrain or run `kedro run --pipelines safety_map` to re-seal")
+            raise UntrustedModelError(f"{file}: not part of the sealed model (added since)")
+        if sha256_file(file) != sealed[name]:
+            raise UntrustedModelError(f"{file}: changed since the model was sealed (its SHA-256 differs); retrain "
+                                      "or run `kedro run --pipelines safety_map` to re-seal")
+
+
+def sealed_model(path: Path, manifest: dict) -> tuple[Path, Path, str | None]:
+    """The model folder and safety map to load: the live ones when they are as sealed, else the sealed copy
+    when it is (the folder is being rewritten by a rerun, or was left mixed by a killed one), with a note
+    saying so; else `UntrustedModelError` for the live folder."""
+    model_directory, map_file = path.parent / manifest["model"], path.parent / manifest["safety_map"]
+    try:
+        verify_seal(path, manifest)
+        return model_directory, map_file, None
+    except UntrustedModelError as live:
+        copy = manifest.get("sealed_copy")
+        if not isinstance(copy, str) or not (path.parent / copy).is_dir():
+            raise
+        copy = Path(os.path.normpath(path.parent / copy))
+        try:
+            verify_seal(path, manifest, copy)
+        except UntrustedModelError:
+            raise live from None
+        note = (f"{live}; serving the sealed copy {copy} instead (the model folder is being rewritten, or a run "
+                "was killed before it re-sealed)")
+        return copy, copy / os.path.relpath(map_file, model_directory), note
 
 
 def check_consistent(model: QMLLM, safety_map: pd.DataFrame, manifest: dict, map_file: Path) -> None:

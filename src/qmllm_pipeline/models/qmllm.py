@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -209,7 +210,12 @@ class QMLLM(nn.Module):
             module = getattr(self, name)
             part = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{name}.")}
             if module is not None:
-                module.load_state_dict(part)
+                try:
+                    module.load_state_dict(part)
+                except RuntimeError as error:  # missing, unexpected or misshapen tensors: say which, briefly
+                    detail = " ".join(str(error).split())
+                    raise ValueError(f"stage-1 weights do not fit the config's {name}: "
+                                     f"{detail[detail.find(':') + 1:][:300].strip()}") from None
             elif part:
                 raise ValueError(f"stage-1 weights contain {name} but the model has none (variant mismatch?)")
         return self.eval()
@@ -244,7 +250,14 @@ class QMLLM(nn.Module):
         weights = directory / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: no stage-1 weights (run `kedro run --pipelines pretrain`)")
-        return cls.assemble(config, load_file(weights), llm.eval(), clip_model.eval(), device)
+        try:
+            state = load_file(weights)
+        except SafetensorError as error:
+            raise ValueError(f"{weights}: not a readable safetensors file ({error})") from None
+        try:
+            return cls.assemble(config, state, llm.eval(), clip_model.eval(), device)
+        except ValueError as error:
+            raise ValueError(f"{weights}: {error}") from None
 
     @property
     def device(self) -> torch.device:

@@ -13,6 +13,7 @@ import pandas as pd
 from qmllm_pipeline.constants import IGNORE_INDEX, IMAGE_TOKEN
 from qmllm_pipeline.judge import RefusalPhraseJudge
 from qmllm_pipeline.models.attack import target_sequences
+from qmllm_pipeline.models.checkpoint import data_digest
 from qmllm_pipeline.models.clip import decode_images
 from qmllm_pipeline.models.feature_shards import gather
 from qmllm_pipeline.models.guarded import GuardedMLLM
@@ -213,7 +214,8 @@ def finetune_variant(qmllm_config: dict, stage1_weights: dict, llm, stage2_data:
     data = stage2_data if model.name_head is not None else _without_names(stage2_data)
     trainer = TrainingRun(f"{config.variant}/finetune", run,
                           {"config": qmllm_config, "params": params, "seed": run.seed,
-                           "examples": len(data.examples), **run.distributed.checkpoint_fields()},
+                           "examples": len(data.examples), "data": data_digest(data),
+                           **run.distributed.checkpoint_fields()},
                           settings.log_every)
     model, adapter = train_stage2(model, data, settings, run.seed, llm, trainer.step_logger, trainer.checkpoint,
                                   run.distributed)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from qmllm_pipeline.constants import IMAGE_TOKEN
+from qmllm_pipeline.models.checkpoint import data_digest
 from qmllm_pipeline.models.conversation import conversation_format_of
 from qmllm_pipeline.models.heads import ClsHeadSettings, NameHeadSettings, train_cls_head, train_name_head
 from qmllm_pipeline.models.names import NameHead, slot_targets
@@ -134,7 +135,8 @@ def name_head_weights(model_inputs: dict, stage1_data: Stage1Data, caption_corpu
     targets = slot_targets(list(caption_corpus["item_ids"]), name_vocabulary["item_ids"], settings.slots,
                            list(caption_corpus["background"]) if settings.background else None,
                            name_vocabulary["backgrounds"])
-    trainer = TrainingRun("name_head", run, {"params": params, "seed": run.seed, "rows": len(targets)},
+    trainer = TrainingRun("name_head", run, {"params": params, "seed": run.seed, "rows": len(targets),
+                                             "data": data_digest(stage1_data.head_cls, stage1_data.patches, targets)},
                           settings.log_every)
     train_name_head(head, stage1_data.head_cls, stage1_data.patches, targets, settings.training, run.seed,
                     trainer.step_logger, trainer.checkpoint)
@@ -162,7 +164,8 @@ def pretrain_variant(qmllm_config: dict, llm, name_head_weights: dict, stage1_da
     model = _with_name_head(QMLLM(stage1_config, llm), name_head_weights)
     trainer = TrainingRun(f"{config.variant}/pretrain", run,
                           {"config": stage1_config.to_dict(), "params": params["stage1"], "seed": run.seed,
-                           "rows": len(stage1_data.examples), **run.distributed.checkpoint_fields()},
+                           "rows": len(stage1_data.examples), "data": data_digest(stage1_data),
+                           **run.distributed.checkpoint_fields()},
                           settings.stage1.log_every)
     train_stage1(model, stage1_data, settings.stage1, run.seed, settings.name_head.in_stage1, trainer.step_logger,
                  trainer.checkpoint, run.distributed)
@@ -186,7 +189,8 @@ def _cls_head_and_codebooks(model: QMLLM, data: Stage1Data, settings: ClsHeadSet
     cls_features = data.cls
     if model.decoupled:
         cls_features = data.head_cls
-        fingerprint = {"config": model.config.to_dict(), "params": dataclasses.asdict(settings), "seed": run.seed}
+        fingerprint = {"config": model.config.to_dict(), "params": dataclasses.asdict(settings), "seed": run.seed,
+                       "data": data_digest(cls_features, data.head_targets)}
         trainer = TrainingRun(f"{model.config.variant}/cls_head", run, fingerprint, settings.log_every)
         train_cls_head(model, cls_features, data.head_targets, settings, run.seed, trainer.step_logger,
                        trainer.checkpoint)
