@@ -51,3 +51,13 @@ def test_a_system_without_a_guard_must_say_so(stages):
     with pytest.raises(ValueError, match="unguarded=True"):
         GuardedMLLM(model, tokenizer, processor)  # a forgotten guard: refused, not "every image is neutral"
     assert GuardedMLLM(model, tokenizer, processor, unguarded=True).guard is None
+
+
+def test_a_code_the_map_does_not_hold_is_refused(stages):
+    from qmllm_pipeline.models.guarded import SafetyMapGuard
+
+    table = stages["safety_map"]
+    neutral = int(table.loc[table["label"] == "neutral", "code"].iloc[0])
+    guard = SafetyMapGuard(table[table["code"] != neutral])  # the row of a neutral code lost
+    (verdict,) = guard(None, torch.tensor([neutral]))
+    assert verdict.refused and verdict.category == "unseen"

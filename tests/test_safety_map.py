@@ -71,3 +71,19 @@ def test_pipeline_reports_both_detectors(stages):
     assert len(table) == report["safety_map"]["codes"] and table["n"].sum() == len(stages["dmap_codes"]["dmap"])
     assert isinstance(stages["safety_map_heatmap"], Figure)
     assert len(stages["tau_trade_off"]) == 7 * 3 * 2   # taus x unseen policies x compared rules
+    unseen = report["safety_map"]["unseen"]   # the fail-closed default and what it costs against the paper's
+    assert unseen["policy"] == report["safety_map"]["unseen_policy_used"] == "refuse"
+    assert unseen["codes_unseen"] == int((~table["seen"]).sum()) == int((table["label"] == "unseen").sum())
+    assert unseen["against_neutral"]["fpr_neutral"] >= 0 and unseen["against_neutral"]["dsr_single"] >= 0
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.1, 1.5, float("nan")])
+def test_a_threshold_outside_its_range_is_refused(tau):
+    with pytest.raises(ValueError, match="tau must lie in"):
+        build_safety_map(CODES, LABELS, CODEBOOK, CATEGORIES, tau=tau, unseen_policy="refuse")
+
+
+def test_a_score_that_cannot_be_read_refuses():
+    from qmllm_pipeline.models.safeclip import refuse_above
+
+    assert refuse_above(np.array([0.2, 0.7, np.nan, 0.6]), 0.6).tolist() == [False, True, True, False]

@@ -99,6 +99,11 @@ def lever_sweep(inputs: dict, params: dict, cls_sources: list[str] | None, lambd
                        "validation_recall": choice["toxic_recall"], "validation_fpr": choice["neutral_fpr"],
                        "dsr_single": qmllm["dsr"]["single"], "dsr_distractors": qmllm["dsr"]["distractors"],
                        "fpr_neutral": qmllm["fpr_neutral"], "fpr_hard_negative": qmllm["fpr_hard_negative"]}
+                unseen = choice["unseen"]   # the unseen-code policy against the paper's `neutral`, same rule and tau
+                row.update(codes_unseen=unseen["codes_unseen"],
+                           **{f"on_unseen_{split.removeprefix('eval_')}": count
+                              for split, count in unseen["heldout_images_on_unseen"].items()},
+                           **{f"unseen_cost_{key}": value for key, value in unseen["against_neutral"].items()})
                 share = rates["qmllm_rules"].get("toxic_share")
                 if share is not None:
                     row.update(share_dsr_single=share["dsr"]["single"], share_fpr_neutral=share["fpr_neutral"],

@@ -33,8 +33,8 @@ from qmllm_pipeline.models.clip import pixel_values
 from qmllm_pipeline.models.conversation import prepare_for_images
 from qmllm_pipeline.models.device import synchronize
 from qmllm_pipeline.models.qmllm import QMLLM, ImageEncoding
-from qmllm_pipeline.models.safeclip import SafeCLIPFilter
-from qmllm_pipeline.models.safety_map import NEUTRAL
+from qmllm_pipeline.models.safeclip import SafeCLIPFilter, refuse_above
+from qmllm_pipeline.models.safety_map import NEUTRAL, REFUSE_UNSEEN
 from qmllm_pipeline.models.tokenizer import encode_prompt
 from qmllm_pipeline.sealing import sealed_files
 
@@ -81,8 +81,10 @@ class SafetyMapGuard:
         return [code for code, label in self.label.items() if label == NEUTRAL]
 
     def __call__(self, pixels: torch.Tensor, cls_index: torch.Tensor) -> list[Verdict]:
-        return [_verdict(self.label[code] != NEUTRAL, self.label[code], code, self.probability[code],
-                         self.refusal_message) for code in cls_index.tolist()]
+        # a code the map does not hold is refused (check_consistent keeps a loaded map whole)
+        labels = [self.label.get(code, REFUSE_UNSEEN) for code in cls_index.tolist()]
+        return [_verdict(label != NEUTRAL, label, code, self.probability.get(code, float("nan")),
+                         self.refusal_message) for code, label in zip(cls_index.tolist(), labels, strict=True)]
 
 
 class SafeCLIPGuard:
@@ -93,8 +95,9 @@ class SafeCLIPGuard:
 
     def __call__(self, pixels: torch.Tensor, cls_index: torch.Tensor | None) -> list[Verdict]:
         categories, confidences = self.safeclip.pixel_scores(pixels)
-        return [_verdict(bool(p > self.safeclip.threshold), str(c) if p > self.safeclip.threshold else NEUTRAL,
-                         -1, float(p), self.refusal_message) for c, p in zip(categories, confidences, strict=True)]
+        refused = refuse_above(confidences, self.safeclip.threshold)
+        return [_verdict(bool(r), str(c) if r else NEUTRAL, -1, float(p), self.refusal_message)
+                for c, p, r in zip(categories, confidences, refused, strict=True)]
 
 
 def _verdict(refused: bool, category: str, code: int, probability: float, message: str) -> Verdict:

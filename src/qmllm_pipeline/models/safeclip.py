@@ -19,6 +19,8 @@ class SafeCLIPFilter:
         """`descriptions[category]` is a list of classes, each a list of prompts averaged into one text
         embedding (prompt ensembling); a category's confidence is the softmax mass of its classes. `device`:
         where CLIP runs (the `device` setting; None: where `clip_model` is)."""
+        if not 0 <= threshold < 1:  # also NaN: a threshold outside [0, 1) refuses everything or nothing
+            raise ValueError(f"SafeCLIP threshold must lie in [0, 1), got {threshold!r}")
         if device is not None:
             clip_model.to(resolve_device(device))
         self.clip_model, self.processor, self.threshold = clip_model, processor, threshold
@@ -46,4 +48,10 @@ class SafeCLIPFilter:
         return np.asarray(self.toxic_categories)[best], per_category[np.arange(len(best)), best]
 
     def refused(self, images: torch.Tensor) -> np.ndarray:
-        return self.scores(images)[1] > self.threshold
+        return refuse_above(self.scores(images)[1], self.threshold)
+
+
+def refuse_above(confidence: np.ndarray, threshold: float) -> np.ndarray:
+    """Refuse where the confidence exceeds the threshold, and where it is NaN (a score that cannot be read
+    never passes)."""
+    return ~(np.asarray(confidence) <= threshold)

@@ -2,8 +2,9 @@
 
 For every D_map image, k = cls_index(image) and count[k][category] += 1. For each code seen,
 p(c|k) = count[k][c] / n_k and c* = argmax_c p(c|k); the code is labelled c* if c* is toxic and
-p(c*|k) >= tau, else neutral. Codes D_map never reached follow `unseen_policy`: `neutral` (the paper),
-`refuse`, or `nearest` (the label of the nearest seen code in the codebook).
+p(c*|k) >= tau, else neutral. Codes D_map never reached follow `unseen_policy`: `refuse` (fail closed: the
+project's default), `neutral` (the paper: they pass), or `nearest` (the label of the nearest seen code in the
+codebook).
 
 That hard majority vote is the `majority` rule. The `toxic_share` rule keeps what the vote throws away: a
 code is labelled toxic when the share of its D_map images that are toxic, of any category, reaches tau
@@ -47,6 +48,8 @@ def label_codes(counts: np.ndarray, codebook: torch.Tensor, all_categories: list
         raise ValueError(f"unseen_policy must be one of {UNSEEN_POLICIES}, got {unseen_policy!r}")
     if rule not in DECISION_RULES:
         raise ValueError(f"decision rule must be one of {DECISION_RULES}, got {rule!r}")
+    if not 0 < tau <= 1:  # also NaN: a threshold outside (0, 1] labels every reached code one way
+        raise ValueError(f"tau must lie in (0, 1], got {tau!r}")
     num_codes = counts.shape[0]
     names = np.asarray(all_categories, dtype=object)
     n = counts.sum(1)

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from qmllm_pipeline.models.clip import decode_images, png_pixel_values  # noqa: E402
 from qmllm_pipeline.models.guarded import GuardedQMLLM  # noqa: E402
 from qmllm_pipeline.models.qmllm import QMLLM  # noqa: E402
-from qmllm_pipeline.models.safeclip import SafeCLIPFilter  # noqa: E402
+from qmllm_pipeline.models.safeclip import SafeCLIPFilter, refuse_above  # noqa: E402
 from qmllm_pipeline.models.safety_map import (  # noqa: E402
     build_safety_map,
     recommend,
@@ -69,11 +69,17 @@ def fit_safety_map(codes: dict, dmap: pd.DataFrame, dmap_validation: pd.DataFram
     trade_off = tau_trade_off(codes["dmap"], list(dmap["category"]), codes["dmap_validation"],
                               dmap_validation["toxic"].to_numpy(), codes["codebook"], list(CATEGORIES),
                               params["tau_candidates"], params["unseen_policies"], rules)
-    per_rule = {rule: recommend(trade_off[trade_off["rule"] == rule], params["max_validation_fpr"]) for rule in rules}
+    fixed = params["unseen_policy"] != "auto"  # then tau is chosen for that policy only
+    candidates = trade_off[trade_off["unseen_policy"] == params["unseen_policy"]] if fixed else trade_off
+    if not len(candidates):
+        raise ValueError(f"safety_map.unseen_policy {params['unseen_policy']!r} is not among unseen_policies "
+                         f"{params['unseen_policies']}, so no tau was fitted for it")
+    per_rule = {rule: recommend(candidates[candidates["rule"] == rule], params["max_validation_fpr"])
+                for rule in rules}
     rule = params["decision_rule"]
     choice = per_rule[rule]
     tau = choice["tau"] if params["tau"] == "auto" else float(params["tau"])
-    policy = choice["unseen_policy"] if params["unseen_policy"] == "auto" else params["unseen_policy"]
+    policy = choice["unseen_policy"]
     table = build_safety_map(codes["dmap"], list(dmap["category"]), codes["codebook"], list(CATEGORIES), tau, policy,
                              rule)
     logger.info("safety map (%s): tau %.2f, unseen %s, %d codes seen, %d toxic; validation recall %.3f at FPR %.3f",
@@ -106,12 +112,14 @@ def evaluate_detectors(dmap_codes: dict, evaluation_codes: dict, safety_map: pd.
     codes, splits = evaluation_codes["codes"], evaluation_codes["labels"]
     confidence = safeclip_scores["confidence"]
     report = {"qmllm": detection_rates(qmllm_refusals(safety_map, codes), *splits),
-              "safeclip": detection_rates(confidence > safeclip_scores["threshold"], *splits),
+              "safeclip": detection_rates(refuse_above(confidence, safeclip_scores["threshold"]), *splits),
               "safety_map": {**choice, "codes_seen": int(safety_map["seen"].sum()),
                              "toxic_codes": int((safety_map["label"] != NEUTRAL).sum()),
                              "codes": len(safety_map)}}
     # every compared decision rule at its own validation-chosen setting, on the same codes (the deployed one
     # is `qmllm`)
+    report["safety_map"]["unseen"] = unseen_cost(safety_map, dmap_codes["codebook"], choice, codes, splits,
+                                                 report["qmllm"])
     report["qmllm_rules"] = {
         rule: detection_rates(qmllm_refusals(relabel(safety_map, dmap_codes["codebook"], setting["tau"],
                                                      setting["unseen_policy"], rule), codes), *splits)
@@ -120,7 +128,8 @@ def evaluate_detectors(dmap_codes: dict, evaluation_codes: dict, safety_map: pd.
     # threshold, and at the threshold that gives it qmllm's neutral FPR (equal-FPR comparison)
     neutral = slice(len(splits[0]), len(splits[0]) + len(splits[1]))
     matched = equal_fpr_threshold(confidence[neutral], report["qmllm"]["fpr_neutral"])
-    report["safeclip_at_qmllm_fpr"] = {**detection_rates(confidence > matched, *splits), "threshold": matched}
+    report["safeclip_at_qmllm_fpr"] = {**detection_rates(refuse_above(confidence, matched), *splits),
+                                       "threshold": matched}
     for name, safeclip_rates in (("qmllm_minus_safeclip", report["safeclip"]),
                                  ("qmllm_minus_safeclip_at_equal_fpr", report["safeclip_at_qmllm_fpr"])):
         report[name] = {key: difference(report["qmllm"]["intervals"][key], safeclip_rates["intervals"][key])
@@ -128,6 +137,22 @@ def evaluate_detectors(dmap_codes: dict, evaluation_codes: dict, safety_map: pd.
     log_summary_metrics({k: v for k, v in report.items()}, prefix="safety_map")
     _log_detectors(report, matched)
     return report
+
+
+def unseen_cost(safety_map: pd.DataFrame, codebook, choice: dict, codes: dict, splits: list[pd.DataFrame],
+                deployed: dict) -> dict:
+    """What the deployed unseen-code policy costs and buys on the held-out splits, against the paper's
+    `neutral` (unseen codes pass), with the same rule and tau: the images that land on a code D_map never
+    reached, per split, and the change in neutral and hard-negative FPR and in DSR."""
+    unseen = set(safety_map.loc[~safety_map["seen"], "code"].tolist())
+    landed = {split: int(np.isin(codes[split], list(unseen)).sum()) for split in EVALUATION_SPLITS}
+    passing = detection_rates(qmllm_refusals(relabel(safety_map, codebook, choice["tau_used"], "neutral",
+                                                     choice["rule"]), codes), *splits)
+    return {"policy": choice["unseen_policy_used"], "codes_unseen": len(unseen), "heldout_images_on_unseen": landed,
+            "against_neutral": {"fpr_neutral": deployed["fpr_neutral"] - passing["fpr_neutral"],
+                                "fpr_hard_negative": deployed["fpr_hard_negative"] - passing["fpr_hard_negative"],
+                                "dsr_single": deployed["dsr"]["single"] - passing["dsr"]["single"],
+                                "dsr_distractors": deployed["dsr"]["distractors"] - passing["dsr"]["distractors"]}}
 
 
 def _log_detectors(report: dict, matched: float) -> None:
