@@ -1,6 +1,7 @@
 """The real configuration's loaders on files the tests create, including every bad-input case."""
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -130,6 +131,46 @@ def test_malformed_json_always_raises(tmp_path, text, message):
         with pytest.raises(BadInputError, match=message) as error:
             load_llava_json(path, tmp_path, on_bad_input=mode)
         assert str(error.value).startswith(str(path))
+
+
+Q, A = {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a cat"}
+
+
+@pytest.mark.parametrize(("record", "problem"), [
+    ({"id": "two-images", "image": "a.jpg",
+      "conversations": [Q, A, {"from": "human", "value": "<image> and now?"}, A]}, "2 <image> placeholders"),
+    ({"id": "no-image", "conversations": [Q, A]}, "has <image> in its turns but no image"),
+    ({"id": "role", "image": "a.jpg", "conversations": [Q, {"from": "assistant", "value": "x"}]},
+     "turn 1 is from 'assistant'; the roles are ['human', 'gpt']"),
+    ({"id": "order", "image": "a.jpg", "conversations": [{"from": "gpt", "value": "<image> hi"}, Q]},
+     "turn 0 is from 'gpt', expected 'human'"),
+    ({"id": "one-turn", "image": "a.jpg", "conversations": [Q]}, "1 turns: the last question has no answer"),
+    ({"id": "odd", "image": "a.jpg", "conversations": [Q, A, {"from": "human", "value": "and?"}]},
+     "3 turns: the last question has no answer"),
+    ({"id": "empty-answer", "image": "a.jpg", "conversations": [Q, {"from": "gpt", "value": "  "}]},
+     "an answer is empty"),
+    ({"id": "answer-placeholder", "image": "a.jpg",
+      "conversations": [Q, {"from": "gpt", "value": "<image>"}]}, "2 <image> placeholders"),
+])
+def test_a_malformed_dialog_record_is_refused_at_ingest_with_its_id(tmp_path, record, problem):
+    """Refused when read, naming the record (position and id), not later in training or scoring."""
+    images = tmp_path / "images"
+    _good(images / "a.jpg")
+    path = tmp_path / "dialogs.json"
+    path.write_text(json.dumps([{"id": "fine", "image": "a.jpg", "conversations": [Q, A]}, record]))
+    with pytest.raises(BadInputError, match=re.escape(f"record 1 (id {record['id']!r}): {problem}")):
+        load_llava_json(path, images, on_bad_input="error")
+    frame, report = load_llava_json(path, images, on_bad_input="skip")
+    assert list(frame["id"]) == ["fine"] and report.as_dict()["skipped_count"] == 1
+
+
+def test_an_empty_instruction_csv_is_named(tmp_path):
+    from qmllm_pipeline.loaders import load_instructions
+
+    path = tmp_path / "harmful.csv"
+    path.write_text("")
+    with pytest.raises(BadInputError, match="harmful.csv: empty CSV file"):
+        load_instructions(path, "goal")
 
 
 def test_missing_json_and_unknown_policy(tmp_path):

@@ -532,11 +532,16 @@ def seeds_compare(sweeps) -> None:
     """Print each headline figure's mean [min, max] in every SWEEP (files `qmllm seeds aggregate` wrote)."""
     from qmllm_pipeline.seeds import compare_table
 
+    loaded = {}
+    for path in sweeps:
+        try:
+            loaded[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            _fail(f"{path}: cannot read this sweep ({error})")
     try:
-        loaded = {path.stem: json.loads(path.read_text()) for path in sweeps}
-    except (OSError, ValueError) as error:
-        _fail(f"cannot read a sweep: {error}")
-    click.echo(compare_table(loaded))
+        click.echo(compare_table(loaded))
+    except (KeyError, TypeError, AttributeError) as error:
+        _fail(f"{', '.join(map(str, sweeps))}: not sweeps `qmllm seeds aggregate` wrote (no {error})")
 
 
 @main.command("promote-foundation")

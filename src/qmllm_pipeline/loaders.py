@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from qmllm_pipeline.files import sha256_file
+from qmllm_pipeline.images import to_rgb
 from qmllm_pipeline.world.catalogue import CATEGORIES, NEUTRAL
 from qmllm_pipeline.world.render import png_bytes
 
@@ -79,7 +80,7 @@ def open_image_checked(path: str | Path, max_pixels: int) -> Image.Image:
                     raise BadInputError(path, f"{width}x{height} pixels exceeds the limit of {max_pixels} "
                                               "(possible decompression bomb)")
                 image.load()
-                return _to_rgb(image)
+                return to_rgb(image)
     except BadInputError:
         raise
     except UnidentifiedImageError:
@@ -88,25 +89,6 @@ def open_image_checked(path: str | Path, max_pixels: int) -> Image.Image:
         raise BadInputError(path, f"possible decompression bomb ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise BadInputError(path, f"truncated or corrupt image ({error})") from None
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
-        return image.copy()
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        # 16-bit and float grayscale: scale to 8 bits first; Pillow's direct conversion clips.
-        import numpy as np
-
-        values = np.asarray(image, dtype=np.float64)
-        top = values.max() or 1.0
-        image = Image.fromarray((values * (255.0 / top)).astype("uint8"), mode="L")
-    return image.convert("RGB")
 
 
 def square(image: Image.Image, size: int | None) -> Image.Image:
@@ -190,19 +172,44 @@ def inside(folder: Path, relative: str, where: str) -> Path:
 sha256_of = sha256_file  # the ingest manifests' checksums
 
 
+ROLES = ("human", "gpt")  # LLaVA's turn roles, alternating from the human's
+
+
 def _check_record(record, where: str) -> list[dict]:
+    """The record's turns, or BadInputError naming the record (its position and id) and the first problem:
+    not an object, no turns, a turn without string `from` and `value`, a role other than LLaVA's, turns that
+    do not alternate human / gpt from the human's (an odd count: a question without its answer), an empty
+    answer, an image without its `<image>` placeholder, a placeholder without an image, or several."""
     if not isinstance(record, dict):
         raise BadInputError(where, "a record must be a JSON object")
+    if record.get("id") is not None:
+        where = f"{where} (id {record['id']!r})"
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise BadInputError(where, "missing or empty 'conversations' list")
     turns = []
-    for turn in conversations:
+    for index, turn in enumerate(conversations):
         if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
             raise BadInputError(where, "every turn needs string 'from' and 'value'")
+        if turn["from"] not in ROLES:
+            raise BadInputError(where, f"turn {index} is from {turn['from']!r}; the roles are {list(ROLES)}")
+        if turn["from"] != ROLES[index % 2]:
+            raise BadInputError(where, f"turn {index} is from {turn['from']!r}, expected {ROLES[index % 2]!r} "
+                                       "(turns alternate, the human's first)")
         turns.append({"from": turn["from"], "value": turn["value"]})
-    if record.get("image") is not None and not any(IMAGE_TOKEN in t["value"] for t in turns):
+    if len(turns) % 2:
+        raise BadInputError(where, f"{len(turns)} turns: the last question has no answer")
+    if any(not t["value"].strip() for t in turns if t["from"] == "gpt"):
+        raise BadInputError(where, "an answer is empty")
+    placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
+    if record.get("image") is not None and placeholders == 0:
         raise BadInputError(where, f"has an image but no {IMAGE_TOKEN} placeholder in its turns")
+    if record.get("image") is None and placeholders:
+        raise BadInputError(where, f"has {IMAGE_TOKEN} in its turns but no image")
+    if placeholders > 1:
+        raise BadInputError(where, f"{placeholders} {IMAGE_TOKEN} placeholders; a record reads one image")
+    if any(IMAGE_TOKEN in t["value"] for t in turns if t["from"] == "gpt"):
+        raise BadInputError(where, f"an answer contains {IMAGE_TOKEN}")
     return turns
 
 
@@ -259,6 +266,8 @@ def load_instructions(path: str | Path, column: str | None = None, target_column
     if path.suffix.lower() == ".csv":
         try:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            raise BadInputError(path, "empty CSV file (no header, no rows)") from None
         except (pd.errors.ParserError, UnicodeDecodeError) as error:
             raise BadInputError(path, f"not a readable CSV file ({error})") from None
         for name in (column, target_column):

@@ -29,6 +29,7 @@ from transformers import AutoTokenizer, CLIPImageProcessor
 
 from qmllm_pipeline.constants import IMAGE_TOKEN
 from qmllm_pipeline.files import sha256_file
+from qmllm_pipeline.images import to_rgb
 from qmllm_pipeline.models.clip import pixel_values
 from qmllm_pipeline.models.conversation import prepare_for_images
 from qmllm_pipeline.models.device import synchronize
@@ -121,9 +122,9 @@ class GuardedMLLM:
     def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
         crop = self.processor.crop_size
         if all(i.size == (crop["width"], crop["height"]) for i in images):
-            arrays = torch.from_numpy(np.stack([np.asarray(i.convert("RGB")) for i in images])).permute(0, 3, 1, 2)
+            arrays = torch.from_numpy(np.stack([np.asarray(to_rgb(i)) for i in images])).permute(0, 3, 1, 2)
             return pixel_values(arrays, self.processor)
-        return self.processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+        return self.processor(images=[to_rgb(i) for i in images], return_tensors="pt")["pixel_values"]
 
     def _judge(self, pixels: torch.Tensor, cls_index: torch.Tensor | None) -> list[Verdict]:
         """A guard is called with the pixels and, for a quantized model, the images' CLS codes."""
