@@ -83,7 +83,10 @@ def test_a_threshold_outside_its_range_is_refused(tau):
         build_safety_map(CODES, LABELS, CODEBOOK, CATEGORIES, tau=tau, unseen_policy="refuse")
 
 
-def test_a_score_that_cannot_be_read_refuses():
-    from qmllm_pipeline.models.safeclip import refuse_above
+def test_a_score_that_cannot_be_read_refuses_and_a_threshold_outside_its_range_is_refused():
+    from qmllm_pipeline.models.safeclip import SafeCLIPFilter, refuse_above
 
     assert refuse_above(np.array([0.2, 0.7, np.nan, 0.6]), 0.6).tolist() == [False, True, True, False]
+    for threshold in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="SafeCLIP threshold must lie in"):
+            SafeCLIPFilter(None, None, None, {}, threshold=threshold)
