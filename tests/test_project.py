@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -292,6 +293,10 @@ def test_a_tampered_or_inconsistent_model_is_refused_and_the_restored_one_loads(
     originals = {path: path.read_bytes() for path in (manifest_file, map_file, weights)}
     manifest = json.loads(originals[manifest_file])
     copy = (manifest_file.parent / manifest["sealed_copy"]).resolve()  # the model folder as sealed (hard links)
+    shutil.rmtree(copy)  # sealed afresh, so that the copy shares the folder's files (as after `kedro run`)
+    SealedManifestDataset(filepath=str(manifest_file)).save({k: v for k, v in manifest.items()
+                                                             if k not in ("files", "sealed_copy")})
+    assert manifest_file.read_bytes() == originals[manifest_file] and copy.is_dir()
 
     def reseal(toxic_codes: int) -> None:  # what someone who changed the files and knew the format would do
         unsealed = {k: v for k, v in manifest.items() if k != "files"}

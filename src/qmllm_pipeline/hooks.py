@@ -1,12 +1,15 @@
-"""Project hooks: one run at a time per project (a lock, then the leftovers of killed writes cleaned), set
-torch's thread count for the whole run (`threads` in conf/base/parameters.yml), tag every MLflow run so runs
-compare cleanly in the UI (`pipeline`, `env`, `variants`, `systems`, `device`), and profile it (seconds per
-pipeline stage and the process's peak resident memory, as MLflow metrics)."""
+"""Project hooks: one run at a time per project (a lock, then the leftovers of killed writes cleaned), every
+run in the project's one MLflow store, torch's thread count for the whole run (`threads` in
+conf/base/parameters.yml), tags on every MLflow run so runs compare cleanly in the UI (`pipeline`, `env`,
+`variants`, `systems`, `device`, `seed`, `git_commit`, `dvc_experiment`, `lever`, a run name), and a profile
+(seconds per pipeline stage and the process's peak resident memory, as MLflow metrics)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import resource
+import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -77,6 +80,74 @@ def _command(run_params: dict) -> str:
     return f"kedro run --pipelines {','.join(pipelines)}" + (f" --env {env}" if env else "")
 
 
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")  # set by the user before the process started
+
+
+def tracking_root(project_path: str | Path) -> Path:
+    """Where the project's MLflow store lives: the project root, also for `dvc exp run --temp` (which runs in
+    a copy under `.dvc/tmp/exps/` and names the project it came from in `DVC_ROOT`)."""
+    root = os.environ.get("DVC_ROOT")
+    return Path(root).resolve() if root and (Path(root) / "conf").is_dir() else Path(project_path).resolve()
+
+
+class MlflowStoreHook:
+    """Every run in the project's one MLflow store: `sqlite:///<project root>/mlflow.db`, an absolute URI, so
+    that `dvc repro`, `dvc exp run --temp` and `qmllm seeds run` land where `kedro run` does (kedro-mlflow
+    would resolve `sqlite:///mlflow.db` against the working directory, a temporary copy that DVC deletes).
+    The experiment's artifacts go to `<project root>/mlruns`. A `MLFLOW_TRACKING_URI` set before the run (a
+    tracking server) wins. MLflow's system metrics (CPU, memory, GPU) are on with `system_metrics: true`.
+    Runs before kedro-mlflow's own `after_context_created` (tryfirst), which reads the URI from the
+    environment (`server.mlflow_tracking_uri: null` in conf/base/mlflow.yml)."""
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context) -> None:
+        root = tracking_root(context.project_path)
+        uri = USER_TRACKING_URI or f"sqlite:///{root / 'mlflow.db'}"
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # each session its own project's store (tests run several)
+        if not USER_TRACKING_URI:
+            name = _experiment_name(context)
+            client = mlflow.MlflowClient(tracking_uri=uri)
+            if client.get_experiment_by_name(name) is None:
+                client.create_experiment(name, artifact_location=(root / "mlruns").as_uri())
+        if context.params.get("system_metrics"):
+            mlflow.enable_system_metrics_logging()
+        else:
+            mlflow.disable_system_metrics_logging()
+
+
+def _experiment_name(context) -> str:
+    """The experiment conf/base/mlflow.yml names (read as kedro-mlflow reads it, before it has)."""
+    from kedro.config import MissingConfigException
+
+    context.config_loader.config_patterns.setdefault("mlflow", ["mlflow*", "mlflow*/**", "**/mlflow*"])
+    try:
+        configured = context.config_loader["mlflow"]
+    except MissingConfigException:
+        configured = {}
+    return (configured.get("tracking") or {}).get("experiment", {}).get("name") or "qmllm_pipeline"
+
+
+def run_identity(project_path: str | Path, seed, pipelines: str) -> dict[str, str]:
+    """The tags that tell runs apart in the MLflow UI: the seed, the git commit (the experiment's baseline
+    under DVC; `-dirty` when the working tree has uncommitted changes), the DVC experiment and its lever label
+    (`qmllm seeds run --label`), and a run name built from them."""
+    from qmllm_pipeline.seeds import label_of
+
+    experiment = os.environ.get("DVC_EXP_NAME", "")
+    commit = os.environ.get("DVC_EXP_BASELINE_REV", "")
+    if not commit:
+        git = ["git", "-C", str(project_path)]
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+        if head.returncode == 0:
+            dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True).stdout.strip()
+            commit = head.stdout.strip() + ("-dirty" if dirty else "")
+    lever = label_of(experiment) or "default"
+    name = experiment or f"{pipelines} seed {seed}" + (f" {commit[:7]}" if commit else "")
+    return {"seed": str(seed), "git_commit": commit or "unknown", "dvc_experiment": experiment, "lever": lever,
+            "mlflow.runName": name}
+
+
 class TorchThreadsHook:
     """One thread count for every node of a run: on 2 cores, more torch threads than cores makes each
     training step 5-20x slower, and a node that forgot to set it would silently run oversubscribed."""
@@ -96,11 +167,15 @@ class MlflowRunTagsHook:
     def __init__(self):
         self._variants: tuple[str, ...] = ()
         self._device = "auto"
+        self._seed = None
+        self._project = Path(".")
 
     @hook_impl
     def after_context_created(self, context) -> None:
         self._variants = tuple(context.params.get("variants") or ())
         self._device = str(context.params.get("device", "auto"))
+        self._seed = context.params.get("seed")
+        self._project = Path(context.project_path)
 
     @hook_impl(trylast=True)
     def before_pipeline_run(self, run_params: dict, pipeline) -> None:
@@ -113,6 +188,7 @@ class MlflowRunTagsHook:
         if any(node.name == "assemble_systems" for node in pipeline.nodes):
             tags["systems"] = ",".join(SYSTEMS)
         tags["device"] = _device_tag(self._device)
+        tags.update(run_identity(self._project, self._seed, tags["pipeline"]))
         logger.info("models run on %s (device: %s)", tags["device"], self._device)
         mlflow.set_tags(tags)
 

@@ -83,6 +83,9 @@ DEFAULT_COMPARISON_METRICS = (
 )
 
 
+RUN_TAGS = ("mlflow.runName", "pipeline", "env", "seed", "lever", "dvc_experiment", "git_commit")  # hooks.py sets them
+
+
 def compare_runs(tracking_uri: str, last: int = 5, metrics: tuple[str, ...] = DEFAULT_COMPARISON_METRICS,
                  experiment: str = "qmllm_pipeline", all_params: bool = False):
     """The latest `last` runs side by side (one column per run): tags, the parameters that differ between
@@ -102,8 +105,9 @@ def compare_runs(tracking_uri: str, last: int = 5, metrics: tuple[str, ...] = DE
         params = params.loc[:, [params[c].dropna().astype(str).nunique() > 1 for c in params.columns]]
     rows = {"started": [time.strftime("%Y-%m-%d %H:%M", time.localtime(r.info.start_time / 1000)) for r in runs],
             "status": [r.info.status for r in runs],
-            "pipeline": [r.data.tags.get("pipeline", "") for r in runs],
-            "env": [r.data.tags.get("env", "") for r in runs]}
+            **{tag: [r.data.tags.get(tag, "") for r in runs] for tag in RUN_TAGS}}
+    rows["git_commit"] = [commit[:12] for commit in rows["git_commit"]]
+    rows["name"] = rows.pop("mlflow.runName")
     rows.update({f"param {name}": params[name].tolist() for name in sorted(params.columns)})
     rows.update({name: [r.data.metrics.get(name) for r in runs] for name in metrics})
     return pd.DataFrame(rows, index=[r.info.run_id[:8] for r in runs]).T
