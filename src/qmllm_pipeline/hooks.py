@@ -127,6 +127,21 @@ def _experiment_name(context) -> str:
     return (configured.get("tracking") or {}).get("experiment", {}).get("name") or "qmllm_pipeline"
 
 
+def _git_commit(project: Path) -> str:
+    """`HEAD` of the project's git repository, `-dirty` with uncommitted changes; "" outside one (or without
+    git)."""
+    git = ["git", "-C", str(project)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        if head.returncode != 0:
+            return ""
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
 def run_identity(project_path: str | Path, seed, pipelines: str) -> dict[str, str]:
     """The tags that tell runs apart in the MLflow UI: the seed, the git commit (the experiment's baseline
     under DVC; `-dirty` when the working tree has uncommitted changes), the DVC experiment and its lever label
@@ -136,12 +151,7 @@ def run_identity(project_path: str | Path, seed, pipelines: str) -> dict[str, st
     experiment = os.environ.get("DVC_EXP_NAME", "")
     commit = os.environ.get("DVC_EXP_BASELINE_REV", "")
     if not commit:
-        git = ["git", "-C", str(project_path)]
-        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
-        if head.returncode == 0:
-            dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True).stdout.strip()
-            commit = head.stdout.strip() + ("-dirty" if dirty else "")
+        commit = _git_commit(Path(project_path))
     lever = label_of(experiment) or "default"
     name = experiment or f"{pipelines} seed {seed}" + (f" {commit[:7]}" if commit else "")
     return {"seed": str(seed), "git_commit": commit or "unknown", "dvc_experiment": experiment, "lever": lever,
