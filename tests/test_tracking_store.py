@@ -78,3 +78,7 @@ def test_a_run_in_a_temporary_copy_lands_in_the_projects_store_tagged(tmp_path):
     assert table.returncode == 0, table.stderr
     rows = {line.split()[0]: line.split()[1:] for line in table.stdout.splitlines() if line.strip()}
     assert rows["seed"] == ["3"] and rows["lever"] == ["margin"] and rows["name"] == ["seed-3-margin-abc1234"]
+    runs = [sys.executable, "-m", "qmllm_pipeline.commands", "runs", "--project", str(project), "--lever"]
+    assert "seed-3-margin-abc1234" in subprocess.run([*runs, "margin"], capture_output=True, text=True).stdout
+    other = subprocess.run([*runs, "default"], capture_output=True, text=True)
+    assert other.returncode == 1 and "no runs in the experiment 'qmllm_pipeline' with lever 'default'" in other.stderr

@@ -593,7 +593,10 @@ def report(metrics_dir, out, readme, no_readme) -> None:
 @click.option("--metric", "metrics", multiple=True,
               help="A metric to show (repeatable; default: a summary of every pipeline's headline numbers).")
 @click.option("--all-params", is_flag=True, help="Show every parameter, not only those that differ.")
-def runs(project, last, metrics, all_params) -> None:
+@click.option("--lever", default=None,
+              help="Only the runs of this lever (the `lever` tag: `default`, or a `qmllm seeds run --label`), e.g. "
+                   "the seeds of one sweep side by side.")
+def runs(project, last, metrics, all_params, lever) -> None:
     """Compare the latest MLflow runs from the command line: one column per run, the parameters that
     differ between them, and headline metrics (the MLflow UI's run comparison, as text)."""
     import pandas as pd
@@ -603,10 +606,12 @@ def runs(project, last, metrics, all_params) -> None:
     store = project.resolve() / "mlflow.db"
     if not store.is_file():
         _fail(f"{store}: no MLflow store here (run `kedro run` first, or pass --project)")
+    if lever is not None and not lever.replace("_", "").isalnum():
+        _usage(f"--lever {lever!r}: letters, digits and underscores only")
     table = compare_runs(f"sqlite:///{store}", last, tuple(metrics) or DEFAULT_COMPARISON_METRICS,
-                         all_params=all_params)
+                         all_params=all_params, lever=lever)
     if table.empty:
-        _fail(f"{store}: no runs in the experiment 'qmllm_pipeline' yet")
+        _fail(f"{store}: no runs in the experiment 'qmllm_pipeline'" + (f" with lever {lever!r}" if lever else " yet"))
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200,
                            "display.max_colwidth", 40):
         click.echo(table.to_string(na_rep="-", float_format=lambda v: f"{v:.4g}"))

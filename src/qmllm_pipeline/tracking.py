@@ -87,17 +87,18 @@ RUN_TAGS = ("mlflow.runName", "pipeline", "env", "seed", "lever", "dvc_experimen
 
 
 def compare_runs(tracking_uri: str, last: int = 5, metrics: tuple[str, ...] = DEFAULT_COMPARISON_METRICS,
-                 experiment: str = "qmllm_pipeline", all_params: bool = False):
+                 experiment: str = "qmllm_pipeline", all_params: bool = False, lever: str | None = None):
     """The latest `last` runs side by side (one column per run): tags, the parameters that differ between
     runs that have them (runs of single pipelines log only their own; all with `all_params`) and the chosen
-    metrics. Empty when the store has no such runs."""
+    metrics; only those tagged with `lever` when given. Empty when the store has no such runs."""
     import pandas as pd
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return pd.DataFrame()
-    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=last)
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.lever = '{lever}'" if lever else "",
+                              order_by=["attributes.start_time DESC"], max_results=last)
     if not runs:
         return pd.DataFrame()
     params = pd.DataFrame([r.data.params for r in runs])
