@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from qmllm_pipeline.dotted import with_overrides
+from qmllm_pipeline.files import sha256_file
 from qmllm_pipeline.fixtures import HARMFUL, write_data
 from qmllm_pipeline.in_memory import run_in_memory
-from qmllm_pipeline.loaders import sha256_of
 from qmllm_pipeline.models.feature_shards import gather
 from qmllm_pipeline.models.image_data import SceneImages
 from qmllm_pipeline.pipelines import features, ingest, pretrain
@@ -40,7 +40,7 @@ def test_ingest_then_features_and_pretrain_run_on_its_output(tmp_path, world, fo
         check_table(ingested[name], name)
     corpus = ingested["caption_corpus"]  # a manifest (ingest.embed_images: false): the pixels stay on disk
     assert "image" not in corpus and all(Path(path).is_file() for path in corpus["image_path"])
-    assert list(corpus["image_sha256"]) == [sha256_of(Path(path)) for path in corpus["image_path"]]
+    assert list(corpus["image_sha256"]) == [sha256_file(path) for path in corpus["image_path"]]
     assert {SceneImages(corpus, None).image(i).size for i in range(len(corpus))} == {(32, 32)}
     assert list(ingested["text_corpus"]["kind"]) == ["harmful"] * len(HARMFUL)
     assert set(ingested["emoji_catalogue"]["category"]) == set(CATEGORIES)

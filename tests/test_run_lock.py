@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -80,10 +79,8 @@ def test_a_second_kedro_run_stops_at_once_and_a_killed_runs_lock_and_leftovers_d
     project = copy_project(tmp_path)
     holder = _holder(project)
     try:
-        started = time.perf_counter()
         busy = subprocess.run([*KEDRO, "run", "--env", "smoke", "--pipelines", "data"], cwd=project, env=ENV,
                               capture_output=True, text=True, timeout=300)
-        seconds = time.perf_counter() - started
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -91,7 +88,7 @@ def test_a_second_kedro_run_stops_at_once_and_a_killed_runs_lock_and_leftovers_d
     assert f"Error: {project / LOCK_FILE}: another run is using this project (pid {holder.pid}" in busy.stderr
     assert "Traceback" not in busy.stderr
     assert not (project / "data" / "smoke").exists()  # it wrote nothing
-    assert seconds < 60  # at once: Kedro's start, then the lock
+    assert "Running node" not in busy.stdout + busy.stderr  # stopped before the first node
 
     leftover = project / "data" / "smoke" / "03_primary" / ".dialogs.parquet.ab12cd34.tmp"
     leftover.parent.mkdir(parents=True)

@@ -456,6 +456,12 @@ def scale_check(processes, steps, hidden, layers, memory, out) -> None:
         out.write_text(table + "\n")
 
 
+def _check_label(option: str, label: str | None) -> None:
+    """A sweep's label (`qmllm seeds run --label`, the runs' `lever` tag): letters, digits and underscores."""
+    if label is not None and not label.replace("_", "").isalnum():
+        _usage(f"{option} {label!r}: letters, digits and underscores only")
+
+
 def _seed_list(text: str) -> list[int]:
     try:
         seeds = [int(part) for part in text.split(",") if part.strip()]
@@ -492,8 +498,7 @@ def seeds_run(seed_text, settings, label) -> None:
     """One `dvc exp run --temp -S conf/base/parameters.yml:seed=K` per seed, in turn (the workspace stays)."""
     from qmllm_pipeline.seeds import run_seeds
 
-    if label is not None and not label.replace("_", "").isalnum():
-        _usage(f"--label {label!r}: letters, digits and underscores only")
+    _check_label("--label", label)
     try:
         run_seeds(_seed_list(seed_text), tuple(settings), label)
     except ValueError as error:
@@ -606,8 +611,7 @@ def runs(project, last, metrics, all_params, lever) -> None:
     store = project.resolve() / "mlflow.db"
     if not store.is_file():
         _fail(f"{store}: no MLflow store here (run `kedro run` first, or pass --project)")
-    if lever is not None and not lever.replace("_", "").isalnum():
-        _usage(f"--lever {lever!r}: letters, digits and underscores only")
+    _check_label("--lever", lever)
     table = compare_runs(f"sqlite:///{store}", last, tuple(metrics) or DEFAULT_COMPARISON_METRICS,
                          all_params=all_params, lever=lever)
     if table.empty:

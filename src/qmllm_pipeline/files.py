@@ -91,11 +91,6 @@ def tree_files(root: str | Path, paths: list[str], exclude: tuple[str, ...] = ()
     return dict(sorted(found.items()))
 
 
-def tree_digests(root: str | Path, paths: list[str], exclude: tuple[str, ...] = ()) -> dict[str, str]:
-    """The SHA-256 of every file `tree_files` finds, by the same keys."""
-    return {relative: sha256_file(path) for relative, path in tree_files(root, paths, exclude).items()}
-
-
 _TEMPORARY_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # atomic_path's mkstemp names
 _STAGING_FOLDER = re.compile(r"^\..+\.([a-z0-9_]{8}|staging)$")  # atomic_directory's mkdtemp, save_sharded's
 

@@ -145,7 +145,7 @@ def load_llava_json(
                     image["image"] = png_bytes(square(open_image_checked(path, max_pixels), image_size))
                 else:
                     open_image_checked(path, max_pixels)  # decoded once, to find a bad file now
-                    image = {"image_path": str(path), "image_sha256": sha256_of(path), "image_size": image_size or 0,
+                    image = {"image_path": str(path), "image_sha256": sha256_file(path), "image_size": image_size or 0,
                              "image_bytes": path.stat().st_size}
         except BadInputError as error:
             report.bad(error)
@@ -168,8 +168,6 @@ def inside(folder: Path, relative: str, where: str) -> Path:
         raise BadInputError(where, f"image path {relative!r} resolves outside the image folder {folder}")
     return path
 
-
-sha256_of = sha256_file  # the ingest manifests' checksums
 
 
 ROLES = ("human", "gpt")  # LLaVA's turn roles, alternating from the human's

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,7 +22,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from qmllm_pipeline.loaders import BadInputError, open_image_checked, sha256_of, square
+from qmllm_pipeline.files import sha256_file
+from qmllm_pipeline.loaders import BadInputError, open_image_checked, square
 from qmllm_pipeline.models.clip import pixel_values
 
 MANIFEST_COLUMNS = ("image_path", "image_sha256", "image_size")
@@ -57,7 +57,7 @@ class SceneImages(Dataset):
         if self.pngs is not None:
             return Image.open(io.BytesIO(self.pngs[index])).convert("RGB")
         path = self.paths[index]
-        if self.verify and sha256_of(Path(path)) != self.hashes[index]:
+        if self.verify and sha256_file(path) != self.hashes[index]:
             raise BadInputError(path, "changed since ingest (its sha256 differs from the manifest's); run "
                                       "`kedro run --env real --pipelines ingest` again")
         return square(open_image_checked(path, self.max_pixels), self.sizes[index] or None)
